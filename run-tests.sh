@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up .venv/ (as ./start.sh does), make sure Chromium is there for the browser tests, and run the
+# whole test suite. Extra arguments go to pytest, e.g. ./run-tests.sh -k engine -x
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup-env.sh
+if [ ! -x /usr/bin/chromium ]; then
+  echo "[setup] installing Debian's chromium for the browser tests"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+# No hub at test time: tests build their own models; a test that needs a hub points HF_ENDPOINT at its own server.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False
+export GPTQMODEL_CPU_WORKERS="${GPTQMODEL_CPU_WORKERS:-$(nproc)}"
+exec .venv/bin/python -m pytest "$@"

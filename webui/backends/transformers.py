@@ -1,0 +1,273 @@
+"""The transformers loader: a local Hugging Face model folder (safetensors preferred, `.bin` loaded by
+transformers with `weights_only=True`) or a `.gguf` file (dequantized through `gguf_file=`), in
+float32/bfloat16/float16, on CUDA when present else CPU. Generation goes through `model.generate` with
+the usual samplers; streaming uses transformers' TextIteratorStreamer on a worker thread.
+
+The checks in `preflight` run before the Engine unloads the previous model, so a folder that is missing
+files or has a broken config is refused with a message naming the problem and costs the user nothing.
+"""
+from __future__ import annotations
+
+import json
+import random
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, no_progress)
+from webui.config import GenerationParams, ModelSpec
+
+SAMPLERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
+                      "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop"})
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device cuda was requested but no CUDA GPU is available")
+    return requested
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    """auto: bfloat16 on GPUs that support it, else float16 on CUDA; float32 on CPU (half precision
+    matmuls are slow or unsupported on most CPUs)."""
+    if requested == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, requested)
+
+
+class _Cancelled:
+    """A StoppingCriteria (duck-typed: transformers calls it with input_ids and scores) that ends
+    generation when the caller sets its event — how a closed stream or a Stop click frees the model."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _PresenceFrequencyPenalty:
+    """OpenAI-style presence/frequency penalties, which transformers' generate lacks (it only has the
+    multiplicative repetition_penalty): subtract presence + frequency * count for each token generated
+    so far (not the prompt, as in the OpenAI definition)."""
+
+    def __init__(self, presence: float, frequency: float, prompt_len: int):
+        self.presence, self.frequency, self.prompt_len = presence, frequency, prompt_len
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_len:]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def _find_weights(path: Path) -> list[Path]:
+    found: list[Path] = []
+    for pattern in WEIGHT_PATTERNS:
+        found += sorted(path.glob(pattern))
+    return found
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    def __init__(self):
+        self.model = None
+        self.tokenizer = None
+        self.device = "cpu"
+        self.info: LoadedInfo | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @classmethod
+    def preflight(cls, path: Path, spec: ModelSpec) -> None:
+        from transformers import AutoConfig
+
+        if not path.exists():
+            raise ModelLoadError(f"model not found: {path}")
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ModelLoadError(f"{path.name}: not a model folder or .gguf file")
+            _check_gguf_header(path)
+            return
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"{path.name}: config.json is missing — not a transformers model folder")
+        try:
+            json.loads(config_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{path.name}: config.json is not valid JSON ({e})") from None
+        try:
+            AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # unknown model_type, missing keys, ...
+            raise ModelLoadError(f"{path.name}: config.json is broken: {_first_line(e)}") from None
+        weights = _find_weights(path)
+        if not weights:
+            raise ModelLoadError(f"{path.name}: no weights file (model.safetensors or pytorch_model.bin)")
+        _check_shards(path)
+        for w in weights:
+            if w.suffix == ".safetensors":
+                _check_safetensors(w)
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelLoadError(f"{path.name}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+
+    def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = pick_device(spec.device)
+        dtype = pick_dtype(spec.dtype, self.device)
+        where, kwargs = (str(path), {}) if path.is_dir() else (str(path.parent), {"gguf_file": path.name})
+        progress(0.1, f"loading tokenizer of {path.name}")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
+            progress(0.3, f"loading weights of {path.name} ({dtype}, {self.device})")
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True, **kwargs)
+        except Exception as e:
+            self.unload()
+            raise ModelLoadError(f"could not load {path.name}: {_first_line(e)}") from e
+        self.model = model.to(self.device).eval()
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is not None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        cfg = self.model.config
+        self.info = LoadedInfo(
+            name=path.name, path=str(path), loader=self.name, device=self.device,
+            dtype=str(dtype).removeprefix("torch."), architecture=(cfg.architectures or [type(self.model).__name__])[0],
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            context_length=int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 0))
+        progress(1.0, f"loaded {path.name}")
+        return self.info
+
+    def unload(self) -> None:
+        self.model = None
+        self.tokenizer = None
+        self.info = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=("dtype", "device"))
+
+    # -- text --------------------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            # A base model without a template: a plain transcript, so chat still works.
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+            return text + ("Assistant:" if add_generation_prompt else "")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text)["input_ids"][0])
+
+    def _encode(self, prompt: str):
+        # A chat-template prompt already starts with BOS; adding another would change the output.
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and prompt.startswith(bos))
+        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special).to(self.device)
+
+    def _generate_kwargs(self, inputs, params: GenerationParams, cancel: threading.Event | None) -> dict:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        prompt_len = inputs["input_ids"].shape[1]
+        kw = dict(inputs, max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if params.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                      top_k=params.top_k or None, min_p=params.min_p or None, typical_p=params.typical_p)
+        if params.repetition_penalty != 1.0:
+            kw["repetition_penalty"] = params.repetition_penalty
+        processors = LogitsProcessorList()
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(_PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, prompt_len))
+        if processors:
+            kw["logits_processor"] = processors
+        if cancel is not None:
+            kw["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
+        if not params.greedy:
+            from transformers import set_seed
+            set_seed(params.seed if params.seed >= 0 else random.randrange(2**31))
+        return kw
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, params: GenerationParams, cancel: threading.Event | None = None) -> str:
+        inputs = self._encode(prompt)
+        out = self.model.generate(**self._generate_kwargs(inputs, params, cancel))
+        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        cancel = cancel or threading.Event()
+        inputs = self._encode(prompt)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kw = self._generate_kwargs(inputs, params, cancel)
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kw, streamer=streamer)
+            except BaseException as e:  # surfaced to the consumer below
+                failure.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="generate", daemon=True)
+        worker.start()
+        try:
+            for delta in streamer:
+                if delta:
+                    yield delta
+        finally:
+            cancel.set()  # a consumer that stops early ends the generation
+            worker.join()
+        if failure:
+            raise failure[0]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def _check_shards(path: Path) -> None:
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(f"{path.name}: model.safetensors.index.json is broken ({e})") from None
+    missing = sorted(s for s in shards if not (path / s).is_file())
+    if missing:
+        raise ModelLoadError(f"{path.name}: weight shard(s) missing: {', '.join(missing)}")
+
+
+def _check_safetensors(file: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:
+        raise ModelLoadError(f"{file.parent.name}/{file.name} is corrupt or truncated: {_first_line(e)}") from None
+    if not keys:
+        raise ModelLoadError(f"{file.parent.name}/{file.name} holds no tensors")
+
+
+def _check_gguf_header(file: Path) -> None:
+    with open(file, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"{file.name} is not a GGUF file (bad magic bytes)")

@@ -1,0 +1,68 @@
+"""The HTTP server: one FastAPI app on one host and port, with the Gradio UI mounted at `/` (and, with
+the API issue, the OpenAI-compatible routes under `/v1`). It creates the one Engine, loads the start-up
+model, and hands the Engine to the UI. Binds to 127.0.0.1 unless told otherwise.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+
+from fastapi import FastAPI
+
+from webui.backends.base import ModelLoadError
+from webui.config import ServerConfig
+from webui.engine import Engine
+
+log = logging.getLogger("webui.server")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
+    app = FastAPI(title="LoRA Deck")
+
+    @app.get("/health")
+    def health():
+        info = engine.loaded
+        return {"status": "ok", "model": info.name if info else None, "loader": info.loader if info else None}
+
+    if not cfg.nowebui:
+        import gradio as gr
+
+        from webui.ui import build_ui
+
+        auth = tuple(cfg.auth.split(":", 1)) if cfg.auth else None
+        demo = build_ui(engine, cfg)
+        app = gr.mount_gradio_app(app, demo, path="/", auth=auth)
+    return app
+
+
+def serve(cfg: ServerConfig) -> int:
+    import uvicorn
+
+    if not is_loopback(cfg.listen_host) and not (cfg.auth or cfg.api_key):
+        log.warning("listening on %s without --auth or --api-key: anyone on the network can use this server",
+                    cfg.listen_host)
+    if cfg.lora:
+        print("error: --lora: adapters are not supported yet (they come with the LoRA issue)", file=sys.stderr)
+        return 2
+    engine = Engine(cfg.models_dir, cfg.loras_dir)
+    try:
+        result = engine.load(cfg.model_spec(), progress=lambda f, msg: log.info("%s", msg))
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    log.info("loaded %s on %s (%s, %s) in %.1f s", result.info.name, result.info.loader,
+             result.info.device, result.info.dtype, result.seconds)
+    app = build_app(engine, cfg)
+    print(f"LoRA Deck: http://{cfg.listen_host}:{cfg.port}/", flush=True)
+    uvicorn.run(app, host=cfg.listen_host, port=cfg.port, log_level="warning")
+    return 0

@@ -1,0 +1,31 @@
+"""Assembles the four tabs into one Gradio Blocks app. Tabs are built first and wired after, because
+the Chat tab reads the Parameters tab's components and the Model tab updates the Chat tab's status."""
+from __future__ import annotations
+
+import gradio as gr
+
+from webui.config import ServerConfig
+from webui.engine import Engine
+from webui.ui.chat_tab import ChatTab
+from webui.ui.model_tab import ModelTab
+from webui.ui.parameters_tab import ParametersTab
+from webui.ui.training_tab import TrainingTab
+
+
+def build_ui(engine: Engine, cfg: ServerConfig) -> gr.Blocks:
+    with gr.Blocks(title="LoRA Deck") as demo:
+        gr.Markdown("## LoRA Deck")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                chat = ChatTab(engine)
+            with gr.Tab("Parameters", id="parameters"):
+                params = ParametersTab(cfg.paths["presets"])
+            with gr.Tab("Model", id="model"):
+                model = ModelTab(engine)
+            with gr.Tab("Training", id="training"):
+                TrainingTab()
+        chat.wire(params)
+        model.wire(on_change=chat.status, describe=chat.describe_model)
+        demo.load(chat.describe_model, outputs=chat.status)
+    demo.queue(default_concurrency_limit=16)  # the Engine serializes model access itself
+    return demo

@@ -1,0 +1,156 @@
+"""The Chat tab: streaming replies from the loaded model with its own chat template, a system prompt,
+and send / stop / regenerate / remove last / clear. Each browser tab has its own history (the Chatbot's
+value lives in the page); the Engine makes concurrent users wait their turn instead of interleaving.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import gradio as gr
+
+from webui.backends.base import UnsupportedOperation
+from webui.config import ConfigError
+from webui.engine import Engine, NoModelLoaded
+
+log = logging.getLogger(__name__)
+
+
+def message_text(content) -> str:
+    """The text of a Chatbot message (Gradio may hand back a string or a list of typed parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("value") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def to_messages(history: list, system: str) -> list[dict]:
+    """Chatbot history → OpenAI-style messages for the chat template."""
+    msgs = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
+    for m in history:
+        role = m["role"] if isinstance(m, dict) else m.role
+        content = m["content"] if isinstance(m, dict) else m.content
+        msgs.append({"role": role, "content": message_text(content)})
+    return msgs
+
+
+class ChatTab:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._cancels: dict[str, threading.Event] = {}  # per browser session: its running generation
+        self.status = gr.Markdown(elem_id="chat-status")
+        self.chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=480)
+        with gr.Row():
+            self.message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
+                                      scale=8, elem_id="chat-input", autofocus=True)
+            self.send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+            self.stop = gr.Button("Stop", scale=1, elem_id="chat-stop")
+        with gr.Row():
+            self.regenerate = gr.Button("Regenerate", size="sm", elem_id="chat-regenerate")
+            self.continue_ = gr.Button("Continue", size="sm", elem_id="chat-continue")
+            self.remove_last = gr.Button("Remove last", size="sm", elem_id="chat-remove-last")
+            self.clear = gr.Button("Clear", size="sm", elem_id="chat-clear")
+        with gr.Accordion("System prompt", open=False):
+            self.system = gr.Textbox(value="", lines=3, show_label=False, elem_id="chat-system",
+                                     placeholder="Optional instructions given to the model before the chat")
+
+    def describe_model(self) -> str:
+        info = self.engine.loaded
+        if info is None:
+            return "**No model loaded** — pick one on the Model tab."
+        return f"Answering: **{info.name}** ({info.loader}, {info.device}, {info.dtype}) · adapters: none"
+
+    # -- handlers ------------------------------------------------------------------------------------
+    def _stream_reply(self, history: list, system: str, params, request: gr.Request, continue_last=False):
+        """Stream the assistant's reply into history[-1] (a fresh message, or the one being continued)."""
+        key = request.session_hash if request else "default"
+        cancel = self._cancels[key] = threading.Event()
+        try:
+            if continue_last:
+                prompt = self.engine.chat_prompt(to_messages(history, system), add_generation_prompt=False)
+                # Some templates close the turn after the last message; continue inside it instead.
+                last = message_text(history[-1]["content"])
+                prompt = prompt[:prompt.rfind(last) + len(last)] if last and last in prompt else prompt
+                chunks = self.engine.stream(prompt, params, cancel)
+            else:
+                chunks = self.engine.stream_chat(to_messages(history[:-1], system), params, cancel)
+                history[-1]["content"] = ""
+            text = message_text(history[-1]["content"])
+            for delta in chunks:
+                text += delta
+                history[-1]["content"] = text
+                yield history
+        except Exception as e:  # shown in the page; the chat and the model stay usable
+            if not isinstance(e, (NoModelLoaded, UnsupportedOperation, ConfigError)):
+                log.exception("generation failed")
+            gr.Warning(str(e))
+            if not continue_last and not message_text(history[-1]["content"]):
+                history[-1]["content"] = f"*{e}*"
+            yield history
+        finally:
+            self._cancels.pop(key, None)
+
+    def wire(self, params_tab) -> None:
+        param_inputs = params_tab.inputs
+
+        def submit(message, history, system, *values, request: gr.Request):
+            history = list(history or [])
+            if not (message or "").strip():
+                yield gr.update(), history
+                return
+            try:
+                params = params_tab.params_from(values)
+            except ConfigError as e:
+                gr.Warning(str(e))
+                yield message, history
+                return
+            history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+            yield "", history
+            for h in self._stream_reply(history, system, params, request):
+                yield "", h
+
+        def regenerate(history, system, *values, request: gr.Request):
+            history = list(history or [])
+            while history and history[-1]["role"] == "assistant":
+                history.pop()
+            if not history:
+                yield history
+                return
+            history.append({"role": "assistant", "content": ""})
+            yield history
+            yield from self._stream_reply(history, system, params_tab.params_from(values), request)
+
+        def continue_(history, system, *values, request: gr.Request):
+            history = list(history or [])
+            if not history or history[-1]["role"] != "assistant":
+                yield history
+                return
+            yield from self._stream_reply(history, system, params_tab.params_from(values), request,
+                                          continue_last=True)
+
+        def remove_last(history):
+            history = list(history or [])
+            if history and history[-1]["role"] == "assistant":
+                history.pop()
+            if history and history[-1]["role"] == "user":
+                history.pop()
+            return history
+
+        def stop(request: gr.Request):
+            event = self._cancels.get(request.session_hash if request else "default")
+            if event:
+                event.set()
+
+        io = dict(inputs=[self.message, self.chatbot, self.system, *param_inputs],
+                  outputs=[self.message, self.chatbot])
+        self.message.submit(submit, **io)
+        self.send.click(submit, **io)
+        hist_io = dict(inputs=[self.chatbot, self.system, *param_inputs], outputs=self.chatbot)
+        self.regenerate.click(regenerate, **hist_io)
+        self.continue_.click(continue_, **hist_io)
+        self.remove_last.click(remove_last, inputs=self.chatbot, outputs=self.chatbot)
+        self.clear.click(lambda: [], outputs=self.chatbot)
+        self.stop.click(stop)
