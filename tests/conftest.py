@@ -30,6 +30,14 @@ def models_dir(tiny_models) -> Path:
     return next(iter(tiny_models.values())).parent
 
 
+@pytest.fixture(scope="session")
+def embedded_folder(tmp_path_factory) -> Path:
+    """The embedded SmolLM2 converted once for the whole session (as the app does on first start)."""
+    from webui import embedded
+
+    return embedded.ensure_transformers_folder(tmp_path_factory.mktemp("embedded-models"))
+
+
 @pytest.fixture
 def scratch_models(tmp_path, tiny_models) -> Path:
     """A models dir of our own (safe to break files in), holding a copy of tiny-llama."""

@@ -10,8 +10,8 @@ from webui.engine import Engine
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    models_dir = tmp_path_factory.mktemp("embedded-models")
+def converted(embedded_folder):
+    models_dir = embedded_folder.parent
     engine = Engine(models_dir)
     engine.load(ModelSpec(model="", loader="auto"))
     return engine, models_dir

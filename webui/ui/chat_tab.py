@@ -96,7 +96,7 @@ class ChatTab:
     def wire(self, params_tab) -> None:
         param_inputs = params_tab.inputs
 
-        def submit(message, history, system, *values, request: gr.Request):
+        def submit(request: gr.Request, message, history, system, *values):
             history = list(history or [])
             if not (message or "").strip():
                 yield gr.update(), history
@@ -112,7 +112,7 @@ class ChatTab:
             for h in self._stream_reply(history, system, params, request):
                 yield "", h
 
-        def regenerate(history, system, *values, request: gr.Request):
+        def regenerate(request: gr.Request, history, system, *values):
             history = list(history or [])
             while history and history[-1]["role"] == "assistant":
                 history.pop()
@@ -123,7 +123,7 @@ class ChatTab:
             yield history
             yield from self._stream_reply(history, system, params_tab.params_from(values), request)
 
-        def continue_(history, system, *values, request: gr.Request):
+        def continue_(request: gr.Request, history, system, *values):
             history = list(history or [])
             if not history or history[-1]["role"] != "assistant":
                 yield history
@@ -144,6 +144,7 @@ class ChatTab:
             if event:
                 event.set()
 
+        # gr.Request is injected only into positional parameters before *values (gradio's rule).
         io = dict(inputs=[self.message, self.chatbot, self.system, *param_inputs],
                   outputs=[self.message, self.chatbot])
         self.message.submit(submit, **io)
