@@ -106,6 +106,26 @@ def write_model(arch: str, out_dir: Path, tokenizer=None) -> Path:
     return path
 
 
+def write_adapter(base: Path, out: Path, target_modules="all-linear", r: int = 4, alpha: float = 8, seed: int = 1,
+                  **lora_kwargs) -> Path:
+    """A PEFT LoRA with random, non-zero A and B (init_lora_weights=False) so its effect is visible,
+    saved as PEFT saves it (adapter_config.json + adapter_model.safetensors)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=False,
+                     task_type="CAUSAL_LM", **lora_kwargs)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():  # larger than PEFT's default init, so even a tiny model's greedy text changes
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.5)
+    peft_model.save_pretrained(str(out))
+    return Path(out)
+
+
 def write_all(out_dir: Path) -> dict[str, Path]:
     tokenizer = build_tokenizer()
     return {arch: write_model(arch, out_dir, tokenizer) for arch in ARCHITECTURES}

@@ -18,6 +18,24 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(serve, ServerConfig)
     download = sub.add_parser("download", help="download a model or adapter; same as download-model.py")
     download.add_argument("repo", nargs="?")
+
+    inspect = sub.add_parser("inspect", help="does an adapter fit a base? the compatibility report")
+    inspect.add_argument("adapter", help="a name in the loras dir, or a path to an adapter folder")
+    inspect.add_argument("--model", help="base to check against (a models-dir name or a path; "
+                                         "only its config is read, no weights)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--models-dir", default="models")
+    inspect.add_argument("--loras-dir", default="loras")
+
+    export = sub.add_parser("export", help="merge adapters into a base and write a model")
+    export.add_argument("--model", default="", help="base (default: the embedded SmolLM2)")
+    export.add_argument("--lora", action="extend", nargs="+", default=[], help="adapter name(s) or path(s)")
+    export.add_argument("--weights", action="extend", nargs="+", type=float, default=[],
+                        help="a weight per adapter (default 1.0 each)")
+    export.add_argument("--format", required=True, choices=("safetensors", "gguf", "gptq"))
+    export.add_argument("--out", required=True)
+    export.add_argument("--models-dir", default="models")
+    export.add_argument("--loras-dir", default="loras")
     return parser
 
 
@@ -35,11 +53,71 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from webui.server import serve
         return serve(cfg)
+    if args.command == "inspect":
+        return _inspect(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "download":
         print("not yet: downloading models and adapters comes with its own issue; "
               "put a model folder or .gguf file in models/ meanwhile", file=sys.stderr)
         return 2
     return 2
+
+
+def _inspect(args) -> int:
+    import json
+    from pathlib import Path
+
+    from webui.adapters.files import AdapterError, load_weights, read_adapter, resolve_adapter
+    from webui.adapters.inspect import inspect_adapter
+    from webui.backends.base import ModelLoadError
+
+    try:
+        path = resolve_adapter(args.adapter, Path(args.loras_dir), allow_paths=True)
+        files = read_adapter(path, path.name)
+        state = load_weights(files)
+        base = _describe_model(args.model, Path(args.models_dir)) if args.model else None
+    except (AdapterError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    report = inspect_adapter(files, state, base)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return 0 if report.compatible else 3
+
+
+def _describe_model(model: str, models_dir):
+    """The base's adaptable layers from its config alone (built on the meta device: no weights read)."""
+    from transformers import AutoConfig
+
+    from webui.adapters.targets import describe_config
+    from webui.backends.base import ModelLoadError
+    from webui.models import resolve_model_path
+
+    path = resolve_model_path(model, models_dir)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise ModelLoadError(f"{path.name}: inspect --model needs a transformers model folder (with config.json)")
+    try:
+        return describe_config(AutoConfig.from_pretrained(str(path), local_files_only=True), path.name)
+    except Exception as e:
+        raise ModelLoadError(f"{path.name}: config.json is broken: {e}") from None
+
+
+def _export(args) -> int:
+    from pathlib import Path
+
+    from webui.adapters.files import AdapterError
+    from webui.backends.base import ModelLoadError, UnsupportedOperation
+    from webui.export import export_model
+
+    try:
+        out = export_model(args.model, args.lora, args.weights, args.format, Path(args.out),
+                           Path(args.models_dir), Path(args.loras_dir),
+                           progress=lambda f, msg: print(f"[export] {msg}", file=sys.stderr))
+    except (AdapterError, ModelLoadError, UnsupportedOperation, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
 
 
 def serve_main() -> int:

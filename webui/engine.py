@@ -16,12 +16,23 @@ from pathlib import Path
 from typing import Iterator
 
 from webui import models
+from webui.adapters.files import AdapterError, check_adapter_name, list_adapters, load_weights, read_adapter, resolve_adapter
+from webui.adapters.inspect import Report, inspect_adapter
 from webui.backends import backend_class
-from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, no_progress)
+from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, UnsupportedOperation,
+                                 no_progress)
 from webui.config import GenerationParams, ModelSpec
 from webui.stop_strings import StopStringFilter, cut_at_stop
 
 log = logging.getLogger(__name__)
+
+
+class AdapterIncompatible(AdapterError):
+    """The adapter does not fit the loaded base; `.report` holds the full compatibility report."""
+
+    def __init__(self, report: Report):
+        super().__init__(report.summary())
+        self.report = report
 
 
 class NoModelLoaded(RuntimeError):
@@ -155,3 +166,91 @@ class Engine:
                     cancel: threading.Event | None = None) -> Iterator[str]:
         """Stream the assistant's reply to OpenAI-style `messages`, rendered with the chat template."""
         return self.stream(messages, params, cancel)
+
+    # -- adapters -------------------------------------------------------------------------------------
+    def list_adapters(self) -> list[str]:
+        return list_adapters(self.loras_dir)
+
+    @property
+    def active_adapters(self) -> dict[str, float]:
+        return self._backend.active_adapters if self._backend else {}
+
+    @property
+    def merged(self) -> bool:
+        return bool(self._backend and self._backend.merged)
+
+    def _adapter_path(self, name: str, paths: dict | None) -> Path:
+        if paths and name in paths:
+            return Path(paths[name])
+        return resolve_adapter(name, self.loras_dir)
+
+    def adapter_report(self, name: str, path: Path | None = None) -> Report:
+        """The compatibility report of an adapter for the loaded base (files only when no base is loaded
+        or the loader cannot take adapters). Raises AdapterError for unreadable adapters."""
+        files = read_adapter(path or resolve_adapter(name, self.loras_dir), name)
+        state = load_weights(files)
+        with self._lock:
+            backend = self._backend
+            base = backend.describe_base() if backend and backend.capabilities.adapters else None
+        return inspect_adapter(files, state, base)
+
+    def set_adapters(self, weights: dict[str, float], paths: dict | None = None) -> dict[str, float]:
+        """Make exactly `weights` the active stack (hot-swap; {} = the plain base). Adapters not cached yet
+        are read and checked first — all of them, before anything changes — so a bad one leaves the model
+        and the active stack as they were. `paths` gives folders for names outside the adapters dir."""
+        for n, w in weights.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w != w or w in (float("inf"), float("-inf")):
+                raise AdapterError(f"weight of {n} must be a finite number, got {w!r}")
+        with self._lock:
+            backend = self._require()
+            if weights and not backend.capabilities.adapters:
+                raise UnsupportedOperation(f"the {backend.name} loader cannot apply LoRA adapters")
+            prepared = {}
+            for name in weights:
+                files = read_adapter(self._adapter_path(name, paths), name)
+                if backend.adapters_loaded.get(name) == files.signature():
+                    continue  # cached and unchanged: switching is instant
+                state = load_weights(files)
+                report = inspect_adapter(files, state, backend.describe_base())
+                if not report.compatible:
+                    raise AdapterIncompatible(report)
+                prepared[name] = (files, state, report)
+            previous, added = backend.active_adapters, []
+            try:
+                for name, (files, state, report) in prepared.items():
+                    backend.load_adapter(name, files, state, report)
+                    added.append(name)
+                backend.set_adapters(dict(weights))
+            except Exception:
+                for name in added:
+                    backend.delete_adapter(name)
+                backend.set_adapters({n: w for n, w in previous.items() if n in backend.adapters_loaded})
+                raise
+            return backend.active_adapters
+
+    def clear_adapters(self) -> None:
+        self.set_adapters({})
+
+    def merge_adapters(self) -> None:
+        """Merge the active stack into the base weights (faster decoding; unmerge restores the base)."""
+        with self._lock:
+            self._require().merge_adapters()
+
+    def unmerge_adapters(self) -> None:
+        with self._lock:
+            self._require().unmerge_adapters()
+
+    def blend_adapters(self, weights: dict[str, float], new_name: str, combination_type: str = "cat",
+                       density: float | None = None) -> Path:
+        """Combine adapters into a new one saved in the adapters folder (PEFT's add_weighted_adapter).
+        The active stack is the same afterwards."""
+        check_adapter_name(new_name, self.loras_dir)
+        with self._lock:
+            active = self._require().active_adapters
+        self.set_adapters(weights)  # reads and checks any that are not cached yet
+        with self._lock:
+            backend = self._require()
+            try:
+                return backend.blend_adapters(weights, new_name, combination_type, self.loras_dir, density)
+            finally:
+                backend.set_adapters({n: w for n, w in active.items() if n in backend.adapters_loaded})

@@ -10,7 +10,8 @@ import sys
 
 from fastapi import FastAPI
 
-from webui.backends.base import ModelLoadError
+from webui.adapters.files import AdapterError
+from webui.backends.base import ModelLoadError, UnsupportedOperation
 from webui.config import ServerConfig
 from webui.engine import Engine
 
@@ -32,7 +33,8 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     @app.get("/health")
     def health():
         info = engine.loaded
-        return {"status": "ok", "model": info.name if info else None, "loader": info.loader if info else None}
+        return {"status": "ok", "model": info.name if info else None, "loader": info.loader if info else None,
+                "adapters": engine.active_adapters, "merged": engine.merged}
 
     if not cfg.nowebui:
         import gradio as gr
@@ -51,9 +53,6 @@ def serve(cfg: ServerConfig) -> int:
     if not is_loopback(cfg.listen_host) and not (cfg.auth or cfg.api_key):
         log.warning("listening on %s without --auth or --api-key: anyone on the network can use this server",
                     cfg.listen_host)
-    if cfg.lora:
-        print("error: --lora: adapters are not supported yet (they come with the LoRA issue)", file=sys.stderr)
-        return 2
     engine = Engine(cfg.models_dir, cfg.loras_dir)
     try:
         result = engine.load(cfg.model_spec(), progress=lambda f, msg: log.info("%s", msg))
@@ -62,6 +61,14 @@ def serve(cfg: ServerConfig) -> int:
         return 1
     log.info("loaded %s on %s (%s, %s) in %.1f s", result.info.name, result.info.loader,
              result.info.device, result.info.dtype, result.seconds)
+    if cfg.lora:
+        weights = [float(w) for w in cfg.lora_weights] or [1.0] * len(cfg.lora)
+        try:
+            active = engine.set_adapters(dict(zip(cfg.lora, weights)))
+        except (AdapterError, UnsupportedOperation) as e:
+            print(f"error: --lora: {e}", file=sys.stderr)
+            return 1
+        log.info("adapters: %s", ", ".join(f"{n} × {w:g}" for n, w in active.items()))
     app = build_app(engine, cfg)
     print(f"LoRA Deck: http://{cfg.listen_host}:{cfg.port}/", flush=True)
     uvicorn.run(app, host=cfg.listen_host, port=cfg.port, log_level="warning")

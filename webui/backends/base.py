@@ -101,12 +101,31 @@ class Backend(ABC):
         """Yield the continuation of `prompt` as text deltas. Closing the iterator early, or setting
         `cancel`, stops the generation and frees the model for the next caller."""
 
-    # -- adapters (filled by the LoRA issues; loaders without them keep these defaults) --------------
-    def load_adapter(self, name: str, path: Path) -> None:
+    # -- adapters (loaders without them keep these defaults; capabilities.adapters says which) --------
+    def describe_base(self):
+        """A webui.adapters.targets.BaseDescription of the loaded model (its adaptable layers and shapes)."""
+        raise UnsupportedOperation(f"the {self.name} loader cannot apply LoRA adapters")
+
+    @property
+    def adapters_loaded(self) -> dict:
+        """Cached adapters: name -> file signature."""
+        return {}
+
+    @property
+    def active_adapters(self) -> dict:
+        """The active stack: name -> weight ({} = the plain base)."""
+        return {}
+
+    @property
+    def merged(self) -> bool:
+        return False
+
+    def load_adapter(self, name: str, files, state: dict, report) -> None:
+        """Add a checked adapter to the cache (not activated). `report` lists targets to ignore."""
         raise UnsupportedOperation(f"the {self.name} loader cannot apply LoRA adapters")
 
     def set_adapters(self, weights: dict[str, float]) -> None:
-        """Make exactly these loaded adapters active, each with its weight ({} = the plain base)."""
+        """Make exactly these cached adapters active, each with its weight ({} = the plain base)."""
         raise UnsupportedOperation(f"the {self.name} loader cannot apply LoRA adapters")
 
     def delete_adapter(self, name: str) -> None:
@@ -117,3 +136,12 @@ class Backend(ABC):
 
     def unmerge_adapters(self) -> None:
         raise UnsupportedOperation(f"the {self.name} loader cannot merge adapters into the base")
+
+    def save_merged(self, out_dir: Path) -> None:
+        """Write the base with the active adapters merged in, loadable with no adapter. May consume the
+        loaded model (export runs on a private copy)."""
+        raise UnsupportedOperation(f"the {self.name} loader cannot export merged models")
+
+    def blend_adapters(self, weights: dict[str, float], new_name: str, combination_type: str, out_dir: Path,
+                       density: float | None = None) -> Path:
+        raise UnsupportedOperation(f"the {self.name} loader cannot blend adapters")

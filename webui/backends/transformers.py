@@ -87,6 +87,9 @@ class TransformersBackend(Backend):
         self.tokenizer = None
         self.device = "cpu"
         self.info: LoadedInfo | None = None
+        self.adapters = None  # a PeftAdapterStack once an adapter is loaded
+        self._base_description = None
+        self.source_dtype = ""  # the dtype the model folder was saved in (exports keep it)
 
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -136,6 +139,9 @@ class TransformersBackend(Backend):
             self.unload()
             raise ModelLoadError(f"could not load {path.name}: {_first_line(e)}") from e
         self.model = model.to(self.device).eval()
+        if path.is_dir():
+            cfg_json = json.loads((path / "config.json").read_text())
+            self.source_dtype = str(cfg_json.get("dtype") or cfg_json.get("torch_dtype") or "")
         if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is not None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         cfg = self.model.config
@@ -148,6 +154,8 @@ class TransformersBackend(Backend):
         return self.info
 
     def unload(self) -> None:
+        self.adapters = None
+        self._base_description = None
         self.model = None
         self.tokenizer = None
         self.info = None
@@ -156,7 +164,79 @@ class TransformersBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=("dtype", "device"))
+        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=("dtype", "device"),
+                            adapters=True, adapter_stack=True, merge=True)
+
+    # -- adapters (PEFT) ------------------------------------------------------------------------------
+    def describe_base(self):
+        if self._base_description is None:
+            from webui.adapters.targets import describe_base
+            self._base_description = describe_base(self.model, self.info.name)
+        return self._base_description
+
+    @property
+    def adapters_loaded(self) -> dict:
+        return dict(self.adapters.loaded) if self.adapters else {}
+
+    @property
+    def active_adapters(self) -> dict:
+        return dict(self.adapters.active) if self.adapters else {}
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.adapters and self.adapters.merged)
+
+    def load_adapter(self, name: str, files, state: dict, report) -> None:
+        from webui.adapters.peft_stack import PeftAdapterStack
+
+        self.describe_base()  # read the plain base's layers before PEFT wraps them
+        if self.adapters is None:
+            self.adapters = PeftAdapterStack(self.model)
+        self.adapters.add(name, files.config, state, ignored=report.ignored_targets, signature=files.signature())
+
+    def set_adapters(self, weights: dict[str, float]) -> None:
+        if self.adapters is None:
+            if weights:
+                raise UnsupportedOperation("no adapter is loaded")
+            return
+        self.adapters.set_active(weights)
+
+    def delete_adapter(self, name: str) -> None:
+        if self.adapters:
+            self.adapters.delete(name)
+
+    def merge_adapters(self) -> None:
+        from webui.adapters.files import AdapterError
+        if not self.adapters:
+            raise AdapterError("no adapter is active: nothing to merge")
+        self.adapters.merge()
+
+    def unmerge_adapters(self) -> None:
+        if self.adapters:
+            self.adapters.unmerge()
+
+    def save_merged(self, out_dir: Path) -> None:
+        model = self.model
+        if self.adapters is not None and self.adapters.peft is not None:
+            if self.adapters.merged:
+                self.adapters.unmerge()
+            if self.adapters.active:
+                model = self.adapters.peft.merge_and_unload(safe_merge=True)  # NaN/Inf check before keeping
+            else:
+                model = self.adapters.peft.unload()
+        # Merged at the loaded precision; saved in the base's own dtype so the export is not bigger.
+        saved_dtype = getattr(torch, self.source_dtype or "", None)
+        if isinstance(saved_dtype, torch.dtype) and saved_dtype != model.dtype:
+            model = model.to(saved_dtype)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(out_dir))
+        self.adapters = None
+
+    def blend_adapters(self, weights, new_name, combination_type, out_dir, density=None):
+        from webui.adapters.files import AdapterError
+        if not self.adapters:
+            raise AdapterError("load the adapters to blend first")
+        return self.adapters.blend(weights, new_name, combination_type, out_dir, density=density)
 
     # -- text --------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

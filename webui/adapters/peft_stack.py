@@ -1,0 +1,171 @@
+"""LoRA adapters on a transformers-family model (float or GPTQ) through PEFT: add adapters to a cache,
+activate any weighted set of them (a stack: several active at once, each with its own scale — ranks
+may differ), switch sets without reloading the base, disable them all (the base computes exactly as
+before), merge the active set into the base weights and unmerge it, and blend several into a new
+adapter with PEFT's `add_weighted_adapter`.
+
+PEFT injects LoRA layers into the base model in place, so the model object the backend generates with
+is unchanged; a stack is PEFT's multi-adapter activation with `LoraLayer.set_scale` per adapter, which
+computes sum_i w_i * (alpha_i/r_i) * B_i A_i x — the same function as PEFT's `cat` combination.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+from webui.adapters.files import AdapterError
+
+COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+class PeftAdapterStack:
+    def __init__(self, model):
+        self.base = model        # the transformers model; PEFT modifies it in place
+        self.peft = None         # the PeftModel wrapping it, once an adapter was added
+        self.loaded: dict[str, tuple] = {}   # name -> file signature (to notice changed files)
+        self.active: dict[str, float] = {}
+        self.merged = False
+
+    # -- cache ---------------------------------------------------------------------------------------
+    def add(self, name: str, config: dict, state: dict, ignored: list[str] = (), signature: tuple = ()) -> None:
+        """Add an adapter (not activated). `ignored` target names are dropped from config and weights."""
+        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+
+        if name in self.loaded:
+            self.delete(name)
+        cfg = {k: v for k, v in config.items() if k not in ("auto_mapping",)}
+        cfg.setdefault("peft_type", "LORA")
+        cfg["inference_mode"] = True
+        targets = cfg.get("target_modules")
+        if isinstance(targets, list) and ignored:
+            cfg["target_modules"] = [t for t in targets if t not in ignored]
+        state = {k: v for k, v in state.items() if not any(f".{leaf}." in k for leaf in ignored)}
+        try:
+            lora_config = PeftConfig.from_peft_type(**cfg)
+        except (TypeError, ValueError) as e:
+            raise AdapterError(f"{name}: adapter_config.json is not a valid LoRA config ({e})") from None
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        try:
+            if self.peft is None:
+                self.peft = get_peft_model(self.base, lora_config, adapter_name=name)
+            else:
+                self.peft.add_adapter(name, lora_config)
+            result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if unexpected:
+                raise AdapterError(f"{name}: {len(unexpected)} weight(s) match no layer of the base, e.g. {unexpected[0]}")
+        except Exception as e:
+            self._drop(name)
+            self._apply(self.active)
+            if isinstance(e, AdapterError):
+                raise
+            raise AdapterError(f"{name}: PEFT could not load it: {str(e).splitlines()[0] if str(e) else e!r}") from e
+        self.loaded[name] = signature
+        self._apply(self.active)
+        if was_merged:
+            self.merge()
+
+    def _drop(self, name: str) -> None:
+        if self.peft is not None and name in self.peft.peft_config:
+            if len(self.peft.peft_config) == 1:
+                # PEFT cannot delete the last adapter; unwrap to the plain base instead.
+                self.base = self.peft.unload()
+                self.peft = None
+            else:
+                self.peft.delete_adapter(name)
+        self.loaded.pop(name, None)
+
+    def delete(self, name: str) -> None:
+        if self.merged:
+            self.unmerge()
+        self.active.pop(name, None)
+        self._drop(name)
+        self._apply(self.active)
+
+    # -- activation ----------------------------------------------------------------------------------
+    def set_active(self, weights: dict[str, float]) -> None:
+        missing = [n for n in weights if n not in self.loaded]
+        if missing:
+            raise AdapterError(f"adapter(s) not loaded: {', '.join(missing)}")
+        bad = [f"{n}={w!r}" for n, w in weights.items() if not isinstance(w, (int, float)) or not math.isfinite(w)]
+        if bad:
+            raise AdapterError(f"adapter weight(s) must be finite numbers: {', '.join(bad)}")
+        if self.merged:
+            self.unmerge()
+        self._apply(dict(weights))
+
+    def _apply(self, weights: dict[str, float]) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self.active = dict(weights)
+        if self.peft is None:
+            return
+        tuner = self.peft.base_model
+        if not weights:
+            tuner.disable_adapter_layers()
+            return
+        tuner.enable_adapter_layers()
+        tuner.set_adapter(list(weights), inference_mode=True)
+        for module in self.peft.modules():
+            if isinstance(module, LoraLayer):
+                for name, w in weights.items():
+                    module.set_scale(name, float(w))
+
+    # -- merge ---------------------------------------------------------------------------------------
+    def merge(self) -> None:
+        if not self.active:
+            raise AdapterError("no adapter is active: nothing to merge")
+        if self.merged:
+            return
+        try:
+            self.peft.base_model.merge_adapter(safe_merge=True)  # checks for NaN/Inf before keeping
+        except ValueError as e:
+            raise AdapterError(f"merge refused: {e}") from None
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.peft.base_model.unmerge_adapter()
+            self.merged = False
+
+    # -- blend ---------------------------------------------------------------------------------------
+    def blend(self, weights: dict[str, float], new_name: str, combination_type: str, out_dir: Path,
+              density: float | None = None, svd_rank: int | None = None) -> Path:
+        """Combine loaded adapters into `new_name` and save it as a PEFT adapter folder at out_dir/new_name."""
+        if combination_type not in COMBINATIONS:
+            raise AdapterError(f"combination_type {combination_type!r} is not one of: {', '.join(COMBINATIONS)}")
+        missing = [n for n in weights if n not in self.loaded]
+        if missing or not weights:
+            raise AdapterError(f"adapter(s) to blend must be loaded first: {', '.join(missing) or '(none given)'}")
+        target = Path(out_dir) / new_name
+        if target.exists():
+            raise AdapterError(f"{target} already exists; pick another name")
+        if self.merged:
+            self.unmerge()
+        previous = dict(self.active)
+        self._apply({n: 1.0 for n in weights})  # add_weighted_adapter reads each layer's current scaling
+        kwargs = {}
+        if combination_type in ("ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune"):
+            kwargs["density"] = density if density is not None else 0.5
+        if combination_type.endswith("svd") and svd_rank:
+            kwargs["svd_rank"] = svd_rank
+        try:
+            self.peft.add_weighted_adapter(list(weights), [float(w) for w in weights.values()], new_name,
+                                           combination_type=combination_type, **kwargs)
+        except (ValueError, TypeError) as e:
+            self._apply(previous)
+            raise AdapterError(f"blend failed: {e}") from None
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=".blend-", ignore_cleanup_errors=True) as tmp:
+                self.peft.save_pretrained(tmp, selected_adapters=[new_name])
+                saved = Path(tmp) / new_name if (Path(tmp) / new_name).is_dir() else Path(tmp)
+                shutil.move(str(saved), str(target))
+        finally:
+            self.peft.delete_adapter(new_name)
+            self._apply(previous)
+        return target
