@@ -29,3 +29,25 @@ def test_non_loopback_without_auth_warns(start_app, models_dir):
 def test_download_model_script_answers():
     r = run("download-model.py", "org/name")
     assert r.returncode != 0 and "not yet" in r.stderr
+
+
+def test_app_applies_loras_at_start(start_app, tiny_models, tmp_path):
+    import json
+    import urllib.request
+
+    from tests.tiny_models import write_adapter
+
+    loras = tmp_path / "loras"
+    write_adapter(tiny_models["llama"], loras / "A", target_modules=["q_proj"], r=2)
+    write_adapter(tiny_models["llama"], loras / "B", target_modules=["v_proj"], r=8)
+    app = start_app("--model", "tiny-llama", "--models-dir", str(tiny_models["llama"].parent),
+                    "--loras-dir", str(loras), "--lora", "A", "B", "--lora-weights", "1", "0.5")
+    with urllib.request.urlopen(app.url + "/health") as r:
+        health = json.load(r)
+    assert health["adapters"] == {"A": 1.0, "B": 0.5}
+
+    r = run("app.py", "--model", "tiny-llama", "--models-dir", str(tiny_models["llama"].parent),
+            "--loras-dir", str(loras), "--lora", "missing")
+    assert r.returncode == 1 and "adapter not found: missing" in r.stderr
+    r = run("app.py", "--lora", "A", "B", "--lora-weights", "1")
+    assert r.returncode == 2 and "lora_weights" in r.stderr

@@ -12,6 +12,7 @@ import gradio as gr
 from webui.backends.base import UnsupportedOperation
 from webui.config import ConfigError
 from webui.engine import Engine, NoModelLoaded
+from webui.ui.status import model_line
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,7 @@ class ChatTab:
                                      placeholder="Optional instructions given to the model before the chat")
 
     def describe_model(self) -> str:
-        info = self.engine.loaded
-        if info is None:
-            return "**No model loaded** — pick one on the Model tab."
-        return f"Answering: **{info.name}** ({info.loader}, {info.device}, {info.dtype}) · adapters: none"
+        return model_line(self.engine)
 
     # -- handlers ------------------------------------------------------------------------------------
     def _stream_reply(self, history: list, system: str, params, request: gr.Request, continue_last=False):

@@ -10,6 +10,7 @@ from webui.backends import available_loaders
 from webui.backends.base import ModelLoadError
 from webui.config import ModelSpec, choices_of
 from webui.engine import Engine
+from webui.ui.status import adapters_text
 
 EMBEDDED = "(embedded) SmolLM2-135M-Instruct"
 
@@ -46,7 +47,7 @@ class ModelTab:
             text = "No model loaded."
         else:
             text = (f"Loaded **{info.name}** on **{info.loader}** · {info.device} · {info.dtype} · "
-                    f"{info.architecture} · {info.parameters / 1e6:.1f} M parameters")
+                    f"{info.architecture} · {info.parameters / 1e6:.1f} M parameters · {adapters_text(self.engine)}")
         return f"{extra}\n\n{text}" if extra else text
 
     def wire(self, on_change: gr.components.Component, describe) -> None:
