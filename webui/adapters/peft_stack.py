@@ -27,6 +27,7 @@ class PeftAdapterStack:
         self.loaded: dict[str, tuple] = {}   # name -> file signature (to notice changed files)
         self.active: dict[str, float] = {}
         self.merged = False
+        self._enabled = True  # PEFT's adapter layers start enabled
 
     # -- cache ---------------------------------------------------------------------------------------
     def add(self, name: str, config: dict, state: dict, ignored: list[str] = (), signature: tuple = ()) -> None:
@@ -52,6 +53,7 @@ class PeftAdapterStack:
         try:
             if self.peft is None:
                 self.peft = get_peft_model(self.base, lora_config, adapter_name=name)
+                self._enabled = True
             else:
                 self.peft.add_adapter(name, lora_config)
             result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
@@ -107,8 +109,11 @@ class PeftAdapterStack:
         tuner = self.peft.base_model
         if not weights:
             tuner.disable_adapter_layers()
+            self._enabled = False
             return
-        tuner.enable_adapter_layers()
+        if not self._enabled:  # each toggle walks every module; skip it when nothing changes
+            tuner.enable_adapter_layers()
+            self._enabled = True
         tuner.set_adapter(list(weights), inference_mode=True)
         for module in self.peft.modules():
             if isinstance(module, LoraLayer):
