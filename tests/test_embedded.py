@@ -13,7 +13,7 @@ from webui.engine import Engine
 def converted(embedded_folder):
     models_dir = embedded_folder.parent
     engine = Engine(models_dir)
-    engine.load(ModelSpec(model="", loader="auto"))
+    engine.load(ModelSpec(model="", loader="transformers"))
     return engine, models_dir
 
 
@@ -50,7 +50,7 @@ def test_second_start_reuses_the_conversion(converted):
     weights = models_dir / embedded.NAME / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     engine = Engine(models_dir)
-    result = engine.load(ModelSpec())
+    result = engine.load(ModelSpec(loader="transformers"))
     assert result.info.name == embedded.NAME
     assert weights.stat().st_mtime_ns == stamp
     assert "".join(engine.stream_chat([{"role": "user", "content": "Say hello."}],

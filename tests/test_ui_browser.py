@@ -82,7 +82,7 @@ def test_chat_in_the_browser(browser, start_app, embedded_folder, tiny_models, t
     (models / embedded_folder.name).symlink_to(embedded_folder, target_is_directory=True)
     shutil.copytree(tiny_models["llama"], models / "broken")
     (models / "broken" / "config.json").unlink()
-    app = start_app("--models-dir", str(models), "--presets-dir", str(ROOT / "presets"))
+    app = start_app("--models-dir", str(models), "--loader", "transformers", "--presets-dir", str(ROOT / "presets"))
     expected = chat_reference(embedded_folder, QUESTION)
 
     page = browser.new_context().new_page()
