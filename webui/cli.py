@@ -16,8 +16,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the web UI (/) and the API (/v1); same as app.py")
     add_arguments(serve, ServerConfig)
-    download = sub.add_parser("download", help="download a model or adapter; same as download-model.py")
-    download.add_argument("repo", nargs="?")
+    download = sub.add_parser("download", help="download a model or adapter; same as download-model.py",
+                              description="Download a model or LoRA from the Hugging Face hub (HF_ENDPOINT, "
+                                          "HF_TOKEN), S3 (s3://bucket/prefix; AWS_* variables) or a local path.")
+    from webui.hub.download import add_arguments as add_download_arguments
+    add_download_arguments(download)
 
     inspect = sub.add_parser("inspect", help="does an adapter fit a base? the compatibility report")
     inspect.add_argument("adapter", help="a name in the loras dir, or a path to an adapter folder")
@@ -58,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         return _export(args)
     if args.command == "download":
-        print("not yet: downloading models and adapters comes with its own issue; "
-              "put a model folder or .gguf file in models/ meanwhile", file=sys.stderr)
-        return 2
+        if extra:
+            print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+            return 2
+        from webui.hub.download import run_cli
+        return run_cli(args)
     return 2
 
 

@@ -1,0 +1,369 @@
+"""`python download-model.py REPO[:BRANCH]` and the `download()` function behind it (the web UI's Model tab
+calls the same function). Built on huggingface_hub's own pieces: `HfApi` for the commit and the file list
+with each file's LFS sha256, `get_hf_file_metadata` (HEAD) and `http_get` (GET with `Range`) for the
+bytes, so `HF_ENDPOINT`, `HF_TOKEN`, redirects to the CDN and the hub's error codes behave as they do
+everywhere else. On top of that: each file goes to `NAME.incomplete`, resumes from there after an
+interruption, is checked against the hub's sha256 (or git blob id for small files) and only then renamed
+to its final name; retries with exponential back-off; one-line errors. `s3://` URLs and local paths are
+handed to `webui.hub.sources`.
+
+    python download-model.py TheBloke/Llama-2-7B-GGUF --specific-file llama-2-7b.Q4_K_M.gguf
+    python download-model.py org/lora-adapter:dev --check
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from webui.hub.files import (ADAPTER_CONFIG, METADATA, PARTIAL, RemoteFile, folder_name, metadata_text,
+                             parse_spec, read_metadata, select_files)
+
+Progress = Optional[Callable[[Optional[float], str], None]]
+_MARKERS = ("config.json", ADAPTER_CONFIG)  # fetched last: a folder is listed as a model/adapter only when whole
+
+
+class DownloadError(RuntimeError):
+    """A download or check failed; the message is one line saying why."""
+
+
+@dataclass
+class Plan:
+    repo: str
+    branch: str
+    commit: str
+    endpoint: str
+    files: list[RemoteFile]
+    dest: Path  # the folder the files go in
+    single_file: bool
+    is_lora: bool
+    notes: list[str]
+
+
+def _endpoint(url_endpoint: str | None) -> str:
+    """HF_ENDPOINT, read at call time; a URL's own host wins unless it is huggingface.co behind a mirror."""
+    env = os.environ.get("HF_ENDPOINT", "").rstrip("/")
+    if url_endpoint and not (env and url_endpoint.rstrip("/") == "https://huggingface.co"):
+        return url_endpoint.rstrip("/")
+    return env or "https://huggingface.co"
+
+
+def _hub_error(e: Exception, repo: str, branch: str, token) -> DownloadError:
+    """huggingface_hub's exceptions → one line a user can act on."""
+    from huggingface_hub import errors
+
+    if isinstance(e, errors.GatedRepoError):
+        return DownloadError(f"{repo} is a gated repository: accept its terms on the hub and set HF_TOKEN"
+                             + (" (the token given has no access)" if _has_token(token) else ""))
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return DownloadError(f"repository not found: {repo} (or it is private: set HF_TOKEN)")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return DownloadError(f"branch or revision not found in {repo}: {branch}")
+    if isinstance(e, errors.RemoteEntryNotFoundError):
+        return DownloadError(f"file not found in {repo}@{branch}: {e.response.url}")
+    if isinstance(e, errors.OfflineModeIsEnabled):
+        return DownloadError("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download")
+    msg = " ".join(str(e).split())
+    return DownloadError(f"{repo}: {type(e).__name__}: {msg[:300]}")
+
+
+def plan(spec: str, *, branch: str | None = None, specific_files=(), exclude_pattern: str | None = None,
+         text_only: bool = False, output: Path | None = None, model_dir: Path = Path("models"),
+         lora_dir: Path = Path("loras"), token: str | None = None, require_lora: bool = False) -> Plan:
+    """Ask the hub what `spec` holds at its branch's current commit and decide what goes where."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    try:
+        repo, branch, url_files, url_endpoint = parse_spec(spec, branch)
+    except ValueError as e:
+        raise DownloadError(str(e)) from None
+    endpoint = _endpoint(url_endpoint)
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        info = api.model_info(repo, revision=branch)
+        entries = api.list_repo_tree(repo, revision=info.sha, recursive=True)
+        files = [RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else None, e.blob_id)
+                 for e in entries if isinstance(e, RepoFile)]
+    except Exception as e:  # every hub failure becomes one line
+        raise _hub_error(e, repo, branch, token) from None
+    if info.gated and not _has_token(token):
+        raise DownloadError(f"{repo} is a gated repository: accept its terms on the hub and set HF_TOKEN")
+    try:
+        sel = select_files(files, [*url_files, *specific_files], exclude_pattern, text_only)
+    except ValueError as e:
+        raise DownloadError(f"{repo}@{branch}: {e}") from None
+    except Exception as e:  # a bad --exclude-pattern regex
+        raise DownloadError(f"--exclude-pattern: {e}") from None
+    if require_lora and not sel.is_lora:
+        raise DownloadError(f"{repo} is not a LoRA adapter (no {ADAPTER_CONFIG})")
+    if sel.single_file:
+        dest = Path(output) if output else Path(model_dir)
+    else:
+        dest = Path(output) if output else (Path(lora_dir) if sel.is_lora else Path(model_dir)) / folder_name(repo, branch)
+    return Plan(repo, branch, info.sha, endpoint, sel.files, dest, sel.single_file, sel.is_lora, sel.notes)
+
+
+def _has_token(token) -> bool:
+    from huggingface_hub import get_token
+
+    return bool(token or get_token())
+
+
+def _target(p: Plan, f: RemoteFile) -> Path:
+    return p.dest / (Path(f.path).name if p.single_file else f.path)
+
+
+def _hashes(path: Path) -> tuple[str, str]:
+    """(sha256, git blob sha1) in one pass; the hub publishes the first for LFS files, the second for all."""
+    size = path.stat().st_size
+    sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha256.update(chunk)
+            sha1.update(chunk)
+    return sha256.hexdigest(), sha1.hexdigest()
+
+
+def _verify(path: Path, f: RemoteFile) -> str | None:
+    """The file's sha256 when it matches what the hub published, else None."""
+    sha256, sha1 = _hashes(path)
+    ok = sha256 == f.sha256 if f.sha256 else (f.blob_id is None or sha1 == f.blob_id)
+    return sha256 if ok and path.stat().st_size == f.size else None
+
+
+class _Tally:
+    """Bytes done across all files (threads report here), turned into progress(fraction, message) calls."""
+
+    def __init__(self, total: int, progress: Progress):
+        self.total, self.progress, self.lock = max(total, 1), progress, threading.Lock()
+        self.done: dict[str, int] = {}
+        self.last = 0.0
+
+    def set(self, path: str, n: int) -> None:
+        with self.lock:
+            self.done[path] = n
+        self.report(path, force=True)
+
+    def add(self, path: str, n: int) -> None:
+        with self.lock:
+            self.done[path] = self.done.get(path, 0) + n
+        self.report(path)
+
+    def report(self, path: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.progress and (force or now - self.last > 0.25):  # a few updates a second is plenty for a page
+            self.last = now
+            done = sum(self.done.values())
+            self.progress(min(done / self.total, 1.0), f"{path}: {done / 1e6:.1f} / {self.total / 1e6:.1f} MB")
+
+
+def _bar_class(tally: _Tally, path: str):
+    """huggingface_hub's own tqdm bar (sizes, rates) that also reports to the tally. http_get takes a bar
+    class, not a callback, so a subclass per file is the smallest way to hear about its bytes."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class Bar(hf_tqdm):
+        def update(self, n=1):
+            tally.add(path, n or 0)
+            return super().update(n)
+    return Bar
+
+
+def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally) -> str:
+    """One file to its final name (resuming a `.incomplete` left by an earlier run); returns its sha256."""
+    import httpx2  # huggingface_hub's HTTP client: its transport errors are the retryable ones
+    from huggingface_hub import errors, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    final = _target(p, f)
+    part = final.with_name(final.name + PARTIAL)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    url = hf_hub_url(p.repo, f.path, revision=p.commit, endpoint=p.endpoint)
+    for attempt in range(max_retries + 1):
+        try:
+            resume = part.stat().st_size if part.exists() else 0
+            if resume > f.size:
+                part.unlink()
+                resume = 0
+            tally.set(f.path, resume)
+            meta = get_hf_file_metadata(url, token=token, endpoint=p.endpoint)
+            headers = build_hf_headers(token=token)
+            if meta.location.split("/")[2] != url.split("/")[2]:
+                headers.pop("authorization", None)  # a signed CDN URL: the token stays on the hub
+            with open(part, "ab") as fh:
+                http_get(meta.location, fh, resume_size=resume, headers=headers, expected_size=f.size,
+                         displayed_filename=f.path, tqdm_class=_bar_class(tally, f.path))
+            sha256 = _verify(part, f)
+            if sha256 is None:
+                part.unlink()
+                raise OSError(f"{f.path}: checksum mismatch after download")
+            os.replace(part, final)
+            return sha256
+        except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.RemoteEntryNotFoundError) as e:
+            raise _hub_error(e, p.repo, p.branch, token) from None
+        except errors.HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else 0
+            if 400 <= status < 500 and status not in (408, 429):  # refused, not flaky: retrying cannot help
+                raise _hub_error(e, p.repo, p.branch, token) from None
+            err = e
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                raise DownloadError(f"no disk space left in {final.parent} while writing {f.path}") from None
+            err = e
+        except httpx2.HTTPError as e:
+            err = e
+        if attempt == max_retries:
+            raise DownloadError(f"{f.path}: gave up after {attempt + 1} attempt(s): "
+                                f"{' '.join(str(err).split())[:200]}") from None
+        delay = min(2 ** attempt, 30)  # exponential back-off: 1, 2, 4 ... 30 s between attempts
+        print(f"[download] {f.path}: {' '.join(str(err).split())[:120]}; retrying in {delay} s", file=sys.stderr)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _partial_size(target: Path) -> int:
+    part = target.with_name(target.name + PARTIAL)
+    return part.stat().st_size if part.is_file() else 0
+
+
+def _hub_download(p: Plan, *, threads: int, clean: bool, max_retries: int, token, progress: Progress) -> Path:
+    old = read_metadata(p.dest) if not p.single_file else {}
+    todo, sha256s = [], {}
+    for f in p.files:
+        target = _target(p, f)
+        part = target.with_name(target.name + PARTIAL)
+        if clean:
+            part.unlink(missing_ok=True)
+        elif target.is_file() and target.stat().st_size == f.size and (
+                f.sha256 is None or old.get("sha256", {}).get(f.path, f.sha256) == f.sha256):
+            # Finished earlier (it got its final name only after its hash matched): not fetched again.
+            sha256s[f.path] = f.sha256 or _hashes(target)[0]
+            continue
+        todo.append(f)
+    need = sum(f.size - _partial_size(_target(p, f)) for f in todo)
+    p.dest.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(p.dest).free
+    if need > free:
+        raise DownloadError(f"not enough disk space in {p.dest}: need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+    total = sum(f.size for f in p.files)
+    tally = _Tally(total, progress)
+    for f in p.files:
+        if f.path in sha256s:
+            tally.done[f.path] = f.size
+    if progress:
+        progress(None, f"{p.repo}@{p.branch} ({p.commit[:10]}): {len(todo)} of {len(p.files)} file(s), "
+                       f"{need / 1e6:.1f} MB to fetch → {p.dest}")
+    # Weights first, the config that makes the folder loadable last.
+    phases = [[f for f in todo if f.path not in _MARKERS], [f for f in todo if f.path in _MARKERS]]
+    for phase in phases:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for f, sha in zip(phase, pool.map(lambda f: _fetch(p, f, token, max_retries, tally), phase)):
+                sha256s[f.path] = sha
+    if not p.single_file:
+        text = metadata_text(f"{p.endpoint}/{p.repo}", p.branch, p.commit, sha256s)
+        tmp = p.dest / (METADATA + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p.dest / METADATA)
+    if progress:
+        progress(1.0, f"done: {p.dest if not p.single_file else _target(p, p.files[0])}")
+    return p.dest if not p.single_file else _target(p, p.files[0])
+
+
+def download(spec: str, *, branch: str | None = None, specific_files=(), exclude_pattern: str | None = None,
+             threads: int = 4, output: Path | None = None, model_dir: Path = Path("models"),
+             lora_dir: Path = Path("loras"), clean: bool = False, max_retries: int = 7, text_only: bool = False,
+             token: str | None = None, require_lora: bool = False, progress: Progress = None) -> Path:
+    """Download a model or adapter and return where it landed (a folder, or `models/X.gguf` for a single GGUF).
+
+    spec: `ORG/NAME`, `ORG/NAME:BRANCH`, a hub URL (`https://HOST/ORG/NAME/resolve/BRANCH/FILE` fetches that
+    file), `s3://bucket/prefix`, or an existing local folder/file (copied in). The keyword arguments are the
+    CLI flags of the same names. `token` defaults to HF_TOKEN / the saved login; the hub is HF_ENDPOINT.
+    `progress(fraction_or_None, message)` is called from worker threads a few times a second.
+    Re-running resumes; `clean=True` starts over. Raises DownloadError (one-line message) on any failure.
+    """
+    from webui.hub import sources
+
+    if spec.startswith("s3://"):
+        return sources.download_s3(spec, model_dir=model_dir, lora_dir=lora_dir, output=output, clean=clean,
+                                   require_lora=require_lora, max_retries=max_retries, progress=progress)
+    if not spec.startswith(("http://", "https://")) and Path(spec).expanduser().exists():
+        return sources.copy_local(Path(spec).expanduser(), model_dir=model_dir, lora_dir=lora_dir, output=output,
+                                  require_lora=require_lora, progress=progress)
+    p = plan(spec, branch=branch, specific_files=specific_files, exclude_pattern=exclude_pattern,
+             text_only=text_only, output=output, model_dir=model_dir, lora_dir=lora_dir, token=token,
+             require_lora=require_lora)
+    for note in p.notes:
+        if progress:
+            progress(None, note)
+    return _hub_download(p, threads=threads, clean=clean, max_retries=max_retries, token=token, progress=progress)
+
+
+def check(spec: str, **plan_kwargs) -> list[str]:
+    """Verify what is on disk against the hub's hashes (same file choice as `download`); returns the problems,
+    one line each (`missing: F`, `checksum mismatch: F`), empty when every file is intact."""
+    p = plan(spec, **plan_kwargs)
+    problems = []
+    for f in p.files:
+        target = _target(p, f)
+        if not target.is_file():
+            problems.append(f"missing: {target}")
+        elif _verify(target, f) is None:
+            problems.append(f"checksum mismatch: {target}")
+    return problems
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """text-generation-webui's download-model.py flags."""
+    parser.add_argument("repo", help="ORG/NAME[:BRANCH], a hub URL (…/resolve/BRANCH/FILE), s3://bucket/prefix, or a local path")
+    parser.add_argument("--branch", help="branch, tag or commit (default main; ORG/NAME:BRANCH works too)")
+    parser.add_argument("--specific-file", action="append", default=[], metavar="FILE",
+                        help="download only this file (repeatable); a single .gguf lands as MODEL_DIR/FILE")
+    parser.add_argument("--exclude-pattern", metavar="REGEX", help="skip files whose path matches this regex")
+    parser.add_argument("--threads", type=int, default=4, help="files downloaded at once (default 4)")
+    parser.add_argument("--output", type=Path, help="put the files in this folder instead")
+    parser.add_argument("--model-dir", type=Path, default=Path("models"), help="models folder (default models)")
+    parser.add_argument("--lora-dir", type=Path, default=Path("loras"), help="adapters folder (default loras)")
+    parser.add_argument("--clean", action="store_true", help="do not resume: fetch every file again")
+    parser.add_argument("--check", action="store_true", help="only verify the sha256 of the files on disk")
+    parser.add_argument("--max-retries", type=int, default=7, help="attempts per file after the first (default 7)")
+    parser.add_argument("--text-only", action="store_true", help="only the text files (configs, tokenizer, README)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    def show(fraction, message):  # byte counts are on the tqdm bars; print the notes
+        if fraction is None:
+            print(f"[download] {message}", file=sys.stderr)
+
+    kwargs = dict(branch=args.branch, specific_files=args.specific_file, exclude_pattern=args.exclude_pattern,
+                  text_only=args.text_only, output=args.output, model_dir=args.model_dir, lora_dir=args.lora_dir)
+    try:
+        if args.check:
+            problems = check(args.repo, **kwargs)
+            for line in problems:
+                print(line, file=sys.stderr)
+            if problems:
+                print(f"error: {len(problems)} file(s) failed the check: "
+                      + ", ".join(line.split(": ", 1)[1] for line in problems), file=sys.stderr)
+                return 1
+            print("all files match the hub's checksums")
+            return 0
+        out = download(args.repo, **kwargs, threads=args.threads, clean=args.clean, max_retries=args.max_retries,
+                       progress=show)
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(out)
+    return 0

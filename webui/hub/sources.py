@@ -1,0 +1,293 @@
+"""Where adapters (and models) come from besides a plain hub download, LoRAX-style: `fetch_adapter(adapter_id,
+source)` with source `hub` (downloaded into the loras folder once, then reused), `local` (a folder, which
+must sit inside the loras folder when the caller says so: the API does) or `s3` (`s3://bucket/prefix`,
+read with boto3, which takes the standard AWS variables: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_PROFILE and AWS_ENDPOINT_URL for S3-compatible stores).
+S3 objects and copied local folders arrive in a hidden temporary folder that is renamed into place only
+when complete, so a half-fetched adapter is never listed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+from webui.hub.download import DownloadError, Progress, download
+from webui.hub.files import ADAPTER_CONFIG, METADATA, folder_name, parse_spec, read_metadata
+
+S3_METADATA = "s3-metadata.txt"
+SOURCES = ("hub", "local", "s3")
+
+
+def safe_name(name: str) -> str:
+    """A folder name the adapters folder accepts (letters, digits, '.', '_', '+', '-'; no leading dot)."""
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip("._-")[:128]
+    if not name:
+        raise DownloadError("cannot make a folder name out of an empty path")
+    return name
+
+
+def fetch_adapter(adapter_id: str, source: str = "hub", loras_dir: Path = Path("loras"), progress: Progress = None,
+                  *, restrict_local: bool = True, refresh: bool = False) -> Path:
+    """The folder of adapter `adapter_id` from `source` (hub | local | s3), fetched into `loras_dir` if needed.
+
+    hub: `ORG/NAME[:BRANCH]` → `loras_dir/ORG_NAME[_BRANCH]`; s3: `s3://bucket/prefix` → `loras_dir/<last part
+    of the prefix>`. Both are reused without network access once complete (`refresh=True` checks the source
+    again). local: a folder path (or a name inside `loras_dir`); with `restrict_local` (the API's setting) it
+    must resolve inside `loras_dir`. The result holds an adapter_config.json. Raises DownloadError.
+    """
+    loras_dir = Path(loras_dir)
+    if source == "hub":
+        try:
+            repo, branch, _, _ = parse_spec(adapter_id)
+        except ValueError as e:
+            raise DownloadError(str(e)) from None
+        dest = loras_dir / folder_name(repo, branch)
+        if not refresh and _complete(dest):
+            return dest
+        return download(adapter_id, lora_dir=loras_dir, output=dest, require_lora=True, progress=progress)
+    if source == "s3":
+        bucket, prefix = _parse_s3(adapter_id)
+        dest = loras_dir / safe_name(PurePosixPath(prefix).name if prefix else bucket)
+        if not refresh and (dest / ADAPTER_CONFIG).is_file() and _read_s3_metadata(dest).get("url") == adapter_id:
+            return dest
+        return download_s3(adapter_id, lora_dir=loras_dir, require_lora=True, progress=progress)
+    if source == "local":
+        return _local_adapter(adapter_id, loras_dir, restrict_local)
+    raise DownloadError(f"adapter_source {source!r} is not one of: {', '.join(SOURCES)}")
+
+
+def _complete(dest: Path) -> bool:
+    """Fetched from the hub earlier and finished: the metadata file is written last, and names every file."""
+    if not (dest / ADAPTER_CONFIG).is_file() or not (dest / METADATA).is_file():
+        return False
+    return all((dest / f).is_file() for f in read_metadata(dest).get("sha256", {}))
+
+
+def _local_adapter(adapter_id: str, loras_dir: Path, restrict: bool) -> Path:
+    path = Path(adapter_id).expanduser()
+    if not path.is_absolute() and (loras_dir / path).exists():
+        path = loras_dir / path
+    resolved = path.resolve()
+    if restrict and loras_dir.resolve() not in resolved.parents:
+        raise DownloadError(f"local adapter {adapter_id!r} is outside the adapters folder {loras_dir}")
+    if not resolved.is_dir():
+        raise DownloadError(f"local adapter not found: {adapter_id}")
+    if not (resolved / ADAPTER_CONFIG).is_file():
+        raise DownloadError(f"{adapter_id}: {ADAPTER_CONFIG} is missing — not a PEFT adapter folder")
+    return resolved
+
+
+def _parse_s3(url: str) -> tuple[str, str]:
+    m = re.match(r"^s3://([^/]+)/?(.*)$", url)
+    if not m or not m.group(1):
+        raise DownloadError(f"{url!r} is not an S3 URL (expected s3://bucket/prefix)")
+    return m.group(1), m.group(2).strip("/")
+
+
+def _relative_key(key: str, prefix: str) -> str:
+    """An object key below `prefix` as a relative path; keys that would leave the folder are refused."""
+    rel = key[len(prefix):].lstrip("/") if prefix else key
+    parts = PurePosixPath(rel).parts
+    if not rel or "\\" in rel or any(p in ("..", ".") for p in parts) or rel.startswith("/"):
+        raise DownloadError(f"unsafe object key {key!r}: it would leave the destination folder")
+    return rel
+
+
+def _s3_client(max_retries: int):
+    import boto3
+    from botocore.config import Config
+
+    # boto3 reads the AWS_* variables itself (AWS_ENDPOINT_URL included, since botocore 1.31.57);
+    # its "standard" retry mode backs off exponentially on throttling and transient errors.
+    return boto3.client("s3", config=Config(retries={"max_attempts": max_retries + 1, "mode": "standard"}))
+
+
+def _s3_error(e: Exception, url: str) -> DownloadError:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    if isinstance(e, NoCredentialsError):
+        return DownloadError(f"{url}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+    if isinstance(e, ClientError):
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "404", "NoSuchKey"):
+            return DownloadError(f"{url}: not found ({code})")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return DownloadError(f"{url}: access denied ({code}); check the AWS credentials")
+        return DownloadError(f"{url}: {code}: {e.response.get('Error', {}).get('Message', '')}")
+    if isinstance(e, BotoCoreError):
+        return DownloadError(f"{url}: {' '.join(str(e).split())}")
+    return DownloadError(f"{url}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+
+
+def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = Path("loras"), output: Path | None = None,
+                clean: bool = False, require_lora: bool = False, max_retries: int = 7,
+                progress: Progress = None) -> Path:
+    """Copy everything under `s3://bucket/prefix` into `loras_dir/NAME` (when it holds adapter_config.json)
+    or `models_dir/NAME`, NAME being the prefix's last part; a prefix naming one object (say a .gguf)
+    lands as `models_dir/FILE`. Files already fetched by an interrupted run are kept. Returns the path."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from tqdm import tqdm
+
+    bucket, prefix = _parse_s3(url)
+    s3 = _s3_client(max_retries)
+    try:
+        objects = [o for page in s3.get_paginator("list_objects_v2").paginate(
+                       Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+                   for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        single = None
+        if not objects and prefix:
+            head = s3.head_object(Bucket=bucket, Key=prefix)  # maybe the prefix is one object
+            single = {"Key": prefix, "Size": head["ContentLength"], "ETag": head.get("ETag", "")}
+    except (BotoCoreError, ClientError) as e:
+        if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            raise DownloadError(f"nothing at {url}") from None
+        raise _s3_error(e, url) from None
+    if single:
+        rels = {PurePosixPath(prefix).name: single}
+    else:
+        rels = {_relative_key(o["Key"], prefix): o for o in objects}
+    is_lora = ADAPTER_CONFIG in rels
+    if require_lora and not is_lora:
+        raise DownloadError(f"{url} is not a LoRA adapter (no {ADAPTER_CONFIG} under it)")
+    if single:
+        dest = (Path(output) if output else Path(model_dir)) / safe_name(PurePosixPath(prefix).name)
+    else:
+        name = safe_name(PurePosixPath(prefix).name if prefix else bucket)
+        dest = Path(output) if output else (Path(lora_dir) if is_lora else Path(model_dir)) / name
+    if dest.exists() and not clean:
+        recorded = _read_s3_metadata(dest)
+        if recorded.get("url") == url and recorded["files"] == {r: o["ETag"].strip('"') for r, o in rels.items()}:
+            return dest  # already complete and unchanged
+        if recorded and recorded.get("url") != url:
+            raise DownloadError(f"{dest} already holds something else (from {recorded.get('url')}); "
+                                "pass --output to put this one elsewhere")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.partial"  # same name on every run: an interrupted one resumes here
+    if clean and staging.exists():
+        shutil.rmtree(staging)
+    total = sum(o["Size"] for o in rels.values())
+    done = 0
+    etags, sha256s = {}, {}
+    try:
+        for rel, o in sorted(rels.items()):
+            target = staging if single else staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            etag = o["ETag"].strip('"')
+            if not (target.is_file() and target.stat().st_size == o["Size"] and _md5_ok(target, etag)):
+                with tqdm(total=o["Size"], unit="B", unit_scale=True, desc=rel, leave=False) as bar:
+                    def step(n, rel=rel, bar=bar):
+                        bar.update(n)
+                        if progress:
+                            progress((done + bar.n) / max(total, 1), f"{rel}: {(done + bar.n) / 1e6:.1f} / {total / 1e6:.1f} MB")
+                    # s3transfer writes to a temporary name and renames when the object is complete.
+                    s3.download_file(bucket, o["Key"], str(target), Callback=step)
+                if not (target.stat().st_size == o["Size"] and _md5_ok(target, etag)):
+                    target.unlink()
+                    raise DownloadError(f"{url}: {rel} arrived corrupted (size or MD5 differs from S3's)")
+            done += o["Size"]
+            etags[rel] = etag
+            sha256s[rel] = _sha256(target)
+    except (BotoCoreError, ClientError) as e:
+        raise _s3_error(e, url) from None
+    except OSError as e:
+        if e.errno == 28:
+            raise DownloadError(f"no disk space left in {dest.parent}") from None
+        raise DownloadError(f"{url}: {e}") from None
+    if not single:
+        _write_s3_metadata(staging, url, etags, sha256s)
+    _swap_into_place(staging, dest)
+    if progress:
+        progress(1.0, f"done: {dest}")
+    return dest
+
+
+def _md5_ok(path: Path, etag: str) -> bool:
+    """S3's ETag is the object's MD5 unless it was a multipart upload (then it has a '-': not checkable)."""
+    if "-" in etag or not re.fullmatch(r"[0-9a-f]{32}", etag):
+        return True
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest() == etag
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_s3_metadata(folder: Path, url: str, etags: dict, sha256s: dict) -> None:
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    lines = [f"url: {url}", f"download date: {date}", "files (etag  sha256  path):"]
+    lines += [f"    {etags[rel]}  {sha256s[rel]}  {rel}" for rel in sorted(etags)]
+    (folder / S3_METADATA).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _read_s3_metadata(folder: Path) -> dict:
+    try:
+        text = (folder / S3_METADATA).read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    out: dict = {"files": {}}
+    for line in text.splitlines():
+        if line.startswith("    "):
+            etag, _sha, rel = line.strip().split("  ", 2)
+            out["files"][rel] = etag
+        elif line.startswith("url: "):
+            out["url"] = line[5:].strip()
+    return out
+
+
+def _swap_into_place(staging: Path, dest: Path) -> None:
+    """Rename the finished staging folder (or file) to `dest`, replacing an older copy."""
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(staging, dest)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.unlink()
+
+
+def copy_local(src: Path, *, model_dir: Path = Path("models"), lora_dir: Path = Path("loras"),
+               output: Path | None = None, require_lora: bool = False, progress: Progress = None) -> Path:
+    """`download-model.py /some/folder` (or a .gguf file): copy it into the loras folder (it holds
+    adapter_config.json) or the models folder, through a hidden staging copy renamed at the end."""
+    src = Path(src).resolve()
+    is_lora = src.is_dir() and (src / ADAPTER_CONFIG).is_file()
+    if require_lora and not is_lora:
+        raise DownloadError(f"{src} is not a LoRA adapter folder (no {ADAPTER_CONFIG})")
+    if output:
+        dest = Path(output) if src.is_dir() else Path(output) / safe_name(src.name)
+    else:
+        dest = (Path(lora_dir) if is_lora else Path(model_dir)) / safe_name(src.name)
+    if dest.resolve() == src:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.partial"
+    if staging.is_dir():
+        shutil.rmtree(staging)
+    if progress:
+        progress(None, f"copying {src} → {dest}")
+    try:
+        if src.is_dir():
+            shutil.copytree(src, staging, ignore=shutil.ignore_patterns(".*"))
+        else:
+            shutil.copyfile(src, staging)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink(missing_ok=True)
+        raise DownloadError(f"copying {src}: {e.strerror or e}") from None
+    _swap_into_place(staging, dest)
+    if progress:
+        progress(1.0, f"done: {dest}")
+    return dest
