@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +36,12 @@ class AdapterIncompatible(AdapterError):
         self.report = report
 
 
+def check_weights(weights: dict) -> None:
+    for n, w in weights.items():
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or w != w or w in (float("inf"), float("-inf")):
+            raise AdapterError(f"weight of {n} must be a finite number, got {w!r}")
+
+
 class NoModelLoaded(RuntimeError):
     def __init__(self):
         super().__init__("no model is loaded: pick one on the Model tab")
@@ -57,6 +64,7 @@ class Engine:
         # pool), and only a plain Lock may be released by a thread other than the one that took it.
         self._lock = threading.Lock()
         self.last_load_seconds = 0.0
+        self._scheduler = None
 
     # -- model ---------------------------------------------------------------------------------------
     @property
@@ -114,6 +122,20 @@ class Engine:
         if self._backend is not None:
             self._backend.unload()
         self._backend, self._spec = None, None
+
+    @contextmanager
+    def locked_backend(self):
+        """Hold the model for a multi-step job (the scheduler's batches): yields the loaded backend."""
+        with self._lock:
+            yield self._require()
+
+    @property
+    def scheduler(self):
+        """The request scheduler (batches concurrent API requests); created on first use."""
+        if self._scheduler is None:
+            from webui.scheduler import Scheduler
+            self._scheduler = Scheduler(self)
+        return self._scheduler
 
     def _require(self) -> Backend:
         if self._backend is None:
@@ -194,32 +216,51 @@ class Engine:
             base = backend.describe_base() if backend and backend.capabilities.adapters else None
         return inspect_adapter(files, state, base)
 
+    def _load_missing(self, backend: Backend, names, paths: dict | None) -> list[str]:
+        """Read, check and cache adapters the backend does not hold yet (or whose files changed). All are
+        checked before any is loaded, so a bad one changes nothing. Returns the names newly loaded."""
+        prepared = {}
+        for name in names:
+            files = read_adapter(self._adapter_path(name, paths), name)
+            if backend.adapters_loaded.get(name) == files.signature():
+                continue  # cached and unchanged: switching is instant
+            state = load_weights(files)
+            report = inspect_adapter(files, state, backend.describe_base())
+            if not report.compatible:
+                raise AdapterIncompatible(report)
+            prepared[name] = (files, state, report)
+        added = []
+        try:
+            for name, (files, state, report) in prepared.items():
+                backend.load_adapter(name, files, state, report)
+                added.append(name)
+        except Exception:
+            for name in added:
+                backend.delete_adapter(name)
+            raise
+        return added
+
+    def prepare_adapters(self, names, paths: dict | None = None) -> None:
+        """Make sure these adapters are cached (checked and loaded, not activated): what a request that
+        names its own adapters needs before it is queued."""
+        with self._lock:
+            backend = self._require()
+            if names and not backend.capabilities.adapters:
+                raise UnsupportedOperation(f"the {backend.name} loader cannot apply LoRA adapters")
+            self._load_missing(backend, names, paths)
+
     def set_adapters(self, weights: dict[str, float], paths: dict | None = None) -> dict[str, float]:
         """Make exactly `weights` the active stack (hot-swap; {} = the plain base). Adapters not cached yet
         are read and checked first — all of them, before anything changes — so a bad one leaves the model
         and the active stack as they were. `paths` gives folders for names outside the adapters dir."""
-        for n, w in weights.items():
-            if not isinstance(w, (int, float)) or isinstance(w, bool) or w != w or w in (float("inf"), float("-inf")):
-                raise AdapterError(f"weight of {n} must be a finite number, got {w!r}")
+        check_weights(weights)
         with self._lock:
             backend = self._require()
             if weights and not backend.capabilities.adapters:
                 raise UnsupportedOperation(f"the {backend.name} loader cannot apply LoRA adapters")
-            prepared = {}
-            for name in weights:
-                files = read_adapter(self._adapter_path(name, paths), name)
-                if backend.adapters_loaded.get(name) == files.signature():
-                    continue  # cached and unchanged: switching is instant
-                state = load_weights(files)
-                report = inspect_adapter(files, state, backend.describe_base())
-                if not report.compatible:
-                    raise AdapterIncompatible(report)
-                prepared[name] = (files, state, report)
-            previous, added = backend.active_adapters, []
+            previous = backend.active_adapters
+            added = self._load_missing(backend, weights, paths)
             try:
-                for name, (files, state, report) in prepared.items():
-                    backend.load_adapter(name, files, state, report)
-                    added.append(name)
                 backend.set_adapters(dict(weights))
             except Exception:
                 for name in added:

@@ -36,6 +36,10 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         return {"status": "ok", "model": info.name if info else None, "loader": info.loader if info else None,
                 "adapters": engine.active_adapters, "merged": engine.merged}
 
+    from webui.api.routes import install
+
+    install(app, engine, api_key=cfg.api_key, fetch_adapter=_fetch_adapter())
+
     if not cfg.nowebui:
         import gradio as gr
 
@@ -45,6 +49,15 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         demo = build_ui(engine, cfg)
         app = gr.mount_gradio_app(app, demo, path="/", auth=auth)
     return app
+
+
+def _fetch_adapter():
+    """hub/s3 adapter sources for LoRAX-style requests, when the download module is present."""
+    try:
+        from webui.hub.sources import fetch_adapter
+    except ImportError:
+        return None
+    return lambda adapter_id, source, loras_dir: fetch_adapter(adapter_id, source, loras_dir, restrict_local=True)
 
 
 def serve(cfg: ServerConfig) -> int:

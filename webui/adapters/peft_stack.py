@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from webui.adapters.files import AdapterError
@@ -56,6 +57,7 @@ class PeftAdapterStack:
                 self._enabled = True
             else:
                 self.peft.add_adapter(name, lora_config)
+            self.peft.eval()  # get_peft_model leaves the model in training mode (dropout on, no mixed batches)
             result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
             unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
             if unexpected:
@@ -119,6 +121,32 @@ class PeftAdapterStack:
             if isinstance(module, LoraLayer):
                 for name, w in weights.items():
                     module.set_scale(name, float(w))
+
+    @contextmanager
+    def mixed(self, names: list[str]):
+        """Prepare a PEFT mixed batch where row i uses adapter names[i] ("__base__" = none), each at
+        weight 1; the active stack (and a merge) is restored afterwards."""
+        from peft.tuners.lora import LoraLayer
+
+        needed = {n for n in names if n != "__base__"}
+        missing = needed - set(self.loaded)
+        if missing:
+            raise AdapterError(f"adapter(s) not loaded: {', '.join(sorted(missing))}")
+        was_merged, previous = self.merged, dict(self.active)
+        self.unmerge()  # a mixed batch needs the adapters as separate layers
+        if not self._enabled:
+            self.peft.base_model.enable_adapter_layers()
+            self._enabled = True
+        for module in self.peft.modules():
+            if isinstance(module, LoraLayer):
+                for name in needed:
+                    module.set_scale(name, 1.0)
+        try:
+            yield self.peft
+        finally:
+            self._apply(previous)
+            if was_merged:
+                self.merge()
 
     # -- merge ---------------------------------------------------------------------------------------
     def merge(self) -> None:

@@ -101,6 +101,22 @@ class Backend(ABC):
         """Yield the continuation of `prompt` as text deltas. Closing the iterator early, or setting
         `cancel`, stops the generation and frees the model for the next caller."""
 
+    def stream_batch(self, prompts: list[str], params: GenerationParams, adapter_names: list | None = None,
+                     cancel: threading.Event | None = None) -> Iterator[tuple]:
+        """Several prompts; events ("delta", row, text) and ("done", row, finish_reason, tokens). This
+        default runs them one after another; loaders with capabilities.mixed_batch do one pass and honour
+        `adapter_names` (one adapter per row)."""
+        if adapter_names and any(adapter_names):  # [None, None, ...] = all plain base: fine only without adapters
+            raise UnsupportedOperation(f"the {self.name} loader cannot mix adapters within one batch")
+        for row, prompt in enumerate(prompts):
+            text = ""
+            for delta in self.stream(prompt, params, cancel):
+                text += delta
+                yield ("delta", row, delta)
+            # re-tokenizing the reply approximates its token count (exact for most tokenizers)
+            n = self.count_tokens(text) if text else 0
+            yield ("done", row, "length" if n >= params.max_new_tokens else "stop", n)
+
     # -- adapters (loaders without them keep these defaults; capabilities.adapters says which) --------
     def describe_base(self):
         """A webui.adapters.targets.BaseDescription of the loaded model (its adaptable layers and shapes)."""

@@ -165,7 +165,7 @@ class TransformersBackend(Backend):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(loader=self.name, samplers=SAMPLERS, settings=("dtype", "device"),
-                            adapters=True, adapter_stack=True, merge=True)
+                            adapters=True, adapter_stack=True, merge=True, mixed_batch=True)
 
     # -- adapters (PEFT) ------------------------------------------------------------------------------
     def describe_base(self):
@@ -256,11 +256,10 @@ class TransformersBackend(Backend):
         add_special = not (bos and prompt.startswith(bos))
         return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special).to(self.device)
 
-    def _generate_kwargs(self, inputs, params: GenerationParams, cancel: threading.Event | None) -> dict:
+    def _generate_kwargs(self, prompt_len: int, params: GenerationParams, cancel: threading.Event | None) -> dict:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        prompt_len = inputs["input_ids"].shape[1]
-        kw = dict(inputs, max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
         if params.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -283,7 +282,7 @@ class TransformersBackend(Backend):
     @torch.inference_mode()
     def generate(self, prompt: str, params: GenerationParams, cancel: threading.Event | None = None) -> str:
         inputs = self._encode(prompt)
-        out = self.model.generate(**self._generate_kwargs(inputs, params, cancel))
+        out = self.model.generate(**inputs, **self._generate_kwargs(inputs["input_ids"].shape[1], params, cancel))
         return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def stream(self, prompt: str, params: GenerationParams,
@@ -293,13 +292,13 @@ class TransformersBackend(Backend):
         cancel = cancel or threading.Event()
         inputs = self._encode(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kw = self._generate_kwargs(inputs, params, cancel)
+        kw = self._generate_kwargs(inputs["input_ids"].shape[1], params, cancel)
         failure: list[BaseException] = []
 
         def work():
             try:
                 with torch.inference_mode():
-                    self.model.generate(**kw, streamer=streamer)
+                    self.model.generate(**inputs, **kw, streamer=streamer)
             except BaseException as e:  # surfaced to the consumer below
                 failure.append(e)
                 streamer.end()
@@ -315,6 +314,32 @@ class TransformersBackend(Backend):
             worker.join()
         if failure:
             raise failure[0]
+
+
+    def stream_batch(self, prompts: list[str], params: GenerationParams, adapter_names: list | None = None,
+                     cancel: threading.Event | None = None):
+        """Several prompts in one pass (left-padded); `adapter_names` gives each row its own adapter
+        (None = the plain base) through PEFT's mixed batch. Yields hf_batch events."""
+        from contextlib import nullcontext
+        from functools import partial
+
+        from webui.backends.hf_batch import stream_batch
+
+        cancel = cancel or threading.Event()
+        encoded = [self._encode(p)["input_ids"][0].tolist() for p in prompts]
+        self.tokenizer.padding_side = "left"  # generation continues at the right end of every row
+        inputs = self.tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(self.device)
+        kw = self._generate_kwargs(inputs["input_ids"].shape[1], params, cancel)
+        names = [n or "__base__" for n in (adapter_names or [])]
+        use_mixed = bool(self.adapters and self.adapters.peft is not None and names)
+        if not use_mixed and any(n != "__base__" for n in names):
+            from webui.adapters.files import AdapterError
+            raise AdapterError("adapters named for the batch are not loaded")
+        # without any adapter loaded, "__base__" rows are simply the model itself
+        context = self.adapters.mixed(names) if use_mixed else nullcontext()
+        with context:
+            generate_fn = partial(self.adapters.peft.generate, adapter_names=names) if use_mixed else None
+            yield from stream_batch(self.model, self.tokenizer, inputs, kw, generate_fn, cancel)
 
 
 def _first_line(e: BaseException) -> str:
