@@ -9,6 +9,7 @@ from webui.backends.base import Backend, ModelLoadError
 # name -> "module:Class"; loaders added by later issues register here.
 REGISTRY: dict[str, str] = {
     "transformers": "webui.backends.transformers:TransformersBackend",
+    "llamacpp": "webui.backends.llamacpp:LlamaCppBackend",
 }
 
 

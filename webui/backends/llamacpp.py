@@ -1,0 +1,260 @@
+"""The llama.cpp loader: a `.gguf` model through llama-cpp-python (context length, threads, and GPU layers
+when llama.cpp was built with GPU offload), chat prompts rendered with the template stored in the GGUF,
+and the samplers llama.cpp has (greedy at temperature 0; top-k, top-p, min-p, typical-p, repetition /
+presence / frequency penalties, seed).
+
+LoRA adapters run unmerged on the loaded model through llama.cpp's adapter API: each adapter is loaded
+once (`llama_adapter_lora_init`; PEFT adapters are converted to GGUF LoRA first and the conversion is
+cached beside them) and any weighted set of them is made active with `llama_set_adapters_lora` — switching,
+mixing and clearing never reload the base. The KV cache is reset before every generation, so a prompt
+prefix computed under another adapter stack is never reused.
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import random
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, UnsupportedOperation,
+                                 no_progress)
+from webui.config import GenerationParams, ModelSpec
+
+SAMPLERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
+                      "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop"})
+SETTINGS = ("n_ctx", "n_threads", "n_gpu_layers")
+
+
+def _diagnose(path: Path) -> str:
+    """Why llama.cpp refused a GGUF, when the header tells (read only on failure: parsing is slow)."""
+    from webui.adapters.gguf_lora import field_value, gguf_module
+
+    try:
+        reader = gguf_module().GGUFReader(str(path))
+    except Exception as e:
+        return f"the GGUF file is corrupt or truncated ({_first_line(e)})"
+    if field_value(reader, "general.type") == "adapter":
+        return "it is a LoRA adapter, not a model: put it in the loras folder"
+    if not field_value(reader, "general.architecture"):
+        return "general.architecture is missing from its metadata"
+    return ""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+
+    def __init__(self):
+        self.llm = None
+        self.info: LoadedInfo | None = None
+        self.path: Path | None = None
+        self._base = None                  # webui.adapters.gguf_lora.GgufBase, read on first use
+        self._adapters: dict[str, tuple] = {}  # name -> (llama_adapter_lora pointer, file signature, gguf path)
+        self._active: dict[str, float] = {}
+        self._formatters: dict[bool, object] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @classmethod
+    def preflight(cls, path: Path, spec: ModelSpec) -> None:
+        if not path.exists():
+            raise ModelLoadError(f"model not found: {path}")
+        if not path.is_file():
+            raise ModelLoadError(f"{path.name}: the llama.cpp loader needs a .gguf file, not a folder")
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head[:4] != b"GGUF":
+            raise ModelLoadError(f"{path.name} is not a GGUF file (bad magic bytes)")
+        if len(head) < 8 or int.from_bytes(head[4:8], "little") not in (2, 3):
+            raise ModelLoadError(f"{path.name}: GGUF version {int.from_bytes(head[4:8], 'little')} is not supported "
+                                 "(llama.cpp reads versions 2 and 3)")
+
+    def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
+        import llama_cpp
+
+        gpu = llama_cpp.llama_supports_gpu_offload() and spec.device != "cpu"
+        progress(0.1, f"loading {path.name} with llama.cpp" + (" (GPU offload)" if gpu else ""))
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=spec.n_ctx, n_threads=spec.n_threads or os.cpu_count(),
+                                       n_gpu_layers=spec.n_gpu_layers if gpu else 0, verbose=False)
+        except Exception as e:
+            self.unload()
+            raise ModelLoadError(f"could not load {path.name} with llama.cpp: {_diagnose(path) or _first_line(e)}") from e
+        self.path = Path(path)
+        meta = self.llm.metadata
+        arch = meta.get("general.architecture", "")
+        self.info = LoadedInfo(
+            name=path.name, path=str(path), loader=self.name, device="cuda" if gpu and spec.n_gpu_layers else "cpu",
+            dtype=self.llm._model.desc().split()[-1] if self.llm._model.desc() else "",
+            architecture=arch, parameters=int(self.llm._model.n_params()), context_length=int(self.llm.n_ctx()))
+        progress(1.0, f"loaded {path.name}")
+        return self.info
+
+    def unload(self) -> None:
+        if self.llm is not None:
+            self.llm.close()  # frees the context, then the model and the adapters llama.cpp keeps with it
+        self.llm = None
+        self.info = None
+        self._base = None
+        self._adapters.clear()
+        self._active = {}
+        self._formatters.clear()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=SETTINGS,
+                            adapters=True, adapter_stack=True, merge=False,
+                            extra={"merge_hint": "merge adapters into a GGUF with: python -m webui export --format gguf"})
+
+    # -- adapters (llama.cpp runtime LoRA) ------------------------------------------------------------
+    def gguf_base(self):
+        if self._base is None:
+            from webui.adapters.gguf_lora import read_base
+            self._base = read_base(self.path, self.info.name)
+        return self._base
+
+    def describe_base(self):
+        return self.gguf_base().description
+
+    @property
+    def adapters_loaded(self) -> dict:
+        return {n: sig for n, (_, sig, _) in self._adapters.items()}
+
+    @property
+    def active_adapters(self) -> dict:
+        return dict(self._active)
+
+    def load_adapter(self, name: str, files, state: dict, report) -> None:
+        import llama_cpp
+
+        from webui.adapters.files import AdapterError
+        from webui.adapters.gguf_lora import cached_conversion
+
+        if files.format == "gguf":
+            gguf_file = Path(files.weights)  # a GGUF LoRA from the loras folder, used as it is
+        else:
+            gguf_file = cached_conversion(files, state, self.gguf_base(), ignored=report.ignored_targets)
+        pointer = llama_cpp.llama_adapter_lora_init(self.llm.model, str(gguf_file).encode("utf-8"))
+        if not pointer:
+            raise AdapterError(f"{name}: llama.cpp refused {gguf_file.name} (architecture or tensor shapes do not "
+                               f"match {self.info.name})")
+        if name in self._adapters:
+            self.delete_adapter(name)
+        self._adapters[name] = (pointer, files.signature(), gguf_file)
+        self._apply(self._active)
+
+    def set_adapters(self, weights: dict[str, float]) -> None:
+        from webui.adapters.files import AdapterError
+
+        missing = [n for n in weights if n not in self._adapters]
+        if missing:
+            raise AdapterError(f"adapter(s) not loaded: {', '.join(missing)}")
+        self._apply(dict(weights))
+
+    def _apply(self, weights: dict[str, float]) -> None:
+        import llama_cpp
+
+        from webui.adapters.files import AdapterError
+
+        n = len(weights)
+        pointers = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*(self._adapters[k][0] for k in weights)) if n else None
+        scales = (ctypes.c_float * n)(*(float(w) for w in weights.values())) if n else None
+        if llama_cpp.llama_set_adapters_lora(self.llm.ctx, pointers, n, scales) != 0:
+            raise AdapterError(f"llama.cpp could not activate {', '.join(weights)}")
+        self._active = dict(weights)
+        self.llm.reset()  # the cached prompt was computed with the previous stack
+
+    def delete_adapter(self, name: str) -> None:
+        import llama_cpp
+
+        entry = self._adapters.get(name)
+        if entry is None:
+            return
+        self._apply({n: w for n, w in self._active.items() if n != name})
+        del self._adapters[name]
+        llama_cpp.llama_adapter_lora_free(entry[0])
+
+    def merge_adapters(self) -> None:
+        raise UnsupportedOperation("llama.cpp applies adapters at run time and cannot merge them in memory; "
+                                   "to bake them in, export: python -m webui export --format gguf")
+
+    # -- text --------------------------------------------------------------------------------------
+    def _formatter(self, add_generation_prompt: bool):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if add_generation_prompt not in self._formatters:
+            template = self.llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                return None
+            vocab = self.llm._model
+            bos = self.llm.detokenize([vocab.token_bos()], special=True).decode("utf-8", "replace") \
+                if vocab.token_bos() >= 0 else ""
+            eos = self.llm.detokenize([vocab.token_eos()], special=True).decode("utf-8", "replace") \
+                if vocab.token_eos() >= 0 else ""
+            self._formatters[add_generation_prompt] = Jinja2ChatFormatter(
+                template, eos_token=eos, bos_token=bos, add_generation_prompt=add_generation_prompt)
+        return self._formatters[add_generation_prompt]
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        formatter = self._formatter(add_generation_prompt)
+        if formatter is None:
+            # A base model without a template: a plain transcript, so chat still works.
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+            return text + ("Assistant:" if add_generation_prompt else "")
+        return formatter(messages=messages).prompt
+
+    def _tokens(self, prompt: str) -> list[int]:
+        model = self.llm._model
+        bos = model.token_bos()
+        bos_text = self.llm.detokenize([bos], special=True).decode("utf-8", "replace") if bos >= 0 else ""
+        # A chat-template prompt may already start with BOS; adding another would change the output.
+        add_bos = model.add_bos_token() and not (bos_text and prompt.startswith(bos_text))
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tokens(text))
+
+    def generate(self, prompt: str, params: GenerationParams, cancel: threading.Event | None = None) -> str:
+        return "".join(self.stream(prompt, params, cancel))
+
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        import llama_cpp
+
+        tokens = self._tokens(prompt)
+        budget = min(params.max_new_tokens, self.llm.n_ctx() - len(tokens))
+        if budget <= 0:
+            raise ValueError(f"the prompt has {len(tokens)} tokens; the context holds {self.llm.n_ctx()}")
+        if not params.greedy:
+            self.llm.set_seed(params.seed if params.seed >= 0 else random.randrange(2**31))
+        sampling = dict(temp=0.0) if params.greedy else dict(
+            temp=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+            typical_p=params.typical_p)
+        # Bytes are decoded incrementally with errors="replace", as transformers decodes a whole reply: a
+        # character split over two tokens comes out whole, broken bytes as U+FFFD.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = self.llm._model.vocab
+        self.llm.reset()
+        steps = self.llm.generate(tokens, reset=True, repeat_penalty=params.repetition_penalty,
+                                  presence_penalty=params.presence_penalty,
+                                  frequency_penalty=params.frequency_penalty, **sampling)
+        try:
+            for i, token in enumerate(steps):
+                if llama_cpp.llama_vocab_is_eog(vocab, token) or (cancel is not None and cancel.is_set()):
+                    break
+                text = decoder.decode(self.llm.detokenize([token]))
+                if text:
+                    yield text
+                if i + 1 >= budget:
+                    break
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield tail
+        finally:
+            steps.close()

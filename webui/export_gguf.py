@@ -1,0 +1,207 @@
+"""Export to GGUF: merge adapters into a base and write a GGUF that llama.cpp loads with no adapter.
+
+- A transformers base: the adapters are merged by the safetensors export (PEFT's merge, on a private
+  float copy), the merged folder is written as an F32 GGUF (webui.adapters.gguf_convert), then quantized.
+- A GGUF base (the embedded SmolLM2, any .gguf): each weight is dequantized with `gguf.quants`, the LoRA
+  delta sum_i w_i * scale_i * B_i A_i is added (q/k rows permuted as the base's), and a new F32 GGUF is
+  written with every metadata key of the base (tokenizer, chat template, hyper-parameters), then quantized.
+
+Quantization is llama.cpp's own `llama_model_quantize`. Default type: Q8_0 for models under 3B parameters,
+Q4_K_M above. Re-quantizing can erase a small change — a base already on the Q4_1 grid plus a small
+delta rounds back to the same Q4_1 values — so after writing, the exported tensors are compared with the
+base quantized alike, and a warning says how much of the adapter's change survived.
+
+    python -m webui export --lora NAME --format gguf [--quant Q4_K_M|Q8_0|F16|F32...] --out PATH
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from webui.backends.base import Progress, UnsupportedOperation, no_progress
+
+log = logging.getLogger(__name__)
+
+QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
+          "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
+SMALL_MODEL = 3_000_000_000  # below this, Q8_0 by default: small models lose the most to 4-bit grids
+KEEP_AT_LEAST = 0.5           # warn when less than half of the adapter's change survives quantization
+
+
+def default_quant(parameters: int) -> str:
+    return "Q8_0" if parameters < SMALL_MODEL else "Q4_K_M"
+
+
+def quantize(src: Path, dst: Path, quant: str) -> None:
+    """llama.cpp's quantizer, from an F32/F16 GGUF to `quant`."""
+    import llama_cpp
+
+    if quant not in QUANTS:
+        raise UnsupportedOperation(f"--quant {quant!r} is not one of: {', '.join(QUANTS)}")
+    if quant == "F32":
+        shutil.copyfile(src, dst)
+        return
+    if logging.getLogger("llama-cpp-python").level == logging.NOTSET:
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # what Llama(verbose=False) sets
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+    params.nthread = os.cpu_count() or 1
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise UnsupportedOperation(f"llama.cpp could not quantize {src.name} to {quant}")
+
+
+def _dequantized(t) -> np.ndarray:
+    from gguf import quants
+
+    shape = tuple(int(n) for n in reversed(t.shape))
+    return quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+
+
+def adapter_deltas(base, adapters: list[tuple]) -> dict[str, np.ndarray]:
+    """{GGUF tensor name: sum_i w_i * scale_i * B_i @ A_i} in the base's GGUF layout.
+    `adapters`: (AdapterFiles, state, weight, ignored targets)."""
+    from webui.adapters.gguf_lora import lora_pairs
+
+    deltas: dict[str, np.ndarray] = {}
+    for files, state, weight, ignored in adapters:
+        if files.format == "gguf":
+            raise UnsupportedOperation(f"{files.name}: merging a GGUF LoRA file is not supported; export from its "
+                                       "PEFT folder")
+        for gname, a, b, scale in lora_pairs(files, state, base, ignored):
+            delta = (weight * scale) * (b.astype(np.float64) @ a.astype(np.float64))
+            deltas[gname] = deltas.get(gname, 0) + delta
+    return {k: v.astype(np.float32) for k, v in deltas.items()}
+
+
+def merge_into_gguf(src: Path, deltas: dict[str, np.ndarray], out: Path, progress: Progress = no_progress) -> None:
+    """Write `src` as an F32 GGUF with `deltas` added to their weights, keeping all of src's metadata."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(out), arch)
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for i, t in enumerate(reader.tensors):
+        data = _dequantized(t)
+        gname = t.name[: -len(".weight")] if t.name.endswith(".weight") else None
+        if gname in deltas:
+            data = data + deltas[gname]
+            if not np.isfinite(data).all():
+                raise UnsupportedOperation(f"merge refused: non-finite values in {t.name}")
+        writer.add_tensor(t.name, np.ascontiguousarray(data))
+        if i % 50 == 0:
+            progress(None, f"merged {i}/{len(reader.tensors)} tensors")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def kept_fraction(exported: Path, merged_f32: Path, deltas: dict[str, np.ndarray]) -> float:
+    """How much of the adapter's change the exported file keeps: the projection of (exported weights −
+    base quantized the same way) on the intended delta, over all changed tensors (1 = all of it).
+    Where numpy cannot quantize that type (k-quants), the float base stands in for its quantized copy."""
+    import gguf
+
+    merged = {t.name: t for t in gguf.GGUFReader(str(merged_f32)).tensors}
+    num = den = 0.0
+    for t in gguf.GGUFReader(str(exported)).tensors:
+        gname = t.name[: -len(".weight")]
+        if not t.name.endswith(".weight") or gname not in deltas:
+            continue
+        delta = deltas[gname]
+        base = _dequantized(merged[t.name]) - delta
+        try:
+            ref = gguf.quants.dequantize(gguf.quants.quantize(base, t.tensor_type), t.tensor_type).reshape(base.shape)
+        except (NotImplementedError, ValueError, TypeError):
+            ref = base
+        num += float(np.sum((_dequantized(t) - ref).astype(np.float64) * delta))
+        den += float(np.sum(delta.astype(np.float64) ** 2))
+    return num / den if den else 1.0
+
+
+def _out_file(out: Path, stem: str, loras: list[str], quant: str) -> Path:
+    if out.suffix == ".gguf":
+        target = out
+    else:
+        tag = "+".join(Path(n).name for n in loras)
+        target = out / f"{stem}{'+' + tag if tag else ''}.{quant}.gguf"
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; choose another --out")
+    return target
+
+
+def _read_adapters(loras, weights, loras_dir: Path, base) -> list[tuple]:
+    from webui.adapters.files import load_weights, read_adapter, resolve_adapter
+    from webui.adapters.inspect import inspect_adapter
+    from webui.engine import AdapterIncompatible
+
+    found = []
+    for name, weight in zip(loras, weights):
+        path = resolve_adapter(name, loras_dir, allow_paths=True)
+        files = read_adapter(path, path.name)
+        state = load_weights(files)
+        report = inspect_adapter(files, state, base.description)
+        if not report.compatible:
+            raise AdapterIncompatible(report)
+        found.append((files, state, float(weight), report.ignored_targets))
+    return found
+
+
+def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, models_dir: Path, loras_dir: Path,
+                quant: str | None = None, progress: Progress = no_progress) -> Path:
+    from webui import models
+    from webui.adapters.gguf_lora import read_base
+
+    if quant is not None and quant not in QUANTS:
+        raise UnsupportedOperation(f"--quant {quant!r} is not one of: {', '.join(QUANTS)}")
+    path, _ = models.resolve(model, "auto", Path(models_dir), progress)
+    stem = path.stem.split(".")[0] if path.is_file() else path.name
+    out = Path(out)
+    work_dir = out.parent if out.suffix == ".gguf" else out
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-export.", dir=work_dir) as tmp:
+        merged = Path(tmp) / "merged.f32.gguf"
+        if path.is_file() and path.suffix == ".gguf":
+            base = read_base(path)
+            adapters = _read_adapters(loras, weights, Path(loras_dir), base)
+            deltas = adapter_deltas(base, adapters)
+            progress(0.2, f"merging {', '.join(a[0].name for a in adapters) or 'nothing'} into {path.name}")
+            merge_into_gguf(path, deltas, merged, progress)
+        else:
+            from webui.adapters.gguf_convert import hf_to_gguf
+            from webui.export import export_model
+
+            folder = Path(tmp) / "merged-hf"
+            export_model(model, loras, weights, "safetensors", folder, Path(models_dir), Path(loras_dir), progress)
+            progress(0.7, "writing the merged model as GGUF")
+            hf_to_gguf(folder, merged, "F32", name=stem)
+            base = read_base(merged)
+            deltas = adapter_deltas(base, _read_adapters(loras, weights, Path(loras_dir), base)) if loras else {}
+        quant = quant or default_quant(base.parameters)
+        target = _out_file(out, stem, loras, quant)
+        progress(0.85, f"quantizing to {quant}")
+        part = Path(tmp) / target.name
+        quantize(merged, part, quant)
+        if deltas:
+            kept = kept_fraction(part, merged, deltas)
+            message = f"{quant} keeps {kept:.0%} of the adapters' change to the weights"
+            if kept < KEEP_AT_LEAST:
+                message = (f"warning: {message}: quantizing to {quant} erases most of it (the change is smaller "
+                           f"than the {quant} grid); use Q8_0, Q4_K_M or F16 instead")
+                log.warning(message)
+            progress(0.95, message)
+        os.replace(part, target)
+    progress(1.0, f"wrote {target}")
+    return target
