@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="a weight per adapter (default 1.0 each)")
     export.add_argument("--format", required=True, choices=("safetensors", "gguf", "gptq"))
     export.add_argument("--out", required=True)
+    export.add_argument("--quant", default=None, help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, "
+                        "Q4_0, Q4_1, ... (default Q8_0 for models under 3B parameters, else Q4_K_M)")
     export.add_argument("--models-dir", default="models")
     export.add_argument("--loras-dir", default="loras")
     return parser
@@ -117,7 +119,7 @@ def _export(args) -> int:
     try:
         out = export_model(args.model, args.lora, args.weights, args.format, Path(args.out),
                            Path(args.models_dir), Path(args.loras_dir),
-                           progress=lambda f, msg: print(f"[export] {msg}", file=sys.stderr))
+                           progress=lambda f, msg: print(f"[export] {msg}", file=sys.stderr), quant=args.quant)
     except (AdapterError, ModelLoadError, UnsupportedOperation, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

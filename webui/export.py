@@ -3,7 +3,8 @@
 `safetensors`: a transformers folder (config, tokenizer with chat template, generation config,
 safetensors weights) that plain `AutoModelForCausalLM.from_pretrained` loads. The merge runs on a fresh
 float copy of the base (never on the model the app is serving) through the same Engine operations as
-the chat, and the result is saved in the base's own dtype. gguf and gptq come with their loaders.
+the chat, and the result is saved in the base's own dtype. `gguf`: see webui/export_gguf.py (`--quant`
+picks the type). gptq comes with its loader.
 
     python -m webui export --model M --lora A --lora B --weights 1 0.5 --format safetensors --out DIR
 """
@@ -25,9 +26,16 @@ FORMATS = ("safetensors", "gguf", "gptq")
 
 def export_model(model: str, loras: list[str], weights: list[float] | None, fmt: str, out: Path,
                  models_dir: Path = Path("models"), loras_dir: Path = Path("loras"),
-                 progress: Progress = no_progress) -> Path:
+                 progress: Progress = no_progress, quant: str | None = None) -> Path:
     if fmt not in FORMATS:
         raise UnsupportedOperation(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
+    if fmt == "gguf":  # merge (PEFT, or into the GGUF's own weights), write GGUF, quantize: webui/export_gguf.py
+        from webui.export_gguf import export_gguf
+
+        weights = list(weights or [1.0] * len(loras))
+        if len(weights) != len(loras):
+            raise UnsupportedOperation(f"{len(weights)} weight(s) given for {len(loras)} adapter(s)")
+        return export_gguf(model, loras, weights, Path(out), Path(models_dir), Path(loras_dir), quant, progress)
     if fmt != "safetensors":
         raise UnsupportedOperation(f"--format {fmt} is not available yet (it comes with the {fmt} loader); "
                                    "use --format safetensors")
