@@ -1,5 +1,5 @@
 """The entry scripts as a user runs them: a broken --model fails fast with a one-line reason and a
-non-zero exit; a non-loopback host without auth warns; download-model.py says it is not there yet."""
+non-zero exit; a non-loopback host without auth warns; download-model.py is `python -m webui download`."""
 import subprocess
 import sys
 
@@ -26,9 +26,23 @@ def test_non_loopback_without_auth_warns(start_app, models_dir):
     assert "without --auth or --api-key" in app.output()
 
 
-def test_download_model_script_answers():
-    r = run("download-model.py", "org/name")
-    assert r.returncode != 0 and "not yet" in r.stderr
+def test_download_model_script_is_the_download_subcommand(tmp_path):
+    import os
+
+    from tests.conftest import free_port
+
+    for entry in (["download-model.py"], ["-m", "webui", "download"]):
+        r = run(*entry, "--help")
+        assert r.returncode == 0, r.stderr
+        for flag in ("--branch", "--specific-file", "--exclude-pattern", "--threads", "--output", "--model-dir",
+                     "--lora-dir", "--clean", "--check", "--max-retries", "--text-only"):
+            assert flag in r.stdout
+    # No hub to reach (a closed port; and offline mode): one line saying so, a non-zero exit, nothing written.
+    for extra in ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}, {"HF_HUB_OFFLINE": "1"}):
+        r = subprocess.run([sys.executable, "download-model.py", "org/name", "--model-dir", str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **extra})
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith("error: ") and not any(tmp_path.iterdir())
 
 
 def test_app_applies_loras_at_start(start_app, tiny_models, tmp_path):

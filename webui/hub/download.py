@@ -56,8 +56,9 @@ def _endpoint(url_endpoint: str | None) -> str:
     return env or "https://huggingface.co"
 
 
-def _hub_error(e: Exception, repo: str, branch: str, token) -> DownloadError:
+def _hub_error(e: Exception, repo: str, branch: str, token, endpoint: str = "") -> DownloadError:
     """huggingface_hub's exceptions → one line a user can act on."""
+    import httpx2
     from huggingface_hub import errors
 
     if isinstance(e, errors.GatedRepoError):
@@ -72,6 +73,8 @@ def _hub_error(e: Exception, repo: str, branch: str, token) -> DownloadError:
     if isinstance(e, errors.OfflineModeIsEnabled):
         return DownloadError("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download")
     msg = " ".join(str(e).split())
+    if isinstance(e, httpx2.TransportError):
+        return DownloadError(f"cannot reach the hub at {endpoint or 'HF_ENDPOINT'}: {msg[:200]}")
     return DownloadError(f"{repo}: {type(e).__name__}: {msg[:300]}")
 
 
@@ -94,7 +97,7 @@ def plan(spec: str, *, branch: str | None = None, specific_files=(), exclude_pat
         files = [RemoteFile(e.path, e.size, e.lfs.sha256 if e.lfs else None, e.blob_id)
                  for e in entries if isinstance(e, RepoFile)]
     except Exception as e:  # every hub failure becomes one line
-        raise _hub_error(e, repo, branch, token) from None
+        raise _hub_error(e, repo, branch, token, endpoint) from None
     if info.gated and not _has_token(token):
         raise DownloadError(f"{repo} is a gated repository: accept its terms on the hub and set HF_TOKEN")
     try:
@@ -340,6 +343,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    import logging
+
+    for name in ("httpx2", "httpx", "botocore", "boto3", "s3transfer"):  # one line per request is noise here
+        logging.getLogger(name).setLevel(logging.WARNING)
+
     def show(fraction, message):  # byte counts are on the tqdm bars; print the notes
         if fraction is None:
             print(f"[download] {message}", file=sys.stderr)

@@ -91,8 +91,7 @@ def _parse_s3(url: str) -> tuple[str, str]:
 def _relative_key(key: str, prefix: str) -> str:
     """An object key below `prefix` as a relative path; keys that would leave the folder are refused."""
     rel = key[len(prefix):].lstrip("/") if prefix else key
-    parts = PurePosixPath(rel).parts
-    if not rel or "\\" in rel or any(p in ("..", ".") for p in parts) or rel.startswith("/"):
+    if not rel or "\\" in rel or any(p in ("..", ".", "") for p in rel.split("/")):
         raise DownloadError(f"unsafe object key {key!r}: it would leave the destination folder")
     return rel
 

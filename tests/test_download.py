@@ -1,0 +1,460 @@
+"""download-model.py against a local stand-in for the Hugging Face hub (`FakeHub`, a loopback HTTP server
+answering the routes huggingface_hub calls: model_info, list_repo_tree, HEAD/GET /resolve with the hub's
+headers and error codes, LFS files redirected to a "CDN" origin that honours Range). Tiny repos are built
+in the test: a tiny Llama, a LoRA on it (two branches), GGUF quantizations, .bin beside .safetensors, a
+12 MB shard for interruptions, a gated repo. Downloads run as a user runs them: `python download-model.py`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
+
+from tests.conftest import ROOT
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+BIG = 12 * 1024 * 1024  # over huggingface_hub's 10 MB write chunk, so a cut-off leaves bytes on disk
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class FakeHub:
+    """repos[repo_id][branch] = {path: bytes}. Faults: `drop_after[path] = n` cuts the connection after n
+    bytes (once); `stall_after[path] = n` sends n bytes then waits for `release` (a process to kill)."""
+
+    def __init__(self):
+        self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
+        self.gated: set[str] = set()
+        self.token = "hf_fake_token"
+        self.log: list[tuple[str, str, str]] = []  # (method, path, Range header)
+        self.drop_after: dict[str, int] = {}
+        self.stall_after: dict[str, int] = {}
+        self.release = threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cdn = f"http://localhost:{self.port}"  # another origin, as the hub's CDN is
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, repo: str, files: dict[str, bytes], branch: str = "main") -> None:
+        self.repos.setdefault(repo, {})[branch] = dict(files)
+
+    def commit(self, repo: str, branch: str) -> str:
+        files = self.repos[repo][branch]
+        return hashlib.sha1(json.dumps({p: git_blob_sha1(d) for p, d in sorted(files.items())}).encode()).hexdigest()
+
+    def gets(self, suffix: str) -> list[tuple[str, str, str]]:
+        return [e for e in self.log if e[0] == "GET" and e[1].endswith(suffix)]
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _find(self, repo: str, rev: str):
+        """(files, commit) for a branch name or commit sha; raises KeyError naming what is missing."""
+        if repo not in self.repos:
+            raise KeyError("RepoNotFound")
+        for branch, files in self.repos[repo].items():
+            if rev in (branch, self.commit(repo, branch)):
+                return files, self.commit(repo, branch)
+        raise KeyError("RevisionNotFound")
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self._route(body=False)
+
+            def do_GET(self):
+                self._route(body=True)
+
+            def _send(self, status, headers=None, data=b"", body=True):
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def _error(self, status, code, extra=None):
+                self._send(status, {"X-Error-Code": code, "Content-Type": "application/json", **(extra or {})},
+                           json.dumps({"error": code}).encode())
+
+            def _route(self, body):
+                url = urlsplit(self.path)
+                hub.log.append((self.command, unquote(url.path), self.headers.get("Range", "")))
+                segs = [unquote(s) for s in url.path.strip("/").split("/")]
+                try:
+                    if segs[0] == "cdn":
+                        return self._cdn(segs[1], "/".join(segs[2:]), body)
+                    if segs[:2] == ["api", "models"]:
+                        return self._api(segs[2:], parse_qs(url.query))
+                    if len(segs) >= 5 and segs[2] == "resolve":
+                        return self._resolve("/".join(segs[:2]), segs[3], "/".join(segs[4:]), body)
+                except KeyError as e:
+                    return self._error(404, e.args[0])
+                self._error(404, "NotFound")
+
+            def _api(self, segs, query):
+                repo = "/".join(segs[:2])
+                rev = segs[3] if len(segs) > 3 else "main"
+                files, commit = hub._find(repo, rev)
+                if len(segs) > 2 and segs[2] == "tree":
+                    entries = []
+                    for path, data in sorted(files.items()):
+                        e = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path}
+                        if path.endswith(LFS_SUFFIXES):
+                            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                        entries.append(e)
+                    return self._send(200, {"Content-Type": "application/json"}, json.dumps(entries).encode())
+                info = {"_id": repo, "id": repo, "modelId": repo, "sha": commit, "private": False,
+                        "gated": "auto" if repo in hub.gated else False, "disabled": False,
+                        "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []}
+                self._send(200, {"Content-Type": "application/json"}, json.dumps(info).encode())
+
+            def _resolve(self, repo, rev, path, body):
+                files, commit = hub._find(repo, rev)
+                if repo in hub.gated and self.headers.get("Authorization") != f"Bearer {hub.token}":
+                    return self._error(401, "GatedRepo", {"X-Error-Message": "Access to this repo is restricted"})
+                if path not in files:
+                    return self._error(404, "EntryNotFound", {"X-Repo-Commit": commit})
+                data = files[path]
+                headers = {"X-Repo-Commit": commit, "ETag": f'"{git_blob_sha1(data)}"', "Accept-Ranges": "bytes"}
+                if path.endswith(LFS_SUFFIXES):
+                    sha = hashlib.sha256(data).hexdigest()
+                    headers.update({"Location": f"{hub.cdn}/cdn/{repo}/{rev}/{path}?sha={sha}",
+                                    "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))})
+                    return self._send(302, headers, body=body)
+                self._bytes(path, data, headers, body)
+
+            def _cdn(self, org, rest, body):
+                name, rev, path = rest.split("/", 2)
+                files, _ = hub._find(f"{org}/{name}", rev)
+                data = files[path]
+                self._bytes(path, data, {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"},
+                            body)
+
+            def _bytes(self, path, data, headers, body):
+                start, status = 0, 200
+                rng = self.headers.get("Range", "")
+                if rng.startswith("bytes="):
+                    start = int(rng[6:].split("-")[0])
+                    status = 206
+                    headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                chunk = data[start:]
+                cut = hub.drop_after.pop(path, None) if body else None
+                stall = hub.stall_after.pop(path, None) if body else None
+                if cut is None and stall is None:
+                    return self._send(status, headers, chunk, body)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(chunk)))
+                self.end_headers()
+                self.wfile.write(chunk[:cut if cut is not None else stall])
+                self.wfile.flush()
+                if stall is not None:
+                    hub.release.wait(60)
+                self.close_connection = True
+
+        return Handler
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory) -> dict[str, dict[str, bytes]]:
+    """The tiny repos' files, generated once for the module."""
+    from tests.tiny_models import build_tokenizer, write_adapter, write_model
+
+    root = tmp_path_factory.mktemp("hub-src")
+    base = write_model("llama", root / "models", build_tokenizer())
+    lora_main = write_adapter(base, root / "lora-main", target_modules=["q_proj", "v_proj"], r=2, seed=1)
+    lora_v2 = write_adapter(base, root / "lora-v2", target_modules=["q_proj", "v_proj"], r=2, seed=2)
+
+    def read(folder: Path) -> dict[str, bytes]:
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    gguf = lambda q: b"GGUF" + q.encode() + os.urandom(2000)  # noqa: E731 - a header is all a download needs
+    readme = b"# a tiny test repo\n"
+    return {
+        "test/tiny-llama": {**read(base), "README.md": readme},
+        "test/tiny-lora": {**read(lora_main), "README.md": readme},
+        "test/tiny-lora@v2": read(lora_v2),
+        "test/quants": {"README.md": readme, "model.Q2_K.gguf": gguf("Q2_K"), "model.Q4_K_M.gguf": gguf("Q4_K_M"),
+                        "model.Q8_0.gguf": gguf("Q8_0"), ".gitattributes": b"*.gguf filter=lfs\n"},
+        "test/both": {"config.json": b'{"model_type": "llama"}', "model.safetensors": os.urandom(3000),
+                      "pytorch_model.bin": os.urandom(3000), "training_args.bin": os.urandom(100),
+                      "tokenizer.json": b"{}", "logo.png": os.urandom(50)},
+        "test/big": {"config.json": b'{"model_type": "llama"}', "README.md": readme, "tokenizer.json": b"{}",
+                     "model-00001-of-00002.safetensors": os.urandom(200_000),
+                     "model-00002-of-00002.safetensors": os.urandom(BIG)},
+        "test/gated": {"config.json": b"{}", "model.safetensors": os.urandom(1000)},
+        "test/pictures": {"README.md": readme, "logo.png": os.urandom(100)},
+    }
+
+
+@pytest.fixture
+def hub(repos):
+    h = FakeHub()
+    for key, files in repos.items():
+        repo, _, branch = key.partition("@")
+        h.add(repo, files, branch or "main")
+    h.gated.add("test/gated")
+    yield h
+    h.stop()
+
+
+def download(hub: FakeHub, tmp_path: Path, *args: str, env: dict | None = None, timeout=120, wait=True):
+    cmd = [sys.executable, str(ROOT / "download-model.py"), *args, "--model-dir", str(tmp_path / "models"),
+           "--lora-dir", str(tmp_path / "loras")]
+    full_env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+                "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
+    if "HF_TOKEN" not in (env or {}):
+        full_env.pop("HF_TOKEN", None)
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def one_line_error(r) -> str:
+    assert r.returncode != 0, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_model_repo_lands_in_models_with_exact_bytes_and_metadata(hub, repos, tmp_path):
+    from webui.models import list_models
+
+    r = download(hub, tmp_path, "test/tiny-llama")
+    assert r.returncode == 0, r.stderr
+    dest = tmp_path / "models" / "test_tiny-llama"
+    assert r.stdout.strip() == str(dest)
+    got = tree(dest)
+    meta = got.pop("huggingface-metadata.txt").decode()
+    assert got == repos["test/tiny-llama"]
+    assert list_models(tmp_path / "models") == ["test_tiny-llama"]
+    assert f"url: {hub.url}/test/tiny-llama" in meta and "branch: main" in meta
+    assert f"commit: {hub.commit('test/tiny-llama', 'main')}" in meta and "download date: " in meta
+    for path, data in got.items():
+        assert f"{hashlib.sha256(data).hexdigest()}  {path}" in meta
+    assert not (tmp_path / "loras").exists() or not any((tmp_path / "loras").iterdir())
+
+    # Running it again fetches nothing: every file is already there under its final name.
+    hub.log.clear()
+    r = download(hub, tmp_path, "test/tiny-llama")
+    assert r.returncode == 0 and not [e for e in hub.log if e[0] == "GET" and "/api/" not in e[1]], hub.log
+
+
+def test_lora_repo_goes_to_loras_and_branches_get_their_own_folder(hub, repos, tmp_path):
+    from webui.adapters.files import list_adapters, read_adapter
+
+    assert download(hub, tmp_path, "test/tiny-lora").returncode == 0
+    assert download(hub, tmp_path, "test/tiny-lora:v2").returncode == 0
+    r = download(hub, tmp_path, "test/tiny-lora", "--branch", "v2", "--output", str(tmp_path / "elsewhere"))
+    assert r.returncode == 0, r.stderr
+    loras = tmp_path / "loras"
+    assert list_adapters(loras) == ["test_tiny-lora", "test_tiny-lora_v2"]
+    main, v2 = tree(loras / "test_tiny-lora"), tree(loras / "test_tiny-lora_v2")
+    assert "branch: main" in main.pop("huggingface-metadata.txt").decode()
+    assert "branch: v2" in v2.pop("huggingface-metadata.txt").decode()
+    assert main == repos["test/tiny-lora"] and v2 == repos["test/tiny-lora@v2"]
+    assert main["adapter_model.safetensors"] != v2["adapter_model.safetensors"]
+    assert read_adapter(loras / "test_tiny-lora_v2").format == "safetensors"
+    assert tree(tmp_path / "elsewhere")["adapter_model.safetensors"] == v2["adapter_model.safetensors"]
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_gguf_choice_specific_file_and_file_url(hub, repos, tmp_path):
+    r = download(hub, tmp_path, "test/quants")
+    assert r.returncode == 0, r.stderr
+    assert sorted(tree(tmp_path / "models" / "test_quants")) == ["README.md", "huggingface-metadata.txt",
+                                                                  "model.Q4_K_M.gguf"]
+    assert "taking model.Q4_K_M.gguf (Q4_K_M)" in r.stderr
+    assert "model.Q2_K.gguf" in r.stderr and "model.Q8_0.gguf" in r.stderr  # the others are listed
+
+    r = download(hub, tmp_path, "test/quants", "--specific-file", "model.Q8_0.gguf")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "models" / "model.Q8_0.gguf").read_bytes() == repos["test/quants"]["model.Q8_0.gguf"]
+
+    r = download(hub, tmp_path, f"{hub.url}/test/quants/resolve/main/model.Q2_K.gguf")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "models" / "model.Q2_K.gguf").read_bytes() == repos["test/quants"]["model.Q2_K.gguf"]
+    assert not list((tmp_path / "models").glob("*.incomplete"))
+
+
+def test_safetensors_preferred_exclude_pattern_and_text_only(hub, repos, tmp_path):
+    r = download(hub, tmp_path, "test/both")
+    assert r.returncode == 0, r.stderr
+    assert sorted(tree(tmp_path / "models" / "test_both")) == ["config.json", "huggingface-metadata.txt",
+                                                                "model.safetensors", "tokenizer.json"]
+    assert "safetensors preferred" in r.stderr
+
+    r = download(hub, tmp_path, "test/tiny-llama", "--exclude-pattern", r"^tokenizer", "--output", str(tmp_path / "ex"))
+    assert r.returncode == 0, r.stderr
+    got = tree(tmp_path / "ex")
+    assert "model.safetensors" in got and not [p for p in got if p.startswith("tokenizer")]
+
+    r = download(hub, tmp_path, "test/tiny-llama", "--text-only", "--output", str(tmp_path / "text"))
+    assert r.returncode == 0, r.stderr
+    got = tree(tmp_path / "text")
+    assert "config.json" in got and "tokenizer.json" in got and "model.safetensors" not in got
+
+
+def test_dropped_connection_is_resumed_with_a_range_request(hub, repos, tmp_path):
+    hub.drop_after["model-00002-of-00002.safetensors"] = BIG - 1_000_000
+    r = download(hub, tmp_path, "test/big")
+    assert r.returncode == 0, r.stderr
+    assert tree(tmp_path / "models" / "test_big")["model-00002-of-00002.safetensors"] == \
+        repos["test/big"]["model-00002-of-00002.safetensors"]
+    ranges = [e[2] for e in hub.gets("model-00002-of-00002.safetensors")]
+    assert len(ranges) == 2 and ranges[0] == "" and ranges[1].startswith("bytes=") and ranges[1] != "bytes=0-"
+
+
+def test_killed_download_resumes_without_refetching_finished_files(hub, repos, tmp_path):
+    shard2 = "model-00002-of-00002.safetensors"
+    hub.stall_after[shard2] = BIG - 1_000_000
+    proc = download(hub, tmp_path, "test/big", "--threads", "1", wait=False)
+    dest = tmp_path / "models" / "test_big"
+    part = dest / (shard2 + ".incomplete")
+    deadline = time.time() + 60
+    while not (part.is_file() and part.stat().st_size >= 10 * 1024 * 1024) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    hub.release.set()
+    kept = part.stat().st_size
+    assert kept >= 10 * 1024 * 1024
+    assert not (dest / shard2).exists()  # never a partial file under its final name
+    assert not (dest / "config.json").exists()  # the folder is not a model until the download completes
+    finished = [p for p in ("README.md", "tokenizer.json", "model-00001-of-00002.safetensors") if (dest / p).exists()]
+    assert "model-00001-of-00002.safetensors" in finished
+
+    hub.log.clear()
+    r = download(hub, tmp_path, "test/big", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    got = tree(dest)
+    got.pop("huggingface-metadata.txt")
+    assert got == repos["test/big"]
+    for p in finished:
+        assert not hub.gets(p), f"{p} was fetched again"
+    (resumed,) = hub.gets(shard2)
+    assert resumed[2] == f"bytes={kept}-"  # only the missing tail was fetched
+
+
+def test_check_finds_a_corrupted_byte(hub, tmp_path):
+    assert download(hub, tmp_path, "test/big").returncode == 0
+    r = download(hub, tmp_path, "test/big", "--check")
+    assert r.returncode == 0, r.stderr
+    victim = tmp_path / "models" / "test_big" / "model-00002-of-00002.safetensors"
+    with open(victim, "r+b") as fh:
+        fh.seek(5_000_000)
+        byte = fh.read(1)
+        fh.seek(5_000_000)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    r = download(hub, tmp_path, "test/big", "--check")
+    assert r.returncode == 1
+    assert "checksum mismatch" in r.stderr and "model-00002-of-00002.safetensors" in r.stderr.splitlines()[-1]
+    assert "model-00001" not in r.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["nobody/missing"], "repository not found: nobody/missing"),
+    (["test/tiny-llama:no-such-branch"], "branch or revision not found in test/tiny-llama: no-such-branch"),
+    (["test/gated"], "test/gated is a gated repository"),
+    (["test/pictures"], "nothing usable"),
+    (["test/quants", "--specific-file", "model.Q9.gguf"], "not in the repository: model.Q9.gguf"),
+    (["not a repo"], "is not a hub repository id"),
+])
+def test_failures_are_one_line_with_non_zero_exit(hub, tmp_path, args, expected):
+    assert expected in one_line_error(download(hub, tmp_path, *args))
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_gated_repo_with_token(hub, repos, tmp_path):
+    r = download(hub, tmp_path, "test/gated", env={"HF_TOKEN": hub.token})
+    assert r.returncode == 0, r.stderr
+    assert tree(tmp_path / "models" / "test_gated")["model.safetensors"] == repos["test/gated"]["model.safetensors"]
+
+
+def test_local_folder_is_copied_in(hub, repos, tmp_path):
+    src = tmp_path / "somewhere" / "my-adapter"
+    src.mkdir(parents=True)
+    for name, data in repos["test/tiny-lora"].items():
+        (src / name).write_bytes(data)
+    r = download(hub, tmp_path, str(src))
+    assert r.returncode == 0, r.stderr
+    assert tree(tmp_path / "loras" / "my-adapter") == repos["test/tiny-lora"]
+    assert [p.name for p in (tmp_path / "loras").iterdir()] == ["my-adapter"]  # no staging folder left
+
+
+@pytest.fixture
+def online(monkeypatch, hub):
+    """In-process calls: this pytest process imported huggingface_hub with HF_HUB_OFFLINE=1."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return hub
+
+
+def test_download_function_reports_progress_for_the_ui(online, repos, tmp_path):
+    from webui.hub import download as download_fn
+
+    calls = []
+    out = download_fn("test/big", model_dir=tmp_path / "models", lora_dir=tmp_path / "loras",
+                      progress=lambda f, msg: calls.append((f, msg)))
+    assert out == tmp_path / "models" / "test_big"
+    fractions = [f for f, _ in calls if f is not None]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) >= 3
+    assert any(f is None and "5 of 5 file(s)" in m for f, m in calls)
+
+
+def test_fetch_adapter_from_hub_is_reused_once_downloaded(online, repos, tmp_path):
+    from webui.hub import DownloadError, fetch_adapter
+
+    path = fetch_adapter("test/tiny-lora", "hub", tmp_path / "loras")
+    assert path == tmp_path / "loras" / "test_tiny-lora"
+    assert tree(path)["adapter_model.safetensors"] == repos["test/tiny-lora"]["adapter_model.safetensors"]
+    online.log.clear()
+    assert fetch_adapter("test/tiny-lora", "hub", tmp_path / "loras") == path
+    assert online.log == []  # no network the second time
+    with pytest.raises(DownloadError, match="not a LoRA adapter"):
+        fetch_adapter("test/tiny-llama", "hub", tmp_path / "loras")
+    assert not (tmp_path / "loras" / "test_tiny-llama").exists()
+
+
+def test_not_enough_disk_space_is_refused_before_downloading(online, monkeypatch, tmp_path):
+    import shutil as shutil_mod
+    from types import SimpleNamespace
+
+    from webui.hub import DownloadError, download as download_fn
+
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
+    with pytest.raises(DownloadError, match="not enough disk space"):
+        download_fn("test/big", model_dir=tmp_path / "models")
+    assert not online.gets(".safetensors")
