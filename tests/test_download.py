@@ -1,182 +1,24 @@
-"""download-model.py against a local stand-in for the Hugging Face hub (`FakeHub`, a loopback HTTP server
-answering the routes huggingface_hub calls: model_info, list_repo_tree, HEAD/GET /resolve with the hub's
-headers and error codes, LFS files redirected to a "CDN" origin that honours Range). Tiny repos are built
+"""download-model.py against a local stand-in for the Hugging Face hub (`tests.fake_hub.FakeHub`, a loopback
+HTTP server answering the routes huggingface_hub calls: model_info, list_repo_tree, HEAD/GET /resolve with
+the hub's headers and error codes, LFS files redirected to a "CDN" origin that honours Range). Tiny repos are built
 in the test: a tiny Llama, a LoRA on it (two branches), GGUF quantizations, .bin beside .safetensors, a
 12 MB shard for interruptions, a gated repo. Downloads run as a user runs them: `python download-model.py`.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.fake_hub import FakeHub
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 BIG = 12 * 1024 * 1024  # over huggingface_hub's 10 MB write chunk, so a cut-off leaves bytes on disk
-
-
-def git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-class FakeHub:
-    """repos[repo_id][branch] = {path: bytes}. Faults: `drop_after[path] = n` cuts the connection after n
-    bytes (once); `stall_after[path] = n` sends n bytes then waits for `release` (a process to kill)."""
-
-    def __init__(self):
-        self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
-        self.gated: set[str] = set()
-        self.token = "hf_fake_token"
-        self.log: list[tuple[str, str, str]] = []  # (method, path, Range header)
-        self.drop_after: dict[str, int] = {}
-        self.stall_after: dict[str, int] = {}
-        self.release = threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cdn = f"http://localhost:{self.port}"  # another origin, as the hub's CDN is
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def add(self, repo: str, files: dict[str, bytes], branch: str = "main") -> None:
-        self.repos.setdefault(repo, {})[branch] = dict(files)
-
-    def commit(self, repo: str, branch: str) -> str:
-        files = self.repos[repo][branch]
-        return hashlib.sha1(json.dumps({p: git_blob_sha1(d) for p, d in sorted(files.items())}).encode()).hexdigest()
-
-    def gets(self, suffix: str) -> list[tuple[str, str, str]]:
-        return [e for e in self.log if e[0] == "GET" and e[1].endswith(suffix)]
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-    def _find(self, repo: str, rev: str):
-        """(files, commit) for a branch name or commit sha; raises KeyError naming what is missing."""
-        if repo not in self.repos:
-            raise KeyError("RepoNotFound")
-        for branch, files in self.repos[repo].items():
-            if rev in (branch, self.commit(repo, branch)):
-                return files, self.commit(repo, branch)
-        raise KeyError("RevisionNotFound")
-
-    def _handler(self):
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                self._route(body=False)
-
-            def do_GET(self):
-                self._route(body=True)
-
-            def _send(self, status, headers=None, data=b"", body=True):
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if body:
-                    self.wfile.write(data)
-
-            def _error(self, status, code, extra=None):
-                self._send(status, {"X-Error-Code": code, "Content-Type": "application/json", **(extra or {})},
-                           json.dumps({"error": code}).encode())
-
-            def _route(self, body):
-                url = urlsplit(self.path)
-                hub.log.append((self.command, unquote(url.path), self.headers.get("Range", "")))
-                segs = [unquote(s) for s in url.path.strip("/").split("/")]
-                try:
-                    if segs[0] == "cdn":
-                        return self._cdn(segs[1], "/".join(segs[2:]), body)
-                    if segs[:2] == ["api", "models"]:
-                        return self._api(segs[2:], parse_qs(url.query))
-                    if len(segs) >= 5 and segs[2] == "resolve":
-                        return self._resolve("/".join(segs[:2]), segs[3], "/".join(segs[4:]), body)
-                except KeyError as e:
-                    return self._error(404, e.args[0])
-                self._error(404, "NotFound")
-
-            def _api(self, segs, query):
-                repo = "/".join(segs[:2])
-                rev = segs[3] if len(segs) > 3 else "main"
-                files, commit = hub._find(repo, rev)
-                if len(segs) > 2 and segs[2] == "tree":
-                    entries = []
-                    for path, data in sorted(files.items()):
-                        e = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path}
-                        if path.endswith(LFS_SUFFIXES):
-                            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
-                        entries.append(e)
-                    return self._send(200, {"Content-Type": "application/json"}, json.dumps(entries).encode())
-                info = {"_id": repo, "id": repo, "modelId": repo, "sha": commit, "private": False,
-                        "gated": "auto" if repo in hub.gated else False, "disabled": False,
-                        "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []}
-                self._send(200, {"Content-Type": "application/json"}, json.dumps(info).encode())
-
-            def _resolve(self, repo, rev, path, body):
-                files, commit = hub._find(repo, rev)
-                if repo in hub.gated and self.headers.get("Authorization") != f"Bearer {hub.token}":
-                    return self._error(401, "GatedRepo", {"X-Error-Message": "Access to this repo is restricted"})
-                if path not in files:
-                    return self._error(404, "EntryNotFound", {"X-Repo-Commit": commit})
-                data = files[path]
-                headers = {"X-Repo-Commit": commit, "ETag": f'"{git_blob_sha1(data)}"', "Accept-Ranges": "bytes"}
-                if path.endswith(LFS_SUFFIXES):
-                    sha = hashlib.sha256(data).hexdigest()
-                    headers.update({"Location": f"{hub.cdn}/cdn/{repo}/{rev}/{path}?sha={sha}",
-                                    "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))})
-                    return self._send(302, headers, body=body)
-                self._bytes(path, data, headers, body)
-
-            def _cdn(self, org, rest, body):
-                name, rev, path = rest.split("/", 2)
-                files, _ = hub._find(f"{org}/{name}", rev)
-                data = files[path]
-                self._bytes(path, data, {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"},
-                            body)
-
-            def _bytes(self, path, data, headers, body):
-                start, status = 0, 200
-                rng = self.headers.get("Range", "")
-                if rng.startswith("bytes="):
-                    start = int(rng[6:].split("-")[0])
-                    status = 206
-                    headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-                chunk = data[start:]
-                cut = hub.drop_after.pop(path, None) if body else None
-                stall = hub.stall_after.pop(path, None) if body else None
-                if cut is None and stall is None:
-                    return self._send(status, headers, chunk, body)
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(chunk)))
-                self.end_headers()
-                self.wfile.write(chunk[:cut if cut is not None else stall])
-                self.wfile.flush()
-                if stall is not None:
-                    hub.release.wait(60)
-                self.close_connection = True
-
-        return Handler
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from webui.hub.files import (ADAPTER_CONFIG, METADATA, PARTIAL, RemoteFile, folder_name, metadata_text,
-                             parse_spec, read_metadata, select_files)
+from webui.hub.files import (ADAPTER_CONFIG, METADATA, PARTIAL, REPO_ID, RemoteFile, folder_name,
+                             metadata_text, parse_spec, read_metadata, select_files)
 
 Progress = Optional[Callable[[Optional[float], str], None]]
 _MARKERS = ("config.json", ADAPTER_CONFIG)  # fetched last: a folder is listed as a model/adapter only when whole
@@ -291,20 +291,28 @@ def download(spec: str, *, branch: str | None = None, specific_files=(), exclude
     spec: `ORG/NAME`, `ORG/NAME:BRANCH`, a hub URL (`https://HOST/ORG/NAME/resolve/BRANCH/FILE` fetches that
     file), `s3://bucket/prefix`, or an existing local folder/file (copied in). The keyword arguments are the
     CLI flags of the same names. `token` defaults to HF_TOKEN / the saved login; the hub is HF_ENDPOINT.
-    `progress(fraction_or_None, message)` is called from worker threads a few times a second.
-    Re-running resumes; `clean=True` starts over. Raises DownloadError (one-line message) on any failure.
+    `progress(fraction_or_None, message)` is called from worker threads a few times a second (None: a note,
+    no new fraction). Re-running resumes; `clean=True` starts over. Raises DownloadError (one-line message).
     """
     from webui.hub import sources
 
     if spec.startswith("s3://"):
         return sources.download_s3(spec, model_dir=model_dir, lora_dir=lora_dir, output=output, clean=clean,
                                    require_lora=require_lora, max_retries=max_retries, progress=progress)
-    if not spec.startswith(("http://", "https://")) and Path(spec).expanduser().exists():
-        return sources.copy_local(Path(spec).expanduser(), model_dir=model_dir, lora_dir=lora_dir, output=output,
+    local = Path(spec).expanduser()
+    if local.exists() and (spec.startswith(("/", ".", "~")) or not REPO_ID.match(spec)):
+        return sources.copy_local(local, model_dir=model_dir, lora_dir=lora_dir, output=output,
                                   require_lora=require_lora, progress=progress)
-    p = plan(spec, branch=branch, specific_files=specific_files, exclude_pattern=exclude_pattern,
-             text_only=text_only, output=output, model_dir=model_dir, lora_dir=lora_dir, token=token,
-             require_lora=require_lora)
+    return download_hub(spec, branch=branch, specific_files=specific_files, exclude_pattern=exclude_pattern,
+                        threads=threads, output=output, model_dir=model_dir, lora_dir=lora_dir, clean=clean,
+                        max_retries=max_retries, text_only=text_only, token=token, require_lora=require_lora,
+                        progress=progress)
+
+
+def download_hub(spec: str, *, threads: int = 4, clean: bool = False, max_retries: int = 7, token: str | None = None,
+                 progress: Progress = None, **plan_kwargs) -> Path:
+    """`download` for a hub repo or URL only (never a local path or S3); `plan_kwargs` as in `plan`."""
+    p = plan(spec, token=token, **plan_kwargs)
     for note in p.notes:
         if progress:
             progress(None, note)

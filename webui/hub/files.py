@@ -17,7 +17,7 @@ METADATA = "huggingface-metadata.txt"
 ADAPTER_CONFIG = "adapter_config.json"
 PARTIAL = ".incomplete"  # suffix of a file being downloaded; models.list_models skips it
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TEXT = re.compile(r"\.(json|txt|md|py|jinja|tiktoken)$|(^|/)(tokenizer|spiece|ice)[^/]*\.model$", re.I)
 _BIN = re.compile(r"(^|/)(pytorch_model|adapter_model|gptq_model|model)[^/]*\.bin$", re.I)
 _WEIGHTS = re.compile(r"\.(safetensors|pt|pth|gguf)$", re.I)
@@ -68,7 +68,7 @@ def parse_spec(spec: str, branch: str | None = None) -> tuple[str, str, list[str
             repo, spec_branch = spec.split(":", 1)
             branch = spec_branch or branch
     repo = repo.strip("/")
-    if not _REPO_ID.match(repo) or ".." in repo:
+    if not REPO_ID.match(repo) or ".." in repo:
         raise ValueError(f"{repo!r} is not a hub repository id (expected ORG/NAME)")
     return repo, branch or "main", files, endpoint
 

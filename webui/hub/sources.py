@@ -15,11 +15,16 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from webui.hub.download import DownloadError, Progress, download
+from webui.adapters.files import AdapterError
+from webui.hub.download import DownloadError, Progress, download_hub
 from webui.hub.files import ADAPTER_CONFIG, METADATA, folder_name, parse_spec, read_metadata
 
 S3_METADATA = "s3-metadata.txt"
 SOURCES = ("hub", "local", "s3")
+
+
+class AdapterSourceError(DownloadError, AdapterError):
+    """fetch_adapter's failures: a DownloadError, and an AdapterError for callers (the API) that map those to 4xx."""
 
 
 def safe_name(name: str) -> str:
@@ -37,9 +42,17 @@ def fetch_adapter(adapter_id: str, source: str = "hub", loras_dir: Path = Path("
     hub: `ORG/NAME[:BRANCH]` → `loras_dir/ORG_NAME[_BRANCH]`; s3: `s3://bucket/prefix` → `loras_dir/<last part
     of the prefix>`. Both are reused without network access once complete (`refresh=True` checks the source
     again). local: a folder path (or a name inside `loras_dir`); with `restrict_local` (the API's setting) it
-    must resolve inside `loras_dir`. The result holds an adapter_config.json. Raises DownloadError.
+    must resolve inside `loras_dir`. The result holds an adapter_config.json. Raises AdapterSourceError
+    (both a DownloadError and an AdapterError) with a one-line message.
     """
-    loras_dir = Path(loras_dir)
+    try:
+        return _fetch_adapter(adapter_id, source, Path(loras_dir), progress, restrict_local, refresh)
+    except DownloadError as e:
+        raise AdapterSourceError(str(e)) from None
+
+
+def _fetch_adapter(adapter_id: str, source: str, loras_dir: Path, progress: Progress, restrict_local: bool,
+                   refresh: bool) -> Path:
     if source == "hub":
         try:
             repo, branch, _, _ = parse_spec(adapter_id)
@@ -48,7 +61,7 @@ def fetch_adapter(adapter_id: str, source: str = "hub", loras_dir: Path = Path("
         dest = loras_dir / folder_name(repo, branch)
         if not refresh and _complete(dest):
             return dest
-        return download(adapter_id, lora_dir=loras_dir, output=dest, require_lora=True, progress=progress)
+        return download_hub(adapter_id, lora_dir=loras_dir, output=dest, require_lora=True, progress=progress)
     if source == "s3":
         bucket, prefix = _parse_s3(adapter_id)
         dest = loras_dir / safe_name(PurePosixPath(prefix).name if prefix else bucket)
