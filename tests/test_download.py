@@ -300,3 +300,32 @@ def test_not_enough_disk_space_is_refused_before_downloading(online, monkeypatch
     with pytest.raises(DownloadError, match="not enough disk space"):
         download_fn("test/big", model_dir=tmp_path / "models")
     assert not online.gets(".safetensors")
+
+
+def test_cancel_keeps_the_partial_file_and_a_rerun_completes(online, repos, tmp_path):
+    import threading
+
+    from webui.hub import DownloadError, download as download_fn
+
+    shard2 = "model-00002-of-00002.safetensors"
+    online.stall_after[shard2] = BIG - 1_000_000
+    cancel, errors = threading.Event(), []
+    part = tmp_path / "models" / "test_big" / (shard2 + ".incomplete")
+
+    def run():
+        try:
+            download_fn("test/big", model_dir=tmp_path / "models", cancel=cancel)
+        except DownloadError as e:
+            errors.append(str(e))
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.time() + 60
+    while not (part.is_file() and part.stat().st_size >= 10 * 1024 * 1024) and time.time() < deadline:
+        time.sleep(0.05)
+    cancel.set()
+    online.release.set()
+    worker.join(60)
+    assert errors and "cancelled" in errors[0]
+    assert part.stat().st_size >= 10 * 1024 * 1024 and not (part.parent / shard2).exists()
+    out = download_fn("test/big", model_dir=tmp_path / "models")
+    assert (out / shard2).read_bytes() == repos["test/big"][shard2]

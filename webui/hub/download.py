@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import sys
 import threading
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+from urllib.parse import urlsplit
 
 from webui.hub.files import (ADAPTER_CONFIG, METADATA, PARTIAL, REPO_ID, RemoteFile, folder_name,
                              metadata_text, parse_spec, read_metadata, select_files)
@@ -98,14 +100,17 @@ def plan(spec: str, *, branch: str | None = None, specific_files=(), exclude_pat
                  for e in entries if isinstance(e, RepoFile)]
     except Exception as e:  # every hub failure becomes one line
         raise _hub_error(e, repo, branch, token, endpoint) from None
+    unsafe = [f.path for f in files if f.path.startswith("/") or ".." in f.path.split("/") or "\\" in f.path]
+    if unsafe:  # a misbehaving endpoint must not write outside the destination folder
+        raise DownloadError(f"{repo}: refusing file names that leave the folder: {', '.join(unsafe[:3])}")
     if info.gated and not _has_token(token):
         raise DownloadError(f"{repo} is a gated repository: accept its terms on the hub and set HF_TOKEN")
     try:
         sel = select_files(files, [*url_files, *specific_files], exclude_pattern, text_only)
+    except re.error as e:
+        raise DownloadError(f"--exclude-pattern {exclude_pattern!r} is not a valid regular expression: {e}") from None
     except ValueError as e:
         raise DownloadError(f"{repo}@{branch}: {e}") from None
-    except Exception as e:  # a bad --exclude-pattern regex
-        raise DownloadError(f"--exclude-pattern: {e}") from None
     if require_lora and not sel.is_lora:
         raise DownloadError(f"{repo} is not a LoRA adapter (no {ADAPTER_CONFIG})")
     if sel.single_file:
@@ -126,7 +131,8 @@ def _target(p: Plan, f: RemoteFile) -> Path:
 
 
 def _hashes(path: Path) -> tuple[str, str]:
-    """(sha256, git blob sha1) in one pass; the hub publishes the first for LFS files, the second for all."""
+    """(sha256, git blob sha1) in one pass; the hub publishes the first for LFS files, the second for all.
+    (huggingface_hub.utils.sha has each, but its git_hash wants the whole file in memory and a second read.)"""
     size = path.stat().st_size
     sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
     with open(path, "rb") as fh:
@@ -143,11 +149,17 @@ def _verify(path: Path, f: RemoteFile) -> str | None:
     return sha256 if ok and path.stat().st_size == f.size else None
 
 
-class _Tally:
-    """Bytes done across all files (threads report here), turned into progress(fraction, message) calls."""
+class _Cancelled(Exception):
+    """Raised inside a transfer (from its progress bar) to stop it; the `.incomplete` file stays for a resume."""
 
-    def __init__(self, total: int, progress: Progress):
+
+class _Tally:
+    """Bytes done across all files (threads report here), turned into progress(fraction, message) calls;
+    also carries the cancel flag every transfer checks between chunks."""
+
+    def __init__(self, total: int, progress: Progress, cancel: threading.Event | None = None):
         self.total, self.progress, self.lock = max(total, 1), progress, threading.Lock()
+        self.cancel = cancel or threading.Event()
         self.done: dict[str, int] = {}
         self.last = 0.0
 
@@ -176,6 +188,8 @@ def _bar_class(tally: _Tally, path: str):
 
     class Bar(hf_tqdm):
         def update(self, n=1):
+            if tally.cancel.is_set():
+                raise _Cancelled(path)
             tally.add(path, n or 0)
             return super().update(n)
     return Bar
@@ -201,7 +215,7 @@ def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally) -> st
             tally.set(f.path, resume)
             meta = get_hf_file_metadata(url, token=token, endpoint=p.endpoint)
             headers = build_hf_headers(token=token)
-            if meta.location.split("/")[2] != url.split("/")[2]:
+            if urlsplit(meta.location).netloc != urlsplit(url).netloc:
                 headers.pop("authorization", None)  # a signed CDN URL: the token stays on the hub
             with open(part, "ab") as fh:
                 http_get(meta.location, fh, resume_size=resume, headers=headers, expected_size=f.size,
@@ -229,8 +243,13 @@ def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally) -> st
             raise DownloadError(f"{f.path}: gave up after {attempt + 1} attempt(s): "
                                 f"{' '.join(str(err).split())[:200]}") from None
         delay = min(2 ** attempt, 30)  # exponential back-off: 1, 2, 4 ... 30 s between attempts
-        print(f"[download] {f.path}: {' '.join(str(err).split())[:120]}; retrying in {delay} s", file=sys.stderr)
-        time.sleep(delay)
+        note = f"{f.path}: {' '.join(str(err).split())[:120]}; retrying in {delay} s"
+        if tally.progress:
+            tally.progress(None, note)
+        else:
+            print(f"[download] {note}", file=sys.stderr)
+        if tally.cancel.wait(delay):
+            raise _Cancelled(f.path)
     raise AssertionError("unreachable")
 
 
@@ -239,7 +258,8 @@ def _partial_size(target: Path) -> int:
     return part.stat().st_size if part.is_file() else 0
 
 
-def _hub_download(p: Plan, *, threads: int, clean: bool, max_retries: int, token, progress: Progress) -> Path:
+def _hub_download(p: Plan, *, threads: int, clean: bool, max_retries: int, token, progress: Progress,
+                  cancel: threading.Event | None) -> Path:
     old = read_metadata(p.dest) if not p.single_file else {}
     todo, sha256s = [], {}
     for f in p.files:
@@ -248,8 +268,9 @@ def _hub_download(p: Plan, *, threads: int, clean: bool, max_retries: int, token
         if clean:
             part.unlink(missing_ok=True)
         elif target.is_file() and target.stat().st_size == f.size and (
-                f.sha256 is None or old.get("sha256", {}).get(f.path, f.sha256) == f.sha256):
+                old.get("sha256", {}).get(f.path, f.sha256) == f.sha256 if f.sha256 else _verify(target, f)):
             # Finished earlier (it got its final name only after its hash matched): not fetched again.
+            # Large (LFS) files are trusted by size and recorded hash; small ones are cheap to re-hash.
             sha256s[f.path] = f.sha256 or _hashes(target)[0]
             continue
         todo.append(f)
@@ -259,7 +280,7 @@ def _hub_download(p: Plan, *, threads: int, clean: bool, max_retries: int, token
     if need > free:
         raise DownloadError(f"not enough disk space in {p.dest}: need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
     total = sum(f.size for f in p.files)
-    tally = _Tally(total, progress)
+    tally = _Tally(total, progress, cancel)
     for f in p.files:
         if f.path in sha256s:
             tally.done[f.path] = f.size
@@ -270,8 +291,16 @@ def _hub_download(p: Plan, *, threads: int, clean: bool, max_retries: int, token
     phases = [[f for f in todo if f.path not in _MARKERS], [f for f in todo if f.path in _MARKERS]]
     for phase in phases:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for f, sha in zip(phase, pool.map(lambda f: _fetch(p, f, token, max_retries, tally), phase)):
-                sha256s[f.path] = sha
+            futures = [pool.submit(_fetch, p, f, token, max_retries, tally) for f in phase]
+            try:
+                for f, fut in zip(phase, futures):
+                    sha256s[f.path] = fut.result()
+            except BaseException as e:  # a failure, Ctrl-C or cancel: stop the other transfers at their next chunk
+                tally.cancel.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                if isinstance(e, _Cancelled):
+                    raise DownloadError("download cancelled; run it again to resume") from None
+                raise
     if not p.single_file:
         text = metadata_text(f"{p.endpoint}/{p.repo}", p.branch, p.commit, sha256s)
         tmp = p.dest / (METADATA + ".tmp")
@@ -285,14 +314,16 @@ def _hub_download(p: Plan, *, threads: int, clean: bool, max_retries: int, token
 def download(spec: str, *, branch: str | None = None, specific_files=(), exclude_pattern: str | None = None,
              threads: int = 4, output: Path | None = None, model_dir: Path = Path("models"),
              lora_dir: Path = Path("loras"), clean: bool = False, max_retries: int = 7, text_only: bool = False,
-             token: str | None = None, require_lora: bool = False, progress: Progress = None) -> Path:
+             token: str | None = None, require_lora: bool = False, progress: Progress = None,
+             cancel: threading.Event | None = None) -> Path:
     """Download a model or adapter and return where it landed (a folder, or `models/X.gguf` for a single GGUF).
 
     spec: `ORG/NAME`, `ORG/NAME:BRANCH`, a hub URL (`https://HOST/ORG/NAME/resolve/BRANCH/FILE` fetches that
     file), `s3://bucket/prefix`, or an existing local folder/file (copied in). The keyword arguments are the
     CLI flags of the same names. `token` defaults to HF_TOKEN / the saved login; the hub is HF_ENDPOINT.
     `progress(fraction_or_None, message)` is called from worker threads a few times a second (None: a note,
-    no new fraction). Re-running resumes; `clean=True` starts over. Raises DownloadError (one-line message).
+    no new fraction). Setting `cancel` (a threading.Event) stops a hub download within a chunk, keeping what
+    it has. Re-running resumes; `clean=True` starts over. Raises DownloadError (one-line message).
     """
     from webui.hub import sources
 
@@ -306,17 +337,18 @@ def download(spec: str, *, branch: str | None = None, specific_files=(), exclude
     return download_hub(spec, branch=branch, specific_files=specific_files, exclude_pattern=exclude_pattern,
                         threads=threads, output=output, model_dir=model_dir, lora_dir=lora_dir, clean=clean,
                         max_retries=max_retries, text_only=text_only, token=token, require_lora=require_lora,
-                        progress=progress)
+                        progress=progress, cancel=cancel)
 
 
 def download_hub(spec: str, *, threads: int = 4, clean: bool = False, max_retries: int = 7, token: str | None = None,
-                 progress: Progress = None, **plan_kwargs) -> Path:
+                 progress: Progress = None, cancel: threading.Event | None = None, **plan_kwargs) -> Path:
     """`download` for a hub repo or URL only (never a local path or S3); `plan_kwargs` as in `plan`."""
     p = plan(spec, token=token, **plan_kwargs)
     for note in p.notes:
         if progress:
             progress(None, note)
-    return _hub_download(p, threads=threads, clean=clean, max_retries=max_retries, token=token, progress=progress)
+    return _hub_download(p, threads=threads, clean=clean, max_retries=max_retries, token=token, progress=progress,
+                         cancel=cancel)
 
 
 def check(spec: str, **plan_kwargs) -> list[str]:
