@@ -251,6 +251,11 @@ def test_local_folder_is_copied_in(hub, repos, tmp_path):
     assert r.returncode == 0, r.stderr
     assert tree(tmp_path / "loras" / "my-adapter") == repos["test/tiny-lora"]
     assert [p.name for p in (tmp_path / "loras").iterdir()] == ["my-adapter"]  # no staging folder left
+    # An existing folder is never overwritten by surprise; --clean replaces it.
+    (src / "README.md").write_bytes(b"changed")
+    assert "already exists" in one_line_error(download(hub, tmp_path, str(src)))
+    assert download(hub, tmp_path, str(src), "--clean").returncode == 0
+    assert (tmp_path / "loras" / "my-adapter" / "README.md").read_bytes() == b"changed"
 
 
 @pytest.fixture

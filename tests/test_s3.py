@@ -104,6 +104,14 @@ def test_cli_downloads_s3_prefix_and_single_object(s3, s3_server, adapter_files,
     assert {k: v for k, v in tree(tmp_path / "loras" / "style").items() if k != "s3-metadata.txt"} == adapter_files
     assert r.stdout.strip() == str(tmp_path / "loras" / "style")
 
+    assert run(f"s3://{s3.bucket}/loras/style").returncode == 0  # again: up to date, nothing fetched
+    r = run(f"s3://{s3.bucket}/models/tiny")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "models" / "mine").mkdir()
+    put_folder(s3, "other/mine", {"config.json": b"{}", "model.safetensors": b"x" * 10})
+    r = run(f"s3://{s3.bucket}/other/mine")  # a folder of the same name that came from elsewhere is kept
+    assert r.returncode == 1 and "already exists" in r.stderr and not any((tmp_path / "models" / "mine").iterdir())
+
     r = run(f"s3://{s3.bucket}/nothing/here")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: nothing at s3://{s3.bucket}/nothing/here"]
     r = run("s3://no-such-bucket-anywhere/x")

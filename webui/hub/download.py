@@ -127,7 +127,10 @@ def _has_token(token) -> bool:
 
 
 def _target(p: Plan, f: RemoteFile) -> Path:
-    return p.dest / (Path(f.path).name if p.single_file else f.path)
+    """Where a repo file goes; GGUF files from sub-folders (split quantizations) land at the folder's top,
+    where the loaders look for them."""
+    flat = p.single_file or f.path.lower().endswith(".gguf")
+    return p.dest / (Path(f.path).name if flat else f.path)
 
 
 def _hashes(path: Path) -> tuple[str, str]:
@@ -332,7 +335,7 @@ def download(spec: str, *, branch: str | None = None, specific_files=(), exclude
                                    require_lora=require_lora, max_retries=max_retries, progress=progress)
     local = Path(spec).expanduser()
     if local.exists() and (spec.startswith(("/", ".", "~")) or not REPO_ID.match(spec)):
-        return sources.copy_local(local, model_dir=model_dir, lora_dir=lora_dir, output=output,
+        return sources.copy_local(local, model_dir=model_dir, lora_dir=lora_dir, output=output, clean=clean,
                                   require_lora=require_lora, progress=progress)
     return download_hub(spec, branch=branch, specific_files=specific_files, exclude_pattern=exclude_pattern,
                         threads=threads, output=output, model_dir=model_dir, lora_dir=lora_dir, clean=clean,

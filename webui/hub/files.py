@@ -82,7 +82,7 @@ def folder_name(repo: str, branch: str) -> str:
 
 
 def quant_of(path: str) -> str | None:
-    m = _QUANT.search(Path(path).name)
+    m = _QUANT.search(Path(path).name) or _QUANT.search(path)  # the label may be on the folder only
     return m.group(1).upper() if m else None
 
 

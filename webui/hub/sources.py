@@ -65,7 +65,8 @@ def _fetch_adapter(adapter_id: str, source: str, loras_dir: Path, progress: Prog
     if source == "s3":
         bucket, prefix = _parse_s3(adapter_id)
         dest = loras_dir / safe_name(PurePosixPath(prefix).name if prefix else bucket)
-        if not refresh and (dest / ADAPTER_CONFIG).is_file() and _read_s3_metadata(dest).get("url") == adapter_id:
+        if not refresh and (dest / ADAPTER_CONFIG).is_file() and \
+                _read_s3_metadata(dest).get("url") == f"s3://{bucket}/{prefix}":
             return dest
         return download_s3(adapter_id, lora_dir=loras_dir, require_lora=True, progress=progress)
     if source == "local":
@@ -145,6 +146,7 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
     from tqdm import tqdm
 
     bucket, prefix = _parse_s3(url)
+    url = f"s3://{bucket}/{prefix}"  # one spelling (no trailing slash) for the metadata and comparisons
     s3 = _s3_client(max_retries)
     try:
         objects = [o for page in s3.get_paginator("list_objects_v2").paginate(
@@ -172,11 +174,13 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
         dest = Path(output) if output else (Path(lora_dir) if is_lora else Path(model_dir)) / name
     if dest.exists() and not clean:
         recorded = _read_s3_metadata(dest)
+        if single and dest.is_file() and dest.stat().st_size == single["Size"] and _md5_ok(dest, single["ETag"].strip('"')):
+            return dest
         if recorded.get("url") == url and recorded["files"] == {r: o["ETag"].strip('"') for r, o in rels.items()}:
             return dest  # already complete and unchanged
-        if recorded and recorded.get("url") != url:
-            raise DownloadError(f"{dest} already holds something else (from {recorded.get('url')}); "
-                                "pass --output to put this one elsewhere")
+        if recorded.get("url") != url:  # never overwrite what someone else put there
+            raise DownloadError(f"{dest} already exists (not fetched from {url}); "
+                                "pass --output to put this one elsewhere, or --clean to replace it")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{dest.name}.partial"  # same name on every run: an interrupted one resumes here
@@ -191,7 +195,7 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
             target.parent.mkdir(parents=True, exist_ok=True)
             etag = o["ETag"].strip('"')
             if not (target.is_file() and target.stat().st_size == o["Size"] and _md5_ok(target, etag)):
-                with tqdm(total=o["Size"], unit="B", unit_scale=True, desc=rel, leave=False) as bar:
+                with tqdm(total=o["Size"], unit="B", unit_scale=True, desc=rel, disable=None) as bar:
                     def step(n, rel=rel, bar=bar):
                         bar.update(n)
                         if progress:
@@ -272,9 +276,11 @@ def _swap_into_place(staging: Path, dest: Path) -> None:
 
 
 def copy_local(src: Path, *, model_dir: Path = Path("models"), lora_dir: Path = Path("loras"),
-               output: Path | None = None, require_lora: bool = False, progress: Progress = None) -> Path:
+               output: Path | None = None, clean: bool = False, require_lora: bool = False,
+               progress: Progress = None) -> Path:
     """`download-model.py /some/folder` (or a .gguf file): copy it into the loras folder (it holds
-    adapter_config.json) or the models folder, through a hidden staging copy renamed at the end."""
+    adapter_config.json) or the models folder, through a hidden staging copy renamed at the end. An existing
+    destination is replaced only with `clean`."""
     src = Path(src).resolve()
     is_lora = src.is_dir() and (src / ADAPTER_CONFIG).is_file()
     if require_lora and not is_lora:
@@ -285,6 +291,8 @@ def copy_local(src: Path, *, model_dir: Path = Path("models"), lora_dir: Path = 
         dest = (Path(lora_dir) if is_lora else Path(model_dir)) / safe_name(src.name)
     if dest.resolve() == src:
         return dest
+    if dest.exists() and not clean:
+        raise DownloadError(f"{dest} already exists; pass --output to put the copy elsewhere, or --clean to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{dest.name}.partial"
     if staging.is_dir():
