@@ -132,6 +132,7 @@ class ServerConfig:
     models_dir: str = _opt("models", "Folder of base models.")
     loras_dir: str = _opt("loras", "Folder of LoRA adapters.")
     presets_dir: str = _opt("presets", "Folder of generation presets (YAML).")
+    user_dir: str = _opt("user_data", "Folder for saved conversations and UI settings.")
     listen_host: str = _opt("127.0.0.1", "Address to bind (default loopback only).")
     port: int = _opt(7860, "Port to serve the UI (/) and the API (/v1) on.", min=1, max=65535)
     auth: str = _opt("", "USER:PASS required to open the web UI.")
@@ -151,7 +152,8 @@ class ServerConfig:
 
     @property
     def paths(self) -> dict[str, Path]:
-        return {"models": Path(self.models_dir), "loras": Path(self.loras_dir), "presets": Path(self.presets_dir)}
+        return {"models": Path(self.models_dir), "loras": Path(self.loras_dir), "presets": Path(self.presets_dir),
+                "user": Path(self.user_dir)}
 
 
 _LIST_ITEM_TYPES = {"lora": str, "lora_weights": float, "extensions": str}

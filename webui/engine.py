@@ -65,6 +65,7 @@ class Engine:
         self._lock = threading.Lock()
         self.last_load_seconds = 0.0
         self._scheduler = None
+        self._reports: dict = {}  # adapter_report cache
 
     # -- model ---------------------------------------------------------------------------------------
     @property
@@ -208,13 +209,17 @@ class Engine:
 
     def adapter_report(self, name: str, path: Path | None = None) -> Report:
         """The compatibility report of an adapter for the loaded base (files only when no base is loaded
-        or the loader cannot take adapters). Raises AdapterError for unreadable adapters."""
+        or the loader cannot take adapters). Raises AdapterError for unreadable adapters. Reports are
+        cached per adapter files and base, so listing many adapters stays cheap."""
         files = read_adapter(path or resolve_adapter(name, self.loras_dir), name)
-        state = load_weights(files)
         with self._lock:
             backend = self._backend
             base = backend.describe_base() if backend and backend.capabilities.adapters else None
-        return inspect_adapter(files, state, base)
+        key = (name, files.signature(), id(backend), base.name if base else None)
+        if key not in self._reports:
+            self._reports = {k: v for k, v in self._reports.items() if k[0] != name}
+            self._reports[key] = inspect_adapter(files, load_weights(files), base)
+        return self._reports[key]
 
     def _load_missing(self, backend: Backend, names, paths: dict | None) -> list[str]:
         """Read, check and cache adapters the backend does not hold yet (or whose files changed). All are

@@ -64,6 +64,8 @@ class Backend(ABC):
     """One loaded model on one loader."""
 
     name: str = "base"
+    # the ModelSpec fields that matter to this loader (the Model tab shows only these)
+    SETTINGS: tuple = ()
 
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod

@@ -81,6 +81,7 @@ def _find_weights(path: Path) -> list[Path]:
 
 class TransformersBackend(Backend):
     name = "transformers"
+    SETTINGS = ("dtype", "device")
 
     def __init__(self):
         self.model = None
@@ -164,7 +165,7 @@ class TransformersBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=("dtype", "device"),
+        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=self.SETTINGS,
                             adapters=True, adapter_stack=True, merge=True, mixed_batch=True)
 
     # -- adapters (PEFT) ------------------------------------------------------------------------------

@@ -17,15 +17,19 @@ def build_ui(engine: Engine, cfg: ServerConfig) -> gr.Blocks:
         gr.Markdown("## LoRA Deck")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                chat = ChatTab(engine)
+                chat = ChatTab(engine, cfg.paths["user"])
             with gr.Tab("Parameters", id="parameters"):
                 params = ParametersTab(cfg.paths["presets"])
             with gr.Tab("Model", id="model"):
-                model = ModelTab(engine)
+                model = ModelTab(engine, cfg.paths["models"])
             with gr.Tab("Training", id="training"):
                 TrainingTab()
         chat.wire(params)
         model.wire(on_change=chat.status, describe=chat.describe_model)
+        model.load.click(lambda: params.visible_for(engine), outputs=params.inputs)
+        demo.load(lambda: params.visible_for(engine), outputs=params.inputs)
         demo.load(chat.describe_model, outputs=chat.status)
+        # Model and adapter changes made by other users (or the API's --lora) show up in every tab.
+        gr.Timer(3.0).tick(chat.describe_model, outputs=chat.status)
     demo.queue(default_concurrency_limit=16)  # the Engine serializes model access itself
     return demo

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import gradio as gr
 
 from webui.backends.base import UnsupportedOperation
 from webui.config import ConfigError
+from webui.conversations import list_conversations, load_conversation, save_conversation
 from webui.engine import Engine, NoModelLoaded
+from webui.ui.compare import CompareBox
 from webui.ui.status import model_line
 
 log = logging.getLogger(__name__)
@@ -39,8 +42,9 @@ def to_messages(history: list, system: str) -> list[dict]:
 
 
 class ChatTab:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, user_dir: Path):
         self.engine = engine
+        self.conversations_dir = Path(user_dir) / "conversations"
         self._cancels: dict[str, threading.Event] = {}  # per browser session: its running generation
         self.status = gr.Markdown(elem_id="chat-status")
         self.chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=480)
@@ -57,6 +61,15 @@ class ChatTab:
         with gr.Accordion("System prompt", open=False):
             self.system = gr.Textbox(value="", lines=3, show_label=False, elem_id="chat-system",
                                      placeholder="Optional instructions given to the model before the chat")
+        with gr.Accordion("Saved conversations", open=False):
+            with gr.Row():
+                self.save_name = gr.Textbox(label="name", scale=3, elem_id="conv-name")
+                self.save = gr.Button("Save", scale=1, elem_id="conv-save")
+                self.saved = gr.Dropdown(choices=list_conversations(self.conversations_dir), label="saved",
+                                         scale=3, elem_id="conv-list", allow_custom_value=True)
+                self.load = gr.Button("Load", scale=1, elem_id="conv-load")
+            self.conv_status = gr.Markdown(elem_id="conv-status")
+        self.compare = CompareBox(engine)
 
     def describe_model(self) -> str:
         return model_line(self.engine)
@@ -153,3 +166,25 @@ class ChatTab:
         self.remove_last.click(remove_last, inputs=self.chatbot, outputs=self.chatbot)
         self.clear.click(lambda: [], outputs=self.chatbot)
         self.stop.click(stop)
+
+        def save(name, history, system):
+            try:
+                path = save_conversation(self.conversations_dir, name, to_messages(history or [], ""), system,
+                                         model=(self.engine.loaded.name if self.engine.loaded else ""),
+                                         adapters=self.engine.active_adapters)
+            except ConfigError as e:
+                return f"⚠️ {e}", gr.update()
+            return f"Saved **{path.stem}**.", gr.update(choices=list_conversations(self.conversations_dir), value=path.stem)
+
+        def load(name):
+            try:
+                data = load_conversation(self.conversations_dir, name or "")
+            except ConfigError as e:
+                return f"⚠️ {e}", gr.update(), gr.update()
+            note = f"Loaded **{data['name']}** (answered by {data.get('model') or '?'}"
+            note += f" with {', '.join(data['adapters'])})." if data.get("adapters") else ")."
+            return note, data["messages"], data.get("system", "")
+
+        self.save.click(save, inputs=[self.save_name, self.chatbot, self.system], outputs=[self.conv_status, self.saved])
+        self.load.click(load, inputs=self.saved, outputs=[self.conv_status, self.chatbot, self.system])
+        self.compare.wire(params_tab, self.system)

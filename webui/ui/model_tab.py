@@ -1,38 +1,72 @@
-"""The Model tab: pick a model from the models folder (or the embedded SmolLM2), a loader and its
-settings, and load or unload it, with a progress indicator and the time it took. A failed load shows
-the reason and leaves the previous model answering. (The LoRA panel and downloads plug in here.)
+"""The Model tab: pick a model from the models folder (folders and .gguf files, or the embedded SmolLM2), a
+loader and that loader's settings (each loader declares which ModelSpec fields matter to it), load or
+unload with progress and the time it took, download from the hub/S3 into the models folder, and the LoRA
+panel. A failed load shows the reason and leaves the previous model answering.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
-from webui.backends import available_loaders
+from webui.backends import available_loaders, backend_class
 from webui.backends.base import ModelLoadError
 from webui.config import ModelSpec, choices_of
 from webui.engine import Engine
+from webui.ui.lora_panel import LoraPanel
 from webui.ui.status import adapters_text
 
 EMBEDDED = "(embedded) SmolLM2-135M-Instruct"
+SETTING_FIELDS = ("dtype", "device", "n_ctx", "n_threads", "n_gpu_layers")
+
+
+def _help(name: str) -> str:
+    return ModelSpec.__dataclass_fields__[name].metadata["help"]
+
+
+def _setting(name: str):
+    f = ModelSpec.__dataclass_fields__[name]
+    choices = choices_of(ModelSpec, name)
+    if choices:
+        return gr.Dropdown(list(choices), value=f.default, label=name, info=_help(name), elem_id=f"setting-{name}")
+    return gr.Number(value=f.default, label=name, info=_help(name), precision=0, elem_id=f"setting-{name}")
+
+
+def settings_for(loader: str) -> set[str]:
+    """Which settings a loader uses; `auto` shows them all (the loader is picked per model)."""
+    if loader == "auto":
+        return set(SETTING_FIELDS)
+    try:
+        return set(backend_class(loader).SETTINGS)
+    except ModelLoadError:
+        return set()
 
 
 class ModelTab:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, models_dir: Path):
+        self.engine, self.models_dir = engine, Path(models_dir)
         with gr.Row():
             self.model = gr.Dropdown(choices=self._choices(), value=self._current(), label="Model",
                                      elem_id="model-select", scale=4, allow_custom_value=True)
             self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="model-refresh")
         with gr.Row():
             self.loader = gr.Dropdown(choices=["auto", *available_loaders()], value="auto", label="Loader",
-                                      info=ModelSpec.__dataclass_fields__["loader"].metadata["help"])
-            self.dtype = gr.Dropdown(choices=list(choices_of(ModelSpec, "dtype")), value="auto", label="dtype",
-                                     info=ModelSpec.__dataclass_fields__["dtype"].metadata["help"])
-            self.device = gr.Dropdown(choices=list(choices_of(ModelSpec, "device")), value="auto", label="device",
-                                      info=ModelSpec.__dataclass_fields__["device"].metadata["help"])
+                                      info=_help("loader"), elem_id="model-loader")
+            self.settings = {name: _setting(name) for name in SETTING_FIELDS}
         with gr.Row():
             self.load = gr.Button("Load", variant="primary", elem_id="model-load")
             self.unload = gr.Button("Unload", elem_id="model-unload")
-        self.status = gr.Markdown(self._describe(), elem_id="model-status")
+        self.status = gr.Markdown(self.describe(), elem_id="model-status")
+        with gr.Accordion("Download a model or adapter (hub, S3)", open=False):
+            with gr.Row():
+                self.repo = gr.Textbox(label="repo", placeholder="org/name[:branch] or s3://bucket/prefix",
+                                       elem_id="download-repo", scale=3)
+                self.file = gr.Textbox(label="file (optional)", placeholder="e.g. model.Q4_K_M.gguf", scale=2)
+            with gr.Row():
+                self.list_files = gr.Button("List files", elem_id="download-list")
+                self.download = gr.Button("Download", variant="primary", elem_id="download-go")
+            self.download_status = gr.Markdown(elem_id="download-status")
+        self.lora = LoraPanel(engine, models_dir)
 
     def _choices(self) -> list[str]:
         return [EMBEDDED, *self.engine.list_models()]
@@ -41,7 +75,7 @@ class ModelTab:
         spec = self.engine.spec
         return (spec.model or EMBEDDED) if spec else EMBEDDED
 
-    def _describe(self, extra: str = "") -> str:
+    def describe(self, extra: str = "") -> str:
         info = self.engine.loaded
         if info is None:
             text = "No model loaded."
@@ -52,21 +86,60 @@ class ModelTab:
 
     def wire(self, on_change: gr.components.Component, describe) -> None:
         """After each model change, `describe()` refreshes `on_change` (the Chat tab's status line)."""
+        settings = list(self.settings.values())
 
-        def load(model, loader, dtype, device, progress=gr.Progress()):
-            spec = ModelSpec(model="" if model == EMBEDDED else (model or ""), loader=loader, dtype=dtype, device=device)
+        def load(model, loader, *values, progress=gr.Progress()):
+            fields = {name: v for name, v in zip(SETTING_FIELDS, values)}
+            for name in ("n_ctx", "n_threads", "n_gpu_layers"):
+                fields[name] = int(fields[name])
             try:
-                result = self.engine.load(spec, progress=lambda f, msg: progress(f, desc=msg))
-            except ModelLoadError as e:
-                return self._describe(f"⚠️ **Load failed:** {e}")
-            return self._describe(f"✅ Loaded in {result.seconds:.1f} s.")
+                spec = ModelSpec(model="" if model == EMBEDDED else (model or ""), loader=loader, **fields)
+                result = self.engine.load(spec, progress=lambda f, msg: progress(f if f is not None else 0, desc=msg))
+            except (ModelLoadError, ValueError) as e:
+                return self.describe(f"⚠️ **Load failed:** {e}")
+            return self.describe(f"✅ Loaded in {result.seconds:.1f} s.")
 
         def unload():
             self.engine.unload()
-            return self._describe()
+            return self.describe()
+
+        def show_settings(loader):
+            wanted = settings_for(loader)
+            return [gr.update(visible=name in wanted) for name in SETTING_FIELDS]
+
+        def list_files(repo, file):
+            from webui.hub.download import DownloadError, plan
+
+            try:
+                p = plan(repo.strip(), specific_files=[file.strip()] if file and file.strip() else (),
+                         model_dir=self.models_dir, lora_dir=self.engine.loras_dir)
+            except DownloadError as e:
+                return f"⚠️ {e}"
+            rows = "\n".join(f"| `{f.path}` | {f.size / 1e6:.1f} MB |" for f in p.files)
+            kind = "LoRA adapter" if p.is_lora else "model"
+            notes = "".join(f"\n\n{n}" for n in p.notes)
+            return f"**{p.repo}** @ {p.branch} ({kind}) → `{p.dest}`\n\n| file | size |\n|---|---|\n{rows}{notes}"
+
+        def download(repo, file, progress=gr.Progress()):
+            from webui.hub.download import DownloadError
+            from webui.hub.download import download as fetch
+
+            try:
+                path = fetch(repo.strip(), specific_files=[file.strip()] if file and file.strip() else (),
+                             model_dir=self.models_dir, lora_dir=self.engine.loras_dir,
+                             progress=lambda f, msg: progress(f if f is not None else 0, desc=msg))
+            except DownloadError as e:
+                return f"⚠️ {e}", gr.update()
+            return f"✅ Downloaded to `{path}`.", gr.update(choices=self._choices())
 
         self.refresh.click(lambda: gr.update(choices=self._choices()), outputs=self.model)
-        self.load.click(load, inputs=[self.model, self.loader, self.dtype, self.device],
-                        outputs=self.status).then(describe, outputs=on_change)
-        self.unload.click(unload, outputs=self.status).then(describe, outputs=on_change)
+        self.loader.change(show_settings, inputs=self.loader, outputs=settings)
+        bump = lambda v: v + 1  # noqa: E731  (redraw the LoRA list: verdicts depend on the base)
+        self.load.click(load, inputs=[self.model, self.loader, *settings], outputs=self.status) \
+            .then(describe, outputs=on_change).then(bump, self.lora.version, self.lora.version)
+        self.unload.click(unload, outputs=self.status).then(describe, outputs=on_change) \
+            .then(bump, self.lora.version, self.lora.version)
+        self.list_files.click(list_files, inputs=[self.repo, self.file], outputs=self.download_status)
+        self.download.click(download, inputs=[self.repo, self.file], outputs=[self.download_status, self.model]) \
+            .then(bump, self.lora.version, self.lora.version)
 

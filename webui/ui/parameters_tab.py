@@ -65,6 +65,11 @@ class ParametersTab:
                 self._initial_name = None
         return GenerationParams()
 
+    def visible_for(self, engine) -> list:
+        """Show only the samplers the loaded loader honours (all of them when nothing is loaded)."""
+        caps = engine.capabilities
+        return [gr.update(visible=caps is None or f.name in caps.samplers) for f in FIELDS]
+
     def params_from(self, values) -> GenerationParams:
         """The UI values (in FIELDS order) → GenerationParams; bad values raise ConfigError naming the field."""
         data = {}

@@ -1,0 +1,88 @@
+"""Helpers for the browser tests: Debian's Chromium driven by Playwright (no browser download), and small
+actions on LoRA Deck's page (set a number, send a message, wait for a reply)."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def words(text: str) -> str:
+    """Letters, digits and single spaces only: what survives Markdown rendering of any reply."""
+    return norm(re.sub(r"[^A-Za-z0-9]+", " ", text))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pw = pytest.importorskip("playwright.sync_api")
+    with pw.sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        yield b
+        b.close()
+
+
+def open_app(browser, url: str):
+    page = browser.new_context(viewport={"width": 1280, "height": 1100}).new_page()
+    page.goto(url)
+    page.wait_for_selector("#chat-input textarea", timeout=60_000)
+    return page
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def greedy(page, max_new: int) -> None:
+    tab(page, "Parameters")
+    set_number(page, "param-temperature", 0)
+    set_number(page, "param-max_new_tokens", max_new)
+    tab(page, "Chat")
+
+
+def send(page, text: str) -> None:
+    page.fill("#chat-input textarea", text)
+    page.locator("#chat-input textarea").press("Enter")
+
+
+def wait_text(read, expected: str | None = None, timeout: float = 90, key=norm) -> str:
+    """Poll read() until its text equals `expected` (compared through `key`) or, with no expectation,
+    until it is non-empty and stops changing. Returns the last text seen (through `key`)."""
+    deadline, last, stable = time.time() + timeout, None, 0
+    while time.time() < deadline:
+        text = key(read() or "")
+        if expected is not None and text == key(expected):
+            return text
+        stable = stable + 1 if text == last and text else 0
+        if expected is None and stable >= 6:
+            return text
+        last = text
+        time.sleep(0.25)
+    return last or ""
+
+
+def bot_text(page, index: int):
+    def read():
+        bots = page.locator("#chatbot [data-testid=bot]")
+        return bots.nth(index).inner_text() if bots.count() > index else ""
+    return read
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)

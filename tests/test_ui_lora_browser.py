@@ -1,0 +1,133 @@
+"""The LoRA workflow in a real browser (Chromium driven by Playwright) against the real app, with the
+embedded SmolLM2 and two adapters: apply an adapter on the Model tab and get its reply in the Chat tab
+(equal to plain PEFT's), change its weight, remove it, a broken adapter shows its error while chatting
+goes on, compare mode shows the base and each adapter side by side, and a conversation is saved and
+loaded again. A screenshot of each tab is kept in test-artifacts/."""
+import shutil
+
+import pytest
+
+from tests.browser import (bot_text, browser, greedy, open_app, screenshot, send, tab, wait_text,  # noqa: F401
+                           words)
+from tests.test_adapters import peft_reference
+from tests.tiny_models import write_adapter
+
+MAX_NEW = 16
+QUESTION = "Hello! Who are you?"
+
+
+@pytest.fixture(scope="module")
+def world(embedded_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui-lora")
+    models, loras = root / "models", root / "loras"
+    models.mkdir()
+    (models / embedded_folder.name).symlink_to(embedded_folder, target_is_directory=True)
+    write_adapter(embedded_folder, loras / "A", target_modules=["q_proj", "v_proj"], r=8, seed=11)
+    write_adapter(embedded_folder, loras / "B", target_modules=["o_proj", "down_proj"], r=4, seed=12)
+    shutil.copytree(loras / "A", loras / "broken")
+    w = loras / "broken" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:64])
+
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(embedded_folder))
+    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                     add_generation_prompt=True)
+
+    def ref(adapters):
+        if not adapters:
+            from tests.test_ui_browser import chat_reference
+            import tests.test_ui_browser as t
+            t.MAX_NEW, saved = MAX_NEW, t.MAX_NEW
+            try:
+                return chat_reference(embedded_folder, QUESTION)
+            finally:
+                t.MAX_NEW = saved
+        return peft_reference(embedded_folder, {n: (loras / n, w) for n, w in adapters.items()}, prompt, MAX_NEW)[0]
+
+    refs = {"base": ref({}), "A": ref({"A": 1.0}), "A/2": ref({"A": 0.5}), "B": ref({"B": 1.0})}
+    assert len({words(v) for v in refs.values()}) == 4, refs
+    return root, models, loras, refs
+
+
+def test_lora_workflow(browser, start_app, world):
+    root, models, loras, refs = world
+    app = start_app("--model", "SmolLM2-135M-Instruct", "--loader", "transformers", "--models-dir", str(models),
+                    "--loras-dir", str(loras), "--user-dir", str(root / "user"))
+    page = open_app(browser, app.url)
+    greedy(page, MAX_NEW)
+    screenshot(page, "tab-chat-empty")
+    tab(page, "Parameters")
+    screenshot(page, "tab-parameters")
+
+    # apply A with one click on the Model tab; its reply in the Chat tab is PEFT's
+    tab(page, "Model")
+    page.locator("#lora-on-A input[type=checkbox]").check()
+    assert wait_text(lambda: page.inner_text("#lora-message"), "Active: A × 1", timeout=60) == "Active: A × 1"
+    assert "broken" in page.inner_text("#lora-badge-broken")
+    screenshot(page, "tab-model")
+    tab(page, "Chat")
+    assert "A × 1" in wait_text(lambda: page.inner_text("#chat-status"), timeout=10)
+    send(page, QUESTION)
+    assert wait_text(bot_text(page, 0), refs["A"], key=words) == words(refs["A"])
+
+    # change its weight: takes effect at once, no reload
+    tab(page, "Model")
+    box = page.locator("#lora-weight-A input[type=number]").first
+    box.fill("0.5")
+    box.press("Enter")
+    assert wait_text(lambda: page.inner_text("#lora-message"), "Active: A × 0.5", timeout=60) == "Active: A × 0.5"
+    tab(page, "Chat")
+    page.click("#chat-regenerate")
+    assert wait_text(bot_text(page, 0), refs["A/2"], key=words) == words(refs["A/2"])
+
+    # a broken adapter: a readable error in the page, A stays active, chatting goes on
+    tab(page, "Model")
+    page.locator("#lora-on-broken input[type=checkbox]").check()
+    msg = wait_text(lambda: page.inner_text("#lora-message"), timeout=30)
+    assert "broken" in msg and "corrupt or truncated" in msg
+    assert not page.locator("#lora-on-broken input[type=checkbox]").is_checked()
+    tab(page, "Chat")
+    page.click("#chat-regenerate")
+    assert wait_text(bot_text(page, 0), refs["A/2"], key=words) == words(refs["A/2"])
+
+    # remove it: the base answers
+    tab(page, "Model")
+    page.locator("#lora-on-A input[type=checkbox]").uncheck()
+    assert wait_text(lambda: page.inner_text("#lora-message"), timeout=30).startswith("Active: none")
+    tab(page, "Chat")
+    page.click("#chat-regenerate")
+    assert wait_text(bot_text(page, 0), refs["base"], key=words) == words(refs["base"])
+
+    # save the conversation, clear, load it back
+    page.locator("#chat-input textarea").click()  # (focus stays in the page)
+    page.click("text=Saved conversations")
+    page.fill("#conv-name textarea, #conv-name input", "first chat")
+    page.click("#conv-save")
+    assert "Saved" in wait_text(lambda: page.inner_text("#conv-status"), timeout=30)
+    page.click("#chat-clear")
+    wait_text(lambda: str(page.locator("#chatbot [data-testid=bot]").count()), "0", timeout=10)
+    pick = page.locator("#conv-list input").first
+    pick.fill("first chat")
+    pick.press("Enter")
+    page.click("#conv-load")
+    assert wait_text(bot_text(page, 0), refs["base"], key=words) == words(refs["base"])
+    assert (root / "user" / "conversations" / "first chat.json").is_file()
+
+    # compare mode: base, A and B side by side
+    page.click("text=Compare: base vs adapters")
+    page.locator("#compare-adapters label", has_text="A").first.click()
+    page.locator("#compare-adapters label", has_text="B").first.click()
+    page.fill("#compare-prompt textarea", QUESTION)
+    page.click("#compare-go")
+
+    def answers():
+        cards = page.locator("#compare-result .compare-card")
+        return {cards.nth(i).get_attribute("data-name"): words(cards.nth(i).locator("pre").inner_text())
+                for i in range(cards.count())}
+
+    want = {"base": words(refs["base"]), "A": words(refs["A"]), "B": words(refs["B"])}
+    got = wait_text(lambda: str(answers()), str(want), timeout=90, key=lambda s: s)
+    assert got == str(want)
+    screenshot(page, "tab-chat-compare")
+    tab(page, "Training")
+    screenshot(page, "tab-training")

@@ -1,0 +1,65 @@
+"""Compare mode of the Chat tab: one prompt answered side by side by the plain base and each chosen
+adapter. The answers are requested together through the Engine's scheduler, so on loaders that mix
+adapters in one batch (transformers, GPTQ) they come from a single batched pass."""
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from webui.engine import Engine
+from webui.ui.lora_panel import USER_ERRORS
+
+
+def _cards(results: dict[str, str | None]) -> str:
+    cards = []
+    for name, text in results.items():
+        body = "<em>…</em>" if text is None else html.escape(text)
+        cards.append(f'<div class="compare-card" data-name="{html.escape(name)}" style="flex:1;min-width:220px;'
+                     f'border:1px solid #ccc;border-radius:8px;padding:8px"><h4>{html.escape(name)}</h4>'
+                     f'<pre class="compare-answer" style="white-space:pre-wrap">{body}</pre></div>')
+    return f'<div class="compare-grid" style="display:flex;gap:12px;flex-wrap:wrap">{"".join(cards)}</div>'
+
+
+class CompareBox:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        with gr.Accordion("Compare: base vs adapters", open=False, elem_id="compare"):
+            with gr.Row():
+                self.prompt = gr.Textbox(label="prompt", scale=4, elem_id="compare-prompt")
+                self.go = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-go")
+            with gr.Row():
+                self.adapters = gr.CheckboxGroup(choices=engine.list_adapters(), label="adapters to compare with the base",
+                                                 elem_id="compare-adapters", scale=4)
+                self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="compare-refresh")
+            self.result = gr.HTML(elem_id="compare-result")
+
+    def wire(self, params_tab, system: gr.components.Component) -> None:
+        def compare(prompt, chosen, system_prompt, *values):
+            if not (prompt or "").strip():
+                yield "<p>Type a prompt to compare.</p>"
+                return
+            try:
+                params = params_tab.params_from(values)
+                messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+                    [{"role": "user", "content": prompt}]
+                text = self.engine.chat_prompt(messages)
+                self.engine.prepare_adapters(list(chosen or []))
+            except USER_ERRORS as e:
+                yield f"<p>⚠️ {html.escape(str(e))}</p>"
+                return
+            handles = {"base": self.engine.scheduler.submit(text, params, {})}
+            handles.update({n: self.engine.scheduler.submit(text, params, {n: 1.0}) for n in chosen or []})
+            results: dict[str, str | None] = {name: None for name in handles}
+            yield _cards(results)
+            for name, handle in handles.items():
+                try:
+                    results[name] = handle.text()
+                except Exception as e:  # shown in its card; the others still answer
+                    results[name] = f"⚠️ {e}"
+                yield _cards(results)
+
+        self.go.click(compare, inputs=[self.prompt, self.adapters, system, *params_tab.inputs], outputs=self.result)
+        self.prompt.submit(compare, inputs=[self.prompt, self.adapters, system, *params_tab.inputs],
+                           outputs=self.result)
+        self.refresh.click(lambda: gr.update(choices=self.engine.list_adapters()), outputs=self.adapters)
