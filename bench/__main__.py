@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODULES = ("bench.adapters_transformers", "bench.api_transformers")
+MODULES = ("bench.adapters_transformers", "bench.api_transformers", "bench.adapters_llamacpp")
 
 
 def machine() -> str:

@@ -7,7 +7,7 @@ from tests.conftest import ROOT
 
 
 def test_bench_quick_writes_rows(embedded_folder):
-    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "hot_swap_vs_reload",
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "hot_swap_vs_reload.transformers",
                         "--models-dir", str(embedded_folder.parent)], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr

@@ -198,6 +198,7 @@ def test_sampling_seed_and_cancel(engine):
     params = GenerationParams(temperature=0.9, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1,
                               presence_penalty=0.2, frequency_penalty=0.1, seed=7, max_new_tokens=16)
     assert engine.generate(PROMPT, params) == engine.generate(PROMPT, params)
+    assert "".join(engine.stream(PROMPT, GREEDY)) == engine.generate(PROMPT, GREEDY)
     cancel = threading.Event()
     pieces = []
     for delta in engine.stream(PROMPT, GenerationParams(temperature=0, max_new_tokens=200), cancel):

@@ -6,8 +6,8 @@ presence / frequency penalties, seed).
 LoRA adapters run unmerged on the loaded model through llama.cpp's adapter API: each adapter is loaded
 once (`llama_adapter_lora_init`; PEFT adapters are converted to GGUF LoRA first and the conversion is
 cached beside them) and any weighted set of them is made active with `llama_set_adapters_lora` — switching,
-mixing and clearing never reload the base. The KV cache is reset before every generation, so a prompt
-prefix computed under another adapter stack is never reused.
+mixing and clearing never reload the base. A prompt prefix already in the KV cache is reused (as
+llama-cpp-python does) only while the adapter stack is unchanged; a new stack resets the cache.
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ class LlamaCppBackend(Backend):
         self._adapters: dict[str, tuple] = {}  # name -> (llama_adapter_lora pointer, file signature, gguf path)
         self._active: dict[str, float] = {}
         self._formatters: dict[bool, object] = {}
+        self._stack_changed = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -162,13 +163,15 @@ class LlamaCppBackend(Backend):
 
         from webui.adapters.files import AdapterError
 
+        if weights == self._active and list(weights) == list(self._active):
+            return  # the same stack: keep the KV cache
         n = len(weights)
         pointers = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*(self._adapters[k][0] for k in weights)) if n else None
         scales = (ctypes.c_float * n)(*(float(w) for w in weights.values())) if n else None
         if llama_cpp.llama_set_adapters_lora(self.llm.ctx, pointers, n, scales) != 0:
             raise AdapterError(f"llama.cpp could not activate {', '.join(weights)}")
         self._active = dict(weights)
-        self.llm.reset()  # the cached prompt was computed with the previous stack
+        self._stack_changed = True  # the KV cache holds a prompt computed with the previous stack
 
     def delete_adapter(self, name: str) -> None:
         import llama_cpp
@@ -240,7 +243,9 @@ class LlamaCppBackend(Backend):
         # character split over two tokens comes out whole, broken bytes as U+FFFD.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = self.llm._model.vocab
-        self.llm.reset()
+        if self._stack_changed:
+            self.llm.reset()  # else llama-cpp-python reuses the KV cache of a shared prompt prefix
+            self._stack_changed = False
         steps = self.llm.generate(tokens, reset=True, repeat_penalty=params.repetition_penalty,
                                   presence_penalty=params.presence_penalty,
                                   frequency_penalty=params.frequency_penalty, **sampling)

@@ -1,0 +1,94 @@
+"""Adapter benchmarks on the llama.cpp loader with the embedded SmolLM2-135M-Instruct (its Q4_1 GGUF):
+
+- hot_swap_vs_reload.llamacpp: switching the active adapter (A→B, both already converted and loaded)
+  vs reloading the base GGUF;
+- decode_unmerged_vs_base.llamacpp: decode tokens/s with one runtime LoRA (r=16, q/k/v/o) vs the base;
+- engine_vs_direct.llamacpp: tokens/s through our Engine (chat template, sampler set-up, stop-string
+  filter, incremental UTF-8 decoding) vs calling llama-cpp-python's create_completion directly on the same
+  GGUF with the same prompt tokens. (api_vs_direct.llamacpp — through /v1 — comes with the API.)
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from bench.common import Row, side_by_side, timed
+from webui import embedded
+from webui.config import GenerationParams, ModelSpec
+from webui.engine import Engine
+
+MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+ROWS = ("hot_swap_vs_reload.llamacpp", "decode_unmerged_vs_base.llamacpp", "engine_vs_direct.llamacpp")
+
+
+def _adapters(models_dir: Path, loras: Path) -> None:
+    from tests.tiny_models import write_adapter
+
+    base = embedded.ensure_transformers_folder(models_dir)  # PEFT needs the transformers model to build one
+    for i, name in enumerate(("A", "B")):
+        if not (loras / name).is_dir():
+            write_adapter(base, loras / name, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          r=16, alpha=16, seed=i)
+
+
+def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[Row]:
+    reps = 3 if quick else 7
+    tokens = 24 if quick else 64
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        loras = Path(tmp)
+        _adapters(models_dir, loras)
+        spec = ModelSpec(loader="llamacpp")  # the embedded GGUF
+        engine = Engine(models_dir, loras)
+        engine.load(spec)
+        engine.set_adapters({"A": 1.0})
+        engine.set_adapters({"B": 1.0})  # both converted (cached beside the adapter) and loaded now
+        params = GenerationParams(temperature=0, max_new_tokens=tokens)
+        prompt = engine.chat_prompt(MESSAGES)
+
+        if not only or ROWS[0] in only:
+            reloader = Engine(models_dir, loras)  # reloads its own copy, so `engine` keeps its adapters
+            state = {"next": "A"}
+
+            def swap():
+                name = state["next"]
+                state["next"] = "B" if name == "A" else "A"
+                return timed(lambda: engine.set_adapters({name: 1.0}))
+
+            ours, ref = side_by_side(swap, lambda: timed(lambda: reloader.load(spec)), reps)
+            reloader.unload()
+            rows.append(Row(ROWS[0], ours, ref, "s", False, "switch A→B (loaded) vs reload the base GGUF"))
+
+        out = {}
+
+        def tps(active: dict):
+            def measure():
+                engine.set_adapters(active)
+                seconds = timed(lambda: out.__setitem__("text", engine.generate(prompt, params)))
+                return engine.count_tokens(out["text"]) / seconds
+            return measure
+
+        if not only or ROWS[1] in only:
+            ours, ref = side_by_side(tps({"A": 1.0}), tps({}), reps)
+            rows.append(Row(ROWS[1], ours, ref, "tokens/s", True, f"{tokens} new tokens, greedy, one r=16 LoRA"))
+
+        if not only or ROWS[2] in only:
+            import llama_cpp
+
+            engine.set_adapters({})
+            direct = llama_cpp.Llama(str(embedded.gguf_path()), n_ctx=spec.n_ctx, n_threads=os.cpu_count(),
+                                     n_gpu_layers=spec.n_gpu_layers, verbose=False)
+            prompt_tokens = engine._backend._tokens(prompt)  # the same tokens on both sides
+
+            def direct_tps():
+                seconds = timed(lambda: out.__setitem__("direct", direct.create_completion(
+                    prompt_tokens, max_tokens=tokens, temperature=0)["choices"][0]["text"]))
+                return engine.count_tokens(out["direct"]) / seconds
+
+            ours, ref = side_by_side(tps({}), direct_tps, reps)
+            direct.close()
+            rows.append(Row(ROWS[2], ours, ref, "tokens/s", True,
+                            f"{tokens} new tokens, greedy, Engine.generate vs llama-cpp-python create_completion"))
+        engine.unload()
+    return rows
