@@ -174,24 +174,29 @@ def test_adapter_for_another_base_is_refused(engine, loras, embedded_folder, tmp
 
 
 def test_gguf_lora_file_used_as_is(engine, gguf_models, loras):
-    """A GGUF LoRA (here: the conversion of A) is read, checked and applied as it is."""
-    from webui.adapters.gguf_lora import load_gguf_state, read_gguf_adapter
-    from webui.adapters.inspect import inspect_adapter
+    """GGUF LoRA files in the loras folder (a folder holding one, or a bare .gguf file; here copies of A's
+    conversion) are listed, checked and applied as they are."""
+    from webui.adapters.files import read_adapter
 
     engine.set_adapters({"A": 1.0})
     expected = engine.generate(PROMPT, GREEDY)
-    folder = loras.parent / "gguf-only" / "A-gguf"
-    folder.mkdir(parents=True)
-    shutil.copy(next((loras / "A").glob("adapter.*.gguf")), folder / "A.gguf")
-    files = read_gguf_adapter(folder)
-    assert files.format == "gguf" and files.config["r"] == 4 and files.config["lora_alpha"] == 8
-    assert sorted(files.config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    backend = engine._backend
-    report = inspect_adapter(files, load_gguf_state(files), backend.describe_base())
-    assert report.verdict == "ok", report.text()
-    backend.load_adapter("A-gguf", files, {}, report)
-    backend.set_adapters({"A-gguf": 1.0})
-    assert engine.generate(PROMPT, GREEDY) == expected
+    (loras / "A-gguf").mkdir()
+    shutil.copy(converted(loras, "A"), loras / "A-gguf" / "A.gguf")
+    shutil.copy(converted(loras, "A"), loras / "A-flat.gguf")
+    try:
+        assert {"A-gguf", "A-flat.gguf"} <= set(engine.list_adapters())
+        files = read_adapter(loras / "A-gguf")
+        assert files.format == "gguf" and files.config["r"] == 4 and files.config["lora_alpha"] == 8
+        assert sorted(files.config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        for name in ("A-gguf", "A-flat.gguf"):
+            assert engine.adapter_report(name).verdict == "ok", engine.adapter_report(name).text()
+            engine.set_adapters({name: 1.0})
+            assert engine.generate(PROMPT, GREEDY) == expected
+        assert not list((loras / "A-gguf").glob("adapter.*.gguf"))  # used as is: nothing converted
+    finally:
+        engine.clear_adapters()
+        shutil.rmtree(loras / "A-gguf")
+        (loras / "A-flat.gguf").unlink()
 
 
 def test_sampling_seed_and_cancel(engine):

@@ -1,8 +1,9 @@
 """Reading a PEFT adapter folder safely: `adapter_config.json` plus `adapter_model.safetensors` or
 `adapter_model.bin` (safetensors wins when both exist, as in LoRAX; `.bin` is read only with
 `torch.load(weights_only=True)`, so a pickle that would run code is refused). Names given by users and
-API requests resolve only inside the adapters folder. Every problem raises AdapterError with a message
-that names the file and the problem.
+API requests resolve only inside the adapters folder. A GGUF LoRA (a `.gguf` file, or a folder holding one
+and no adapter_config.json) is read by webui.adapters.gguf_lora for the llama.cpp loader. Every problem
+raises AdapterError with a message that names the file and the problem.
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def list_adapters(loras_dir: Path) -> list[str]:
     loras_dir = Path(loras_dir)
     if not loras_dir.is_dir():
         return []
-    return sorted((p.name for p in loras_dir.iterdir()
-                   if p.is_dir() and not p.name.startswith(".") and (p / CONFIG).is_file()), key=str.lower)
+    return sorted((p.name for p in loras_dir.iterdir() if not p.name.startswith(".") and (
+        (p.is_dir() and ((p / CONFIG).is_file() or any(p.glob("*.gguf")))) or (p.is_file() and p.suffix == ".gguf"))),
+        key=str.lower)
 
 
 def check_adapter_name(name: str, loras_dir: Path) -> None:
@@ -65,7 +67,7 @@ def resolve_adapter(name: str, loras_dir: Path, allow_paths: bool = False) -> Pa
     root = loras_dir.resolve()
     if root not in path.resolve().parents:
         raise AdapterError(f"adapter {name!r} escapes the adapters folder {loras_dir}")
-    if not path.is_dir():
+    if not (path.is_dir() or (path.is_file() and path.suffix == ".gguf")):
         have = list_adapters(loras_dir)
         hint = f"; adapters in {loras_dir}: {', '.join(have)}" if have else f"; {loras_dir} holds no adapters"
         raise AdapterError(f"adapter not found: {name}{hint}")
@@ -77,6 +79,9 @@ def read_adapter(path: Path, name: str | None = None) -> AdapterFiles:
     path = Path(path)
     name = name or path.name
     cfg_file = path / CONFIG
+    if path.suffix == ".gguf" or (not cfg_file.is_file() and any(path.glob("*.gguf"))):
+        from webui.adapters.gguf_lora import read_gguf_adapter  # a GGUF LoRA file (llama.cpp loader)
+        return read_gguf_adapter(path, name)
     if not cfg_file.is_file():
         raise AdapterError(f"{name}: {CONFIG} is missing — not a PEFT adapter folder")
     try:
@@ -119,6 +124,9 @@ def load_weights(files: AdapterFiles) -> dict:
     import torch
 
     name = files.name
+    if files.format == "gguf":
+        from webui.adapters.gguf_lora import load_gguf_state
+        return load_gguf_state(files)
     if files.format == "safetensors":
         from safetensors.torch import load_file
 
