@@ -23,7 +23,8 @@ def git_blob_sha1(data: bytes) -> str:
 
 class FakeHub:
     """repos[repo_id][branch] = {path: bytes}. Faults: `drop_after[path] = n` cuts the connection after n
-    bytes (once); `stall_after[path] = n` sends n bytes then waits for `release` (a process to kill)."""
+    bytes (once); `stall_after[path] = n` sends n bytes then waits for `release` (a process to kill);
+    `fail[path] = k` answers the next k requests for the file with 503."""
 
     def __init__(self):
         self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
@@ -31,6 +32,7 @@ class FakeHub:
         self.token = "hf_fake_token"
         self.log: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self.drop_after: dict[str, int] = {}
+        self.fail: dict[str, int] = {}
         self.stall_after: dict[str, int] = {}
         self.release = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -84,7 +86,7 @@ class FakeHub:
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if body:
+                if body and self.command != "HEAD":  # a HEAD answer has headers only
                     self.wfile.write(data)
 
             def _error(self, status, code, extra=None):
@@ -124,6 +126,9 @@ class FakeHub:
                 self._send(200, {"Content-Type": "application/json"}, json.dumps(info).encode())
 
             def _resolve(self, repo, rev, path, body):
+                if hub.fail.get(path, 0) > 0:
+                    hub.fail[path] -= 1
+                    return self._error(503, "ServiceUnavailable")
                 files, commit = hub._find(repo, rev)
                 if repo in hub.gated and self.headers.get("Authorization") != f"Bearer {hub.token}":
                     return self._error(401, "GatedRepo", {"X-Error-Message": "Access to this repo is restricted"})

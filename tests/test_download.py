@@ -237,9 +237,27 @@ def test_failures_are_one_line_with_non_zero_exit(hub, tmp_path, args, expected)
 
 
 def test_gated_repo_with_token(hub, repos, tmp_path):
+    r = download(hub, tmp_path, "test/gated", env={"HF_TOKEN": "hf_without_access"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "gated repository" in r.stderr.splitlines()[-1] and "no access" in r.stderr.splitlines()[-1]
+    assert not (tmp_path / "models" / "test_gated").exists()  # nothing left behind
     r = download(hub, tmp_path, "test/gated", env={"HF_TOKEN": hub.token})
     assert r.returncode == 0, r.stderr
     assert tree(tmp_path / "models" / "test_gated")["model.safetensors"] == repos["test/gated"]["model.safetensors"]
+
+
+def test_server_errors_are_retried_then_given_up(hub, repos, tmp_path):
+    hub.fail["model.safetensors"] = 2  # two 503s, then the file
+    r = download(hub, tmp_path, "test/gated", env={"HF_TOKEN": hub.token})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("retrying in") == 2
+    assert tree(tmp_path / "models" / "test_gated")["model.safetensors"] == repos["test/gated"]["model.safetensors"]
+
+    hub.fail["model.safetensors"] = 99
+    r = download(hub, tmp_path, "test/gated", "--max-retries", "1", "--output", str(tmp_path / "x"),
+                 env={"HF_TOKEN": hub.token})
+    assert r.returncode == 1 and "model.safetensors: gave up after 2 attempt(s)" in r.stderr.splitlines()[-1]
+    assert not (tmp_path / "x" / "model.safetensors").exists()
 
 
 def test_local_folder_is_copied_in(hub, repos, tmp_path):

@@ -278,7 +278,30 @@ def _hub_download(p: Plan, *, threads: int, clean: bool, max_retries: int, token
             continue
         todo.append(f)
     need = sum(f.size - _partial_size(_target(p, f)) for f in todo)
+    created = not p.dest.exists()
     p.dest.mkdir(parents=True, exist_ok=True)
+    try:
+        return _fetch_all(p, todo, sha256s, need, threads=threads, max_retries=max_retries, token=token,
+                          progress=progress, cancel=cancel)
+    except DownloadError:
+        if created:
+            _tidy(p.dest)
+        raise
+
+
+def _tidy(folder: Path) -> None:
+    """After a failure, remove what this run created and holds nothing: empty partial files, empty folders."""
+    for part in folder.rglob("*" + PARTIAL):
+        if part.stat().st_size == 0:
+            part.unlink()
+    for d in sorted((d for d in folder.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)) + [folder]:
+        if not any(d.iterdir()):
+            d.rmdir()
+
+
+def _fetch_all(p: Plan, todo: list[RemoteFile], sha256s: dict, need: int, *, threads: int, max_retries: int,
+               token, progress: Progress, cancel: threading.Event | None) -> Path:
+    """Fetch `todo` (weights first, configs last) and write the metadata file."""
     free = shutil.disk_usage(p.dest).free
     if need > free:
         raise DownloadError(f"not enough disk space in {p.dest}: need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
