@@ -17,6 +17,7 @@ from tests.conftest import reference_greedy
 from tests.test_adapters import GREEDY, PROMPT, peft_reference
 from tests.tiny_models import write_adapter
 from webui.adapters.gguf_convert import hf_to_gguf
+from webui.adapters.files import AdapterError
 from webui.backends.base import ModelLoadError
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import AdapterIncompatible, Engine
@@ -193,6 +194,11 @@ def test_gguf_lora_file_used_as_is(engine, gguf_models, loras):
             engine.set_adapters({name: 1.0})
             assert engine.generate(PROMPT, GREEDY) == expected
         assert not list((loras / "A-gguf").glob("adapter.*.gguf"))  # used as is: nothing converted
+        hf = Engine(gguf_models, loras)  # the transformers loader refuses it (llama.cpp tensor layout)
+        hf.load(ModelSpec(model="tiny-llama"))
+        with pytest.raises(AdapterError, match="llama.cpp loader only"):
+            hf.set_adapters({"A-gguf": 1.0})
+        assert hf.active_adapters == {}
     finally:
         engine.clear_adapters()
         shutil.rmtree(loras / "A-gguf")

@@ -190,6 +190,10 @@ class TransformersBackend(Backend):
     def load_adapter(self, name: str, files, state: dict, report) -> None:
         from webui.adapters.peft_stack import PeftAdapterStack
 
+        if files.format == "gguf":  # its q/k tensors are in llama.cpp's layout: PEFT would apply them wrongly
+            from webui.adapters.files import AdapterError
+            raise AdapterError(f"{name} is a GGUF LoRA file, which runs on the llama.cpp loader only; "
+                               "use the adapter's PEFT folder on this loader")
         self.describe_base()  # read the plain base's layers before PEFT wraps them
         if self.adapters is None:
             self.adapters = PeftAdapterStack(self.model)
