@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     download = sub.add_parser("download", help="download a model or adapter; same as download-model.py",
                               description="Download a model or LoRA from the Hugging Face hub (HF_ENDPOINT, "
                                           "HF_TOKEN), S3 (s3://bucket/prefix; AWS_* variables) or a local path.")
-    from webui.hub.download import add_arguments as add_download_arguments
+    from webui.hub.cli import add_arguments as add_download_arguments
     add_download_arguments(download)
 
     inspect = sub.add_parser("inspect", help="does an adapter fit a base? the compatibility report")
@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--models-dir", default="models")
     inspect.add_argument("--loras-dir", default="loras")
+
+    train = sub.add_parser("train", help="train a LoRA from a YAML config (resumes a run of the same output)")
+    train.add_argument("--config", required=True, help="YAML with base_model, dataset, lora, training, output")
+    train.add_argument("--models-dir", default="models")
+    train.add_argument("--loras-dir", default="loras")
+    train.add_argument("--runs-dir", default="runs")
 
     export = sub.add_parser("export", help="merge adapters into a base and write a model")
     export.add_argument("--model", default="", help="base (default: the embedded SmolLM2)")
@@ -62,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         return _inspect(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "train":
+        return _train(args)
     if args.command == "download":
         if extra:
             print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
             return 2
-        from webui.hub.download import run_cli
+        from webui.hub.cli import run_cli
         return run_cli(args)
     return 2
 
@@ -124,6 +132,37 @@ def _export(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(out)
+    return 0
+
+
+def _train(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from webui.backends.base import ModelLoadError
+    from webui.config import ConfigError, TrainConfig
+    from webui.training.trainer import TrainingError, train
+
+    path = Path(args.config)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        cfg = TrainConfig.from_dict(data)
+    except OSError as e:
+        print(f"error: cannot read {path}: {e}", file=sys.stderr)
+        return 2
+    except (yaml.YAMLError, ConfigError) as e:
+        print(f"error: {path.name}: {e}", file=sys.stderr)
+        return 2
+    dataset = Path(cfg.dataset.path)
+    if not dataset.is_absolute() and not dataset.exists() and (path.parent / dataset).exists():
+        cfg.dataset.path = str(path.parent / dataset)  # relative to the config file
+    try:
+        train(cfg, Path(args.models_dir), Path(args.loras_dir), Path(args.runs_dir),
+              log=lambda msg: print(msg, flush=True))
+    except (TrainingError, ConfigError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
