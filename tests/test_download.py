@@ -224,6 +224,8 @@ def test_check_finds_a_corrupted_byte(hub, tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
+    (["test/tiny-llama", "--output", "/proc/version"], "cannot write /proc/version"),
+    (["test/tiny-llama", "--exclude-pattern", "(["], "is not a valid regular expression"),
     (["nobody/missing"], "repository not found: nobody/missing"),
     (["test/tiny-llama:no-such-branch"], "branch or revision not found in test/tiny-llama: no-such-branch"),
     (["test/gated"], "test/gated is a gated repository"),

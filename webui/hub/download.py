@@ -238,6 +238,8 @@ def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally) -> st
         except OSError as e:
             if e.errno == 28:  # ENOSPC
                 raise DownloadError(f"no disk space left in {final.parent} while writing {f.path}") from None
+            if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError)):  # local, not flaky
+                raise DownloadError(f"cannot write {e.filename or final}: {e.strerror}") from None
             err = e
         except httpx2.HTTPError as e:
             err = e
@@ -372,8 +374,11 @@ def download_hub(spec: str, *, threads: int = 4, clean: bool = False, max_retrie
     for note in p.notes:
         if progress:
             progress(None, note)
-    return _hub_download(p, threads=threads, clean=clean, max_retries=max_retries, token=token, progress=progress,
-                         cancel=cancel)
+    try:
+        return _hub_download(p, threads=threads, clean=clean, max_retries=max_retries, token=token,
+                             progress=progress, cancel=cancel)
+    except OSError as e:  # the destination itself: unwritable, not a folder...
+        raise DownloadError(f"cannot write {e.filename or p.dest}: {e.strerror or e}") from None
 
 
 def check(spec: str, **plan_kwargs) -> list[str]:
