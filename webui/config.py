@@ -133,6 +133,7 @@ class ServerConfig:
     loras_dir: str = _opt("loras", "Folder of LoRA adapters.")
     presets_dir: str = _opt("presets", "Folder of generation presets (YAML).")
     user_dir: str = _opt("user_data", "Folder for saved conversations and UI settings.")
+    runs_dir: str = _opt("runs", "Folder of training runs (checkpoints, metrics).")
     listen_host: str = _opt("127.0.0.1", "Address to bind (default loopback only).")
     port: int = _opt(7860, "Port to serve the UI (/) and the API (/v1) on.", min=1, max=65535)
     auth: str = _opt("", "USER:PASS required to open the web UI.")
@@ -153,7 +154,7 @@ class ServerConfig:
     @property
     def paths(self) -> dict[str, Path]:
         return {"models": Path(self.models_dir), "loras": Path(self.loras_dir), "presets": Path(self.presets_dir),
-                "user": Path(self.user_dir)}
+                "user": Path(self.user_dir), "runs": Path(self.runs_dir)}
 
 
 _LIST_ITEM_TYPES = {"lora": str, "lora_weights": float, "extensions": str}
@@ -181,3 +182,147 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 def from_namespace(cls, ns: argparse.Namespace):
     """Build a dataclass from the parsed flags that add_arguments made."""
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+
+# -- training (python -m webui train --config FILE.yaml; the Training tab) -------------------------------
+
+TaskType = Literal["CAUSAL_LM", "SEQ_2_SEQ_LM"]
+BiasName = Literal["none", "all", "lora_only"]
+DatasetFormat = Literal["raw", "instruction", "chat"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+
+def _nested(cls, section: str, data) -> object:
+    """Build dataclass `cls` from the YAML mapping of `section`; unknown keys are named in the error."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{section}: expected a mapping of keys, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except ConfigError as e:
+        raise ConfigError(f"{section}.{e}") from None
+
+
+@dataclass
+class LoraTrainConfig:
+    """The `lora:` section: exactly the keys of seed 002 (a PEFT LoraConfig) plus bias, use_rslora, use_dora."""
+
+    task_type: TaskType = _opt("CAUSAL_LM", "Decoder-only models: CAUSAL_LM; encoder-decoder: SEQ_2_SEQ_LM.")
+    r: int = _opt(8, "Rank of the LoRA matrices (capacity of the adapter).", min=1, max=1024, step=1)
+    lora_alpha: float = _opt(16, "Scaling: the update is multiplied by lora_alpha / r.", min=0.001, max=4096, step=1)
+    lora_dropout: float = _opt(0.05, "Dropout on the LoRA input during training.", min=0.0, max=0.9, step=0.01)
+    bias: BiasName = _opt("none", "Which biases to train: none, all, or lora_only.")
+    target_modules: list | str = _opt("all-linear", "Layers to adapt: a list of names (q_proj, v_proj, ...) or all-linear.")
+    fan_in_fan_out: bool = _opt(False, "True for layers storing weights as (fan_in, fan_out), e.g. GPT-2's Conv1D.")
+    modules_to_save: list | None = _opt(None, "Extra modules trained fully and saved with the adapter (e.g. lm_head).")
+    layers_to_transform: list | int | None = _opt(None, "Only these layer indices get LoRA (an int or a list).")
+    layers_pattern: str | list | None = _opt(None, "Name of the layer list for layers_to_transform (e.g. layers, h).")
+    use_rslora: bool = _opt(False, "Rank-stabilized LoRA: scale by lora_alpha / sqrt(r).")
+    use_dora: bool = _opt(False, "Weight-decomposed LoRA (DoRA).")
+
+    def __post_init__(self):
+        _validate(self)
+        if isinstance(self.r, bool) or not isinstance(self.r, int):
+            raise ConfigError(f"r: {self.r!r} must be a positive integer")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [self.target_modules]
+        if isinstance(self.target_modules, list) and (not self.target_modules or
+                                                      not all(isinstance(t, str) for t in self.target_modules)):
+            raise ConfigError("target_modules: a non-empty list of module names, or all-linear")
+        lt = self.layers_to_transform
+        if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool) and lt >= 0
+                                   or isinstance(lt, list) and lt and all(isinstance(i, int) and i >= 0 for i in lt)):
+            raise ConfigError(f"layers_to_transform: {lt!r} must be a layer index or a list of indices")
+        if self.layers_pattern is not None and lt is None:
+            raise ConfigError("layers_pattern: only used together with layers_to_transform")
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: {getattr(self, name)!r} must be true or false")
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        kwargs = dataclasses.asdict(self)
+        try:
+            return LoraConfig(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"lora: PEFT refused these settings: {e}") from None
+
+
+@dataclass
+class DatasetConfig:
+    """The `dataset:` section."""
+
+    path: str = _opt("", "A .txt file (raw), or .json/.jsonl (instruction or chat).")
+    format: DatasetFormat = _opt("raw", "raw text, instruction (instruction/input/output) or chat (messages / ShareGPT).")
+    eval_fraction: float = _opt(0.1, "Share of samples held out for evaluation (0 = none).", min=0.0, max=0.5, step=0.01)
+    overlap: int = _opt(32, "Raw text: tokens shared by consecutive chunks.", min=0, max=4096, step=1)
+
+    def __post_init__(self):
+        _validate(self)
+        if not self.path:
+            raise ConfigError("path: give the dataset file")
+
+
+@dataclass
+class TrainingParams:
+    """The `training:` section."""
+
+    epochs: float = _opt(3.0, "Passes over the data (ignored when max_steps > 0).", min=0.0, max=1000, step=0.5)
+    max_steps: int = _opt(0, "Stop after this many optimizer steps (0 = use epochs).", min=0, max=10_000_000, step=1)
+    learning_rate: float = _opt(2e-4, "Peak learning rate.", min=0.0, max=1.0, step=1e-5)
+    batch_size: int = _opt(4, "Samples per device step.", min=1, max=4096, step=1)
+    gradient_accumulation: int = _opt(1, "Steps accumulated per optimizer step.", min=1, max=4096, step=1)
+    cutoff_len: int = _opt(256, "Longest sample in tokens; raw text is chunked to this length.", min=8, max=131072, step=8)
+    save_steps: int = _opt(50, "Save a checkpoint every this many steps.", min=1, max=1_000_000, step=1)
+    eval_steps: int = _opt(50, "Evaluate every this many steps (when there is an eval split).", min=1, max=1_000_000)
+    logging_steps: int = _opt(1, "Log loss every this many steps.", min=1, max=10_000, step=1)
+    warmup_steps: int = _opt(0, "Linear warm-up steps.", min=0, max=1_000_000, step=1)
+    lr_scheduler: Scheduler = _opt("linear", "Learning-rate schedule.")
+    seed: int = _opt(42, "Random seed.", min=0, max=2**31 - 1, step=1)
+
+    def __post_init__(self):
+        _validate(self)
+        for name in ("max_steps", "batch_size", "gradient_accumulation", "cutoff_len", "save_steps", "eval_steps",
+                     "logging_steps", "warmup_steps", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name}: {v!r} must be an integer")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ConfigError("epochs: set epochs > 0 or max_steps > 0")
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run, as in the YAML of `python -m webui train --config FILE.yaml`."""
+
+    output: str
+    dataset: DatasetConfig
+    lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
+    training: TrainingParams = field(default_factory=TrainingParams)
+    base_model: str = ""  # models-dir name, path, or downloaded hub id; empty = the embedded model
+
+    @classmethod
+    def from_dict(cls, data) -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("the training config must be a YAML mapping with output, dataset, lora, training")
+        unknown = sorted(set(data) - {"output", "dataset", "lora", "training", "base_model"})
+        if unknown:
+            raise ConfigError(f"unknown top-level key(s): {', '.join(unknown)}; allowed: base_model, dataset, "
+                              "lora, training, output")
+        output = data.get("output")
+        if not output or not isinstance(output, str):
+            raise ConfigError("output: give the adapter's name")
+        return cls(output=output, base_model=str(data.get("base_model") or ""),
+                   dataset=_nested(DatasetConfig, "dataset", data.get("dataset")),
+                   lora=_nested(LoraTrainConfig, "lora", data.get("lora")),
+                   training=_nested(TrainingParams, "training", data.get("training")))
+
+    def to_dict(self) -> dict:
+        return {"base_model": self.base_model, "output": self.output, "dataset": dataclasses.asdict(self.dataset),
+                "lora": dataclasses.asdict(self.lora), "training": dataclasses.asdict(self.training)}

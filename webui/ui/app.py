@@ -6,6 +6,7 @@ import gradio as gr
 
 from webui.config import ServerConfig
 from webui.engine import Engine
+from webui.training.runner import TrainingRunner
 from webui.ui.chat_tab import ChatTab
 from webui.ui.model_tab import ModelTab
 from webui.ui.parameters_tab import ParametersTab
@@ -23,12 +24,14 @@ def build_ui(engine: Engine, cfg: ServerConfig) -> gr.Blocks:
             with gr.Tab("Model", id="model"):
                 model = ModelTab(engine, cfg.paths["models"])
             with gr.Tab("Training", id="training"):
-                TrainingTab()
+                training = TrainingTab(engine, TrainingRunner(cfg.paths["runs"], cfg.paths["models"],
+                                                              cfg.paths["loras"]), cfg.paths["user"])
         chat.wire(params)
         model.wire(on_change=chat.status, describe=chat.describe_model)
         model.load.click(lambda: params.visible_for(engine), outputs=params.inputs)
         demo.load(lambda: params.visible_for(engine), outputs=params.inputs)
         demo.load(chat.describe_model, outputs=chat.status)
+        training.on_load(demo)
         # Model and adapter changes made by other users (or the API's --lora) show up in every tab.
         gr.Timer(3.0).tick(chat.describe_model, outputs=chat.status)
     demo.queue(default_concurrency_limit=16)  # the Engine serializes model access itself

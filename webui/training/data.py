@@ -1,0 +1,196 @@
+"""Training data: read a dataset file and turn it into tokenized samples (input_ids + labels) the way the
+model will see them.
+
+- raw: a text file, tokenized once and cut into chunks of `cutoff_len` tokens that overlap by `overlap`;
+  every token is trained.
+- instruction: JSON (a list) or JSONL records with `instruction`, optional `input`, `output`; rendered
+  as a user turn and an assistant turn with the base's chat template; loss on the output only.
+- chat: JSONL records with OpenAI `messages` ([{role, content}]) or ShareGPT `conversations`
+  ([{from: human|gpt|system, value}]); loss on the assistant turns only.
+
+Every problem (empty file, bad JSON, a record missing a field) raises DatasetError naming the file, the
+line or record, and the field — before any training starts.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+IGNORE = -100  # label of tokens that carry no loss (transformers' convention)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "bot": "assistant"}
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used; the message says where and why."""
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def _records(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DatasetError(f"{path.name} is empty")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise DatasetError(f"{path.name} is not valid JSON: {e}") from None
+        if not isinstance(data, list):
+            raise DatasetError(f"{path.name}: expected a JSON list of records")
+        return data
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            raise DatasetError(f"{path.name} line {n} is not valid JSON: {e}") from None
+    return records
+
+
+def _require(record, n: int, path: Path, field: str, kind=str):
+    if not isinstance(record, dict) or field not in record:
+        raise DatasetError(f"{path.name} record {n}: missing field {field!r}")
+    value = record[field]
+    if not isinstance(value, kind):
+        raise DatasetError(f"{path.name} record {n}: field {field!r} must be a {kind.__name__}")
+    return value
+
+
+def conversations(path: Path, fmt: str) -> list[list[dict]]:
+    """instruction/chat files → lists of {role, content} messages."""
+    out = []
+    for n, rec in enumerate(_records(path), 1):
+        if fmt == "instruction":
+            instruction = _require(rec, n, path, "instruction")
+            output = _require(rec, n, path, "output")
+            extra = rec.get("input") or ""
+            user = f"{instruction}\n\n{extra}" if extra else instruction
+            out.append([{"role": "user", "content": user}, {"role": "assistant", "content": output}])
+        elif isinstance(rec, dict) and "messages" in rec:
+            msgs = _require(rec, n, path, "messages", list)
+            for m in msgs:
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise DatasetError(f"{path.name} record {n}: every message needs 'role' and 'content'")
+            out.append([{"role": m["role"], "content": str(m["content"])} for m in msgs])
+        else:
+            turns = _require(rec, n, path, "conversations", list)
+            msgs = []
+            for t in turns:
+                if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or "value" not in t:
+                    raise DatasetError(f"{path.name} record {n}: ShareGPT turns need 'from' "
+                                       f"({'/'.join(SHAREGPT_ROLES)}) and 'value'")
+                msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": str(t["value"])})
+            out.append(msgs)
+        if not any(m["role"] == "assistant" for m in out[-1]):
+            raise DatasetError(f"{path.name} record {n}: no assistant turn to learn from")
+    return out
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    return text + ("Assistant:" if add_generation_prompt else "")
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
+def encode_chat(tokenizer, messages: list[dict], cutoff_len: int) -> Sample:
+    """Tokens of the whole conversation; labels only on assistant turns. Each assistant turn's tokens are
+    found by rendering the conversation up to the turn's start and up to its end (chat templates put
+    special tokens at turn boundaries, so these renders tokenize as prefixes of the whole)."""
+    full = _ids(tokenizer, _render(tokenizer, messages, False))
+    labels = [IGNORE] * len(full)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_ids(tokenizer, _render(tokenizer, messages[:i], True)))
+        end = len(_ids(tokenizer, _render(tokenizer, messages[:i + 1], False)))
+        for j in range(start, min(end, len(full))):
+            labels[j] = full[j]
+    return Sample(full[:cutoff_len], labels[:cutoff_len])
+
+
+def encode_raw(tokenizer, text: str, cutoff_len: int, overlap: int) -> list[Sample]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    step = max(1, cutoff_len - overlap)
+    chunks = [ids[i:i + cutoff_len] for i in range(0, max(1, len(ids) - overlap), step)]
+    return [Sample(c, list(c)) for c in chunks if len(c) > 1]
+
+
+def load_samples(path: Path, fmt: str, tokenizer, cutoff_len: int, overlap: int = 32) -> list[Sample]:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset not found: {path}")
+    if fmt == "raw":
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise DatasetError(f"{path.name} is empty")
+        samples = encode_raw(tokenizer, text, cutoff_len, min(overlap, cutoff_len // 2))
+    else:
+        if path.suffix not in (".json", ".jsonl"):
+            raise DatasetError(f"{path.name}: {fmt} data must be a .json or .jsonl file")
+        samples = [encode_chat(tokenizer, c, cutoff_len) for c in conversations(path, fmt)]
+    samples = [s for s in samples if s.trained_tokens > 0]
+    if not samples:
+        raise DatasetError(f"{path.name}: no sample has any token to train on (is cutoff_len {cutoff_len} too short?)")
+    return samples
+
+
+def split(samples: list[Sample], eval_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A reproducible train/eval split; no eval split when there are too few samples to spare one."""
+    n_eval = int(len(samples) * eval_fraction)
+    if n_eval == 0 or len(samples) - n_eval < 1:
+        return samples, []
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+def warnings_for(samples: list[Sample], cutoff_len: int) -> list[str]:
+    notes = []
+    if len(samples) < 8:
+        notes.append(f"the dataset is tiny ({len(samples)} samples): the adapter will mostly memorize it")
+    cut = sum(1 for s in samples if len(s.input_ids) >= cutoff_len)
+    if cut:
+        notes.append(f"{cut} sample(s) reach cutoff_len={cutoff_len} and are cut short")
+    return notes
+
+
+def preview(tokenizer, samples: list[Sample], n: int = 3) -> str:
+    """The first samples as the model sees them, with the trained part in ⟦ ⟧."""
+    parts = []
+    for s in samples[:n]:
+        text, run, trained = "", [], False
+        for tok, lab in zip(s.input_ids, s.labels):
+            is_trained = lab != IGNORE
+            if is_trained != trained and run:
+                piece = tokenizer.decode(run)
+                text += f"⟦{piece}⟧" if trained else piece
+                run = []
+            trained = is_trained
+            run.append(tok)
+        if run:
+            piece = tokenizer.decode(run)
+            text += f"⟦{piece}⟧" if trained else piece
+        parts.append(f"[{len(s.input_ids)} tokens, {s.trained_tokens} trained]\n{text}")
+    return "\n\n---\n\n".join(parts)

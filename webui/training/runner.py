@@ -1,0 +1,144 @@
+"""Training jobs as child processes, for the UI: start `python -m webui train --config runs/NAME/config.yaml`
+with its output in `runs/NAME/log.txt`, ask it to stop (a STOP file: it saves a checkpoint first, and is
+killed if it does not stop in time), and read any run's state back from its folder — so a reloaded page,
+or a restarted app, re-attaches to runs that are still going.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from webui.config import TrainConfig
+from webui.training.trainer import CONFIG, METRICS, STOP, read_status, write_status
+
+ROOT = Path(__file__).resolve().parents[2]
+LOG = "log.txt"
+
+
+def pid_alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    try:  # a finished child we started stays a zombie until reaped
+        done, _ = os.waitpid(int(pid), os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+@dataclass
+class RunView:
+    name: str
+    state: str                 # running | stopping | stopped | done | failed | unknown
+    step: int = 0
+    max_steps: int = 0
+    message: str = ""
+    metrics: list = field(default_factory=list)
+    log_tail: str = ""
+
+    @property
+    def eta_s(self) -> float | None:
+        steps = [m for m in self.metrics if "loss" in m]
+        if len(steps) < 2 or not self.max_steps or self.state != "running":
+            return None
+        rate = (steps[-1]["step"] - steps[0]["step"]) / max(steps[-1]["time"] - steps[0]["time"], 1e-6)
+        return (self.max_steps - self.step) / rate if rate > 0 else None
+
+
+class TrainingRunner:
+    def __init__(self, runs_dir: Path, models_dir: Path, loras_dir: Path):
+        self.runs_dir, self.models_dir, self.loras_dir = Path(runs_dir), Path(models_dir), Path(loras_dir)
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, cfg: TrainConfig) -> Path:
+        run = self.runs_dir / cfg.output
+        view = self.view(cfg.output)
+        if view.state in ("running", "stopping"):
+            raise RuntimeError(f"{cfg.output} is already training")
+        run.mkdir(parents=True, exist_ok=True)
+        config_file = run / "requested.yaml"
+        config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run / STOP).unlink(missing_ok=True)
+        write_status(run, state="starting", message="starting…")
+        log = open(run / LOG, "a")
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "webui", "train", "--config", str(config_file), "--models-dir",
+             str(self.models_dir), "--loras-dir", str(self.loras_dir), "--runs-dir", str(self.runs_dir)],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+        self._procs[cfg.output] = proc
+        write_status(run, pid=proc.pid)
+        return run
+
+    def stop(self, name: str, timeout: float = 60) -> None:
+        """Ask the run to checkpoint and stop; kill it if it has not stopped within `timeout`."""
+        run = self.runs_dir / name
+        (run / STOP).touch()
+        write_status(run, state="stopping", message="stopping: saving a checkpoint…")
+        pid = read_status(run).get("pid")
+        deadline = time.time() + timeout
+        while pid_alive(pid) and time.time() < deadline:
+            time.sleep(0.2)
+        if pid_alive(pid):
+            os.kill(int(pid), signal.SIGKILL)
+            write_status(run, state="stopped", message="killed; start again to resume from the last checkpoint")
+
+    def view(self, name: str) -> RunView:
+        run = self.runs_dir / name
+        status = read_status(run)
+        state = status.get("state", "unknown")
+        if state in ("starting", "running", "stopping") and not pid_alive(status.get("pid")):
+            state = "failed" if state != "stopping" else "stopped"
+            if state == "failed" and not status.get("message", "").startswith("error"):
+                status["message"] = self._last_error(run) or "the training process ended unexpectedly"
+        return RunView(name=name, state=state, step=status.get("step", 0), max_steps=status.get("max_steps", 0),
+                       message=status.get("message", ""), metrics=self.metrics(name), log_tail=self.log_tail(name))
+
+    def metrics(self, name: str) -> list[dict]:
+        path = self.runs_dir / name / METRICS
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a line being written right now
+        return rows
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.runs_dir / name / LOG
+        if not path.is_file():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _last_error(self, run: Path) -> str:
+        for line in reversed(self.log_tail(run.name, 200).splitlines()):
+            if line.startswith("error:") or "Error" in line:
+                return line.strip()
+        return ""
+
+    def runs(self) -> list[str]:
+        if not self.runs_dir.is_dir():
+            return []
+        found = [p for p in self.runs_dir.iterdir() if (p / CONFIG).is_file() or (p / "requested.yaml").is_file()]
+        return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+    def active(self) -> str | None:
+        """The run that is going on now, if any (what a reloaded page re-attaches to)."""
+        for name in self.runs():
+            if self.view(name).state in ("starting", "running", "stopping"):
+                return name
+        return None

@@ -1,0 +1,254 @@
+"""One LoRA training run on PEFT + transformers' Trainer (what `python -m webui train --config FILE.yaml`
+runs, in its own process when started from the UI).
+
+The run folder `runs/NAME/` holds the config, `metrics.jsonl` (one JSON object per logged step: step,
+loss, eval_loss, learning_rate, tokens_per_s), `status.json` (state, step, max_steps, message) and
+`checkpoints/checkpoint-N/` every `save_steps` (adapter weights + optimizer state). A `STOP` file asks
+the run to save a checkpoint and stop; running the same output again resumes from the newest complete
+checkpoint (also after kill -9). When the run ends, the adapter is written to `loras/NAME/` (atomically)
+with its training config and the base model's id. A GPTQ base trains as QLoRA through GPTQModel's
+trainable kernel with float32 activations.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from webui.config import ConfigError, TrainConfig
+from webui.training.data import DatasetError, load_samples, split, warnings_for
+
+STATUS, METRICS, STOP, CONFIG = "status.json", "metrics.jsonl", "STOP", "config.yaml"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or failed; the message says why."""
+
+
+def read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / STATUS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(run_dir: Path, **fields) -> None:
+    path = run_dir / STATUS
+    current = read_status(run_dir)
+    current.update(fields, updated=time.time())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current))
+    tmp.replace(path)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that was written completely (a kill -9 can leave a partial one behind)."""
+    done = []
+    for c in (run_dir / "checkpoints").glob("checkpoint-*"):
+        complete = (c / "trainer_state.json").is_file() and any(c.glob("adapter_model.*"))
+        if complete and c.name.split("-")[-1].isdigit():
+            done.append((int(c.name.split("-")[-1]), c))
+    return max(done)[1] if done else None
+
+
+def resolve_base(base_model: str, models_dir: Path) -> tuple[Path, str]:
+    """(folder, id to record in the adapter) for the config's base_model."""
+    from webui import embedded
+    from webui.backends.base import ModelLoadError
+    from webui.models import resolve_model_path
+
+    if not base_model:
+        return embedded.ensure_transformers_folder(models_dir), f"HuggingFaceTB/{embedded.NAME}"
+    try:
+        path = resolve_model_path(base_model, models_dir)
+    except ModelLoadError:
+        if "/" in base_model and (models_dir / base_model.replace("/", "_")).is_dir():  # a downloaded hub id
+            return models_dir / base_model.replace("/", "_"), base_model
+        raise
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise TrainingError(f"base_model {base_model}: training needs a transformers or GPTQ model folder")
+    return path, base_model
+
+
+def _load_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from webui.models import is_gptq_folder
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    cuda = torch.cuda.is_available()
+    if is_gptq_folder(path):  # QLoRA: 4-bit weights, trainable kernel, float32 activations
+        from transformers import GPTQConfig
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), quantization_config=GPTQConfig(bits=4, backend="auto_trainable"), dtype=torch.float32,
+            device_map="auto" if cuda else {"": "cpu"})
+    else:
+        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        if cuda:
+            model = model.to("cuda")
+    return model, tok
+
+
+def prepare(cfg: TrainConfig, models_dir: Path, loras_dir: Path, runs_dir: Path):
+    """Everything that can fail fast, before any training: output name, base, dataset. Returns
+    (run_dir, base_path, base_id, tokenizer-free sample loader) or raises TrainingError."""
+    from webui.adapters.files import AdapterError, check_adapter_name
+
+    try:
+        check_adapter_name(cfg.output, loras_dir)
+    except AdapterError as e:
+        raise TrainingError(f"output: {e}") from None
+    run_dir = runs_dir / cfg.output
+    resuming = run_dir.is_dir() and (run_dir / CONFIG).is_file()
+    if (loras_dir / cfg.output).exists() and not resuming:
+        raise TrainingError(f"output: an adapter named {cfg.output!r} already exists in {loras_dir}; "
+                            "pick another name (re-running a run of ours resumes it)")
+    if resuming:
+        previous = TrainConfig.from_dict(yaml.safe_load((run_dir / CONFIG).read_text()))
+        if previous.lora != cfg.lora or previous.base_model != cfg.base_model:
+            raise TrainingError(f"runs/{cfg.output} holds a run with other LoRA settings or base; "
+                                "pick another output name or delete that run folder")
+    base_path, base_id = resolve_base(cfg.base_model, models_dir)
+    return run_dir, base_path, base_id
+
+
+class _TokenCountingCollator:
+    """Pads batches (labels with -100) and counts the real tokens, for the tokens/s metric."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+        self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        self.tokens = 0
+
+    def __call__(self, features):
+        self.tokens += sum(len(f["input_ids"]) for f in features)
+        return self.inner(features)
+
+
+def _callback(run_dir: Path, collator: _TokenCountingCollator):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def __init__(self):
+            self.last_time, self.last_tokens = time.time(), 0
+
+        def on_step_end(self, args, state, control, **kw):
+            write_status(run_dir, state="running", step=state.global_step, max_steps=state.max_steps)
+            if (run_dir / STOP).exists():
+                control.should_save = True  # stop = checkpoint, then end
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" not in logs and "eval_loss" not in logs:
+                return
+            now = time.time()
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": now}
+            for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+                if key in logs:
+                    row[key] = float(logs[key])
+            if "loss" in logs:
+                row["tokens_per_s"] = (collator.tokens - self.last_tokens) / max(now - self.last_time, 1e-6)
+                self.last_time, self.last_tokens = now, collator.tokens
+            with open(run_dir / METRICS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return Progress()
+
+
+def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path = Path("loras"),
+          runs_dir: Path = Path("runs"), log=print) -> Path | None:
+    """Run (or resume) training; returns the adapter folder when finished, None when stopped."""
+    import torch
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    models_dir, loras_dir, runs_dir = Path(models_dir), Path(loras_dir), Path(runs_dir)
+    run_dir, base_path, base_id = prepare(cfg, models_dir, loras_dir, runs_dir)
+    if (loras_dir / cfg.output).exists() and read_status(run_dir).get("state") == "done":
+        log(f"{cfg.output} is already trained: {loras_dir / cfg.output}")
+        return loras_dir / cfg.output
+    model, tok = _load_model(base_path)
+    try:
+        samples = load_samples(Path(cfg.dataset.path), cfg.dataset.format, tok, cfg.training.cutoff_len,
+                               cfg.dataset.overlap)
+    except DatasetError as e:
+        raise TrainingError(f"dataset: {e}") from None
+    for note in warnings_for(samples, cfg.training.cutoff_len):
+        log(f"warning: {note}")
+    train_set, eval_set = split(samples, cfg.dataset.eval_fraction, cfg.training.seed)
+    try:
+        peft_model = get_peft_model(model, cfg.lora.peft_config())
+    except (ValueError, TypeError, ConfigError) as e:
+        raise TrainingError(f"lora: {e}") from None
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / STOP).unlink(missing_ok=True)
+    resume = latest_checkpoint(run_dir)
+    write_status(run_dir, state="running", pid=os.getpid(), step=0, message="", base=base_id,
+                 samples=len(train_set), eval_samples=len(eval_set), resumed_from=resume.name if resume else None)
+    log(f"training {cfg.output} on {base_id}: {len(train_set)} samples (+{len(eval_set)} eval)"
+        + (f", resuming from {resume.name}" if resume else ""))
+
+    t = cfg.training
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, logging_steps=t.logging_steps,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=3,
+        eval_strategy="steps" if eval_set else "no", eval_steps=t.eval_steps, seed=t.seed,
+        report_to=[], use_cpu=not cuda, bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
+    collator = _TokenCountingCollator(tok)
+    as_dicts = lambda rows: [{"input_ids": s.input_ids, "labels": s.labels} for s in rows]  # noqa: E731
+    trainer = Trainer(model=peft_model, args=args, train_dataset=as_dicts(train_set),
+                      eval_dataset=as_dicts(eval_set) or None, data_collator=collator,
+                      callbacks=[_callback(run_dir, collator)])
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as e:
+        write_status(run_dir, state="failed", message=str(e).splitlines()[0] if str(e) else repr(e))
+        raise
+    if (run_dir / STOP).exists():
+        (run_dir / STOP).unlink(missing_ok=True)
+        write_status(run_dir, state="stopped", step=trainer.state.global_step,
+                     message=f"stopped at step {trainer.state.global_step}; start again to resume")
+        log(f"stopped at step {trainer.state.global_step} (checkpoint saved)")
+        return None
+    out = _save_adapter(peft_model, cfg, base_id, loras_dir, trainer.state.global_step)
+    write_status(run_dir, state="done", step=trainer.state.global_step, adapter=str(out),
+                 message=f"done: adapter {cfg.output} is in {loras_dir}")
+    log(f"done: {out}")
+    return out
+
+
+def _save_adapter(peft_model, cfg: TrainConfig, base_id: str, loras_dir: Path, steps: int) -> Path:
+    """Write loras/NAME atomically, with the training config and the base model's id."""
+    loras_dir.mkdir(parents=True, exist_ok=True)
+    target = loras_dir / cfg.output
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.output}.", dir=loras_dir))
+    try:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        config_file = tmp / "adapter_config.json"
+        adapter_cfg = json.loads(config_file.read_text())
+        adapter_cfg["base_model_name_or_path"] = base_id
+        config_file.write_text(json.dumps(adapter_cfg, indent=2))
+        (tmp / "training_config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "steps": steps}, sort_keys=False))
+        if target.exists():  # a resumed run of ours that finished again: replace its own adapter
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
