@@ -131,6 +131,10 @@ def test_adapter_equals_peft_and_conversion_is_cached(engine, gguf_models, loras
     other.set_adapters({"A": 1.0})
     assert cached[0].stat().st_mtime_ns == stamp  # reused, not converted again
     assert other.generate(PROMPT, GREEDY) == expected
+    (loras / "A" / "adapter_model.safetensors").touch()  # changed files: converted again, stale file removed
+    other.set_adapters({"A": 1.0})
+    again = sorted((loras / "A").glob("adapter.*.gguf"))
+    assert len(again) == 1 and again != cached and other.generate(PROMPT, GREEDY) == expected
     other.unload()
 
 

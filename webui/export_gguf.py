@@ -79,11 +79,12 @@ def adapter_deltas(base, adapters: list[tuple]) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in deltas.items()}
 
 
-def merge_into_gguf(src: Path, deltas: dict[str, np.ndarray], out: Path, progress: Progress = no_progress) -> None:
-    """Write `src` as an F32 GGUF with `deltas` added to their weights, keeping all of src's metadata."""
+def merge_into_gguf(reader, deltas: dict[str, np.ndarray], out: Path, progress: Progress = no_progress) -> dict:
+    """Write the GGUF `reader` reads as an F32 GGUF with `deltas` added to their weights, keeping all of its
+    metadata. Returns the changed tensors' original (dequantized) weights."""
     import gguf
 
-    reader = gguf.GGUFReader(str(src))
+    originals = {}
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(out), arch)
     for name, f in reader.fields.items():
@@ -96,6 +97,7 @@ def merge_into_gguf(src: Path, deltas: dict[str, np.ndarray], out: Path, progres
         data = _dequantized(t)
         gname = t.name[: -len(".weight")] if t.name.endswith(".weight") else None
         if gname in deltas:
+            originals[gname] = data
             data = data + deltas[gname]
             if not np.isfinite(data).all():
                 raise UnsupportedOperation(f"merge refused: non-finite values in {t.name}")
@@ -106,22 +108,21 @@ def merge_into_gguf(src: Path, deltas: dict[str, np.ndarray], out: Path, progres
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return originals
 
 
-def kept_fraction(exported: Path, merged_f32: Path, deltas: dict[str, np.ndarray]) -> float:
+def kept_fraction(exported: Path, originals: dict[str, np.ndarray], deltas: dict[str, np.ndarray]) -> float:
     """How much of the adapter's change the exported file keeps: the projection of (exported weights −
     base quantized the same way) on the intended delta, over all changed tensors (1 = all of it).
     Where numpy cannot quantize that type (k-quants), the float base stands in for its quantized copy."""
     import gguf
 
-    merged = {t.name: t for t in gguf.GGUFReader(str(merged_f32)).tensors}
     num = den = 0.0
     for t in gguf.GGUFReader(str(exported)).tensors:
         gname = t.name[: -len(".weight")]
         if not t.name.endswith(".weight") or gname not in deltas:
             continue
-        delta = deltas[gname]
-        base = _dequantized(merged[t.name]) - delta
+        delta, base = deltas[gname], originals[gname]
         try:
             ref = gguf.quants.dequantize(gguf.quants.quantize(base, t.tensor_type), t.tensor_type).reshape(base.shape)
         except (NotImplementedError, ValueError, TypeError):
@@ -161,6 +162,8 @@ def _read_adapters(loras, weights, loras_dir: Path, base) -> list[tuple]:
 
 def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, models_dir: Path, loras_dir: Path,
                 quant: str | None = None, progress: Progress = no_progress) -> Path:
+    import gguf
+
     from webui import models
     from webui.adapters.gguf_lora import read_base
 
@@ -169,16 +172,19 @@ def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, m
     path, _ = models.resolve(model, "auto", Path(models_dir), progress)
     stem = path.stem.split(".")[0] if path.is_file() else path.name
     out = Path(out)
+    if out.suffix == ".gguf" and out.exists():
+        raise FileExistsError(f"{out} already exists; choose another --out")
     work_dir = out.parent if out.suffix == ".gguf" else out
     work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-export.", dir=work_dir) as tmp:
         merged = Path(tmp) / "merged.f32.gguf"
         if path.is_file() and path.suffix == ".gguf":
-            base = read_base(path)
+            reader = gguf.GGUFReader(str(path))
+            base = read_base(path, reader=reader)
             adapters = _read_adapters(loras, weights, Path(loras_dir), base)
             deltas = adapter_deltas(base, adapters)
             progress(0.2, f"merging {', '.join(a[0].name for a in adapters) or 'nothing'} into {path.name}")
-            merge_into_gguf(path, deltas, merged, progress)
+            originals = merge_into_gguf(reader, deltas, merged, progress)
         else:
             from webui.adapters.gguf_convert import hf_to_gguf
             from webui.export import export_model
@@ -187,15 +193,19 @@ def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, m
             export_model(model, loras, weights, "safetensors", folder, Path(models_dir), Path(loras_dir), progress)
             progress(0.7, "writing the merged model as GGUF")
             hf_to_gguf(folder, merged, "F32", name=stem)
-            base = read_base(merged)
+            reader = gguf.GGUFReader(str(merged))
+            base = read_base(merged, reader=reader)
             deltas = adapter_deltas(base, _read_adapters(loras, weights, Path(loras_dir), base)) if loras else {}
+            changed = {f"{g}.weight": g for g in deltas}
+            originals = {changed[t.name]: _dequantized(t) - deltas[changed[t.name]]
+                         for t in reader.tensors if t.name in changed}
         quant = quant or default_quant(base.parameters)
         target = _out_file(out, stem, loras, quant)
         progress(0.85, f"quantizing to {quant}")
         part = Path(tmp) / target.name
         quantize(merged, part, quant)
         if deltas:
-            kept = kept_fraction(part, merged, deltas)
+            kept = kept_fraction(part, originals, deltas)
             message = f"{quant} keeps {kept:.0%} of the adapters' change to the weights"
             if kept < KEEP_AT_LEAST:
                 message = (f"warning: {message}: quantizing to {quant} erases most of it (the change is smaller "

@@ -117,10 +117,10 @@ class GgufBase:
         return b
 
 
-def read_base(path: Path, name: str | None = None) -> GgufBase:
-    """Describe a GGUF model file (header and tensor table only; no weights are read)."""
-    gguf = gguf_module()
-    reader = gguf.GGUFReader(str(path))
+def read_base(path: Path, name: str | None = None, reader=None) -> GgufBase:
+    """Describe a GGUF model file (header and tensor table only; no weights are read). Pass a GGUFReader
+    of it if there is one: parsing a large vocabulary takes seconds."""
+    reader = reader or gguf_module().GGUFReader(str(path))
     arch = field_value(reader, "general.architecture", "")
     n_layers = int(field_value(reader, f"{arch}.block_count", 0) or 0)
     n_head = field_value(reader, f"{arch}.attention.head_count", 0)
