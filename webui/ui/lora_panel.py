@@ -190,6 +190,15 @@ class LoraPanel:
         def act(button, fn, inputs=()):
             button.click(fn, inputs=list(inputs), outputs=self.message).then(bump, self.version, self.version)
 
+        # Redraw when the adapters folder or the active stack changes elsewhere (a training run that
+        # finished, another browser tab, the API's --lora), so every page shows the current state.
+        def watch(seen, version):
+            sig = f"{self.engine.list_adapters()}|{self.engine.active_adapters}|{self.engine.merged}"
+            return (gr.update(), gr.update()) if sig == seen else (sig, version + 1)
+
+        self.seen = gr.State("")
+        gr.Timer(3.0).tick(watch, inputs=[self.seen, self.version], outputs=[self.seen, self.version],
+                           show_progress="hidden")
         act(self.refresh, lambda: "")
         act(self.clear, clear)
         act(self.merge, merge)

@@ -1,0 +1,47 @@
+"""Training from the browser: fill the Training tab's short form, start a run, watch the progress and the
+loss chart update, and apply the finished adapter to the chat with one click (no base reload)."""
+from tests.browser import browser, open_app, screenshot, tab, wait_text  # noqa: F401
+from tests.test_training import write_data
+
+
+def _fill(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_train_from_the_training_tab(browser, start_app, tiny_models, tmp_path):
+    data = write_data(tmp_path / "data")
+    models = tiny_models["llama"].parent
+    app = start_app("--model", "tiny-llama", "--models-dir", str(models), "--loras-dir", str(tmp_path / "loras"),
+                    "--runs-dir", str(tmp_path / "runs"), "--user-dir", str(tmp_path / "user"))
+    page = open_app(browser, app.url)
+    tab(page, "Training")
+    _fill(page, "train-output", "ui-trained")
+    _fill(page, "train-base", "tiny-llama")
+    _fill(page, "train-data-path", data["instruction"])
+    page.locator("#train-data-format input").first.fill("instruction")
+    page.locator("#train-data-format input").first.press("Enter")
+    _fill(page, "train-opt-max_steps", 24)
+    _fill(page, "train-opt-learning_rate", 0.01)
+    _fill(page, "train-opt-cutoff_len", 64)
+    page.click("#train-preview-go")
+    assert "samples" in wait_text(lambda: page.input_value("#train-preview textarea"), timeout=60)
+    assert "⟦" in page.input_value("#train-preview textarea")
+
+    page.click("#train-start")
+    assert "Started" in wait_text(lambda: page.inner_text("#train-notice"), timeout=30)
+    seen_running = wait_text(lambda: page.inner_text("#train-status"), timeout=60)
+    assert "ui-trained" in seen_running
+    status = wait_text(lambda: page.inner_text("#train-status").split("·")[1].strip(), "done", timeout=180)
+    assert status == "done", page.inner_text("#train-status")
+    assert "loss" in page.inner_text("#train-status")
+    assert page.locator("#train-chart canvas, #train-chart svg").count() > 0  # the chart is drawn
+    screenshot(page, "tab-training-run")
+
+    page.click("#train-apply")
+    assert "answering" in wait_text(lambda: page.inner_text("#train-notice"), timeout=30)
+    tab(page, "Chat")
+    assert "ui-trained × 1" in wait_text(lambda: page.inner_text("#chat-status"), timeout=10)
+    tab(page, "Model")  # listed in the LoRA panel, checked, without a reload of anything
+    assert page.locator("#lora-on-ui-trained input[type=checkbox]").is_checked()
