@@ -3,14 +3,17 @@
 - hot_swap_vs_reload.llamacpp: switching the active adapter (A→B, both already converted and loaded)
   vs reloading the base GGUF;
 - decode_unmerged_vs_base.llamacpp: decode tokens/s with one runtime LoRA (r=16, q/k/v/o) vs the base;
-- engine_vs_direct.llamacpp: tokens/s through our Engine (chat template, sampler set-up, stop-string
-  filter, incremental UTF-8 decoding) vs calling llama-cpp-python's create_completion directly on the same
-  GGUF with the same prompt tokens. (api_vs_direct.llamacpp — through /v1 — comes with the API.)
+- engine_vs_direct.llamacpp: tokens/s through our Engine (sampler set-up, stop-string filter, incremental
+  UTF-8 decoding) vs calling llama-cpp-python's create_completion directly on the same GGUF with the same
+  prompt tokens;
+- api_vs_direct.llamacpp: the same completion through the real HTTP server's /v1/completions (uvicorn on a
+  loopback port, httpx client) vs llama-cpp-python directly.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from bench.common import Row, side_by_side, timed
@@ -19,7 +22,8 @@ from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
-ROWS = ("hot_swap_vs_reload.llamacpp", "decode_unmerged_vs_base.llamacpp", "engine_vs_direct.llamacpp")
+ROWS = ("hot_swap_vs_reload.llamacpp", "decode_unmerged_vs_base.llamacpp", "engine_vs_direct.llamacpp",
+        "api_vs_direct.llamacpp")
 
 
 def _adapters(models_dir: Path, loras: Path) -> None:
@@ -73,7 +77,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
             ours, ref = side_by_side(tps({"A": 1.0}), tps({}), reps)
             rows.append(Row(ROWS[1], ours, ref, "tokens/s", True, f"{tokens} new tokens, greedy, one r=16 LoRA"))
 
-        if not only or ROWS[2] in only:
+        if not only or ROWS[2] in only or ROWS[3] in only:
             import llama_cpp
 
             engine.set_adapters({})
@@ -86,9 +90,27 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
                     prompt_tokens, max_tokens=tokens, temperature=0)["choices"][0]["text"]))
                 return engine.count_tokens(out["direct"]) / seconds
 
-            ours, ref = side_by_side(tps({}), direct_tps, reps)
+            if not only or ROWS[2] in only:
+                ours, ref = side_by_side(tps({}), direct_tps, reps)
+                rows.append(Row(ROWS[2], ours, ref, "tokens/s", True,
+                                f"{tokens} new tokens, greedy, Engine.generate vs llama-cpp-python create_completion"))
+            if not only or ROWS[3] in only:
+                import httpx
+
+                from bench.api_transformers import _server
+
+                url, server = _server(engine)
+                body = {"model": "", "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+
+                def via_api():
+                    start = time.perf_counter()
+                    r = httpx.post(url + "/v1/completions", json=body, timeout=300).json()
+                    return r["usage"]["completion_tokens"] / (time.perf_counter() - start)
+
+                ours, ref = side_by_side(via_api, direct_tps, reps)
+                server.should_exit = True
+                rows.append(Row(ROWS[3], ours, ref, "tokens/s", True,
+                                f"{tokens} new tokens, greedy, /v1/completions vs llama-cpp-python create_completion"))
             direct.close()
-            rows.append(Row(ROWS[2], ours, ref, "tokens/s", True,
-                            f"{tokens} new tokens, greedy, Engine.generate vs llama-cpp-python create_completion"))
         engine.unload()
     return rows
