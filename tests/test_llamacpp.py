@@ -222,18 +222,18 @@ def test_sampling_seed_and_cancel(engine):
     assert len(pieces) <= 2  # stopped right after the cancel (a tail of undecoded bytes may follow)
 
 
-def test_preflight_errors(gguf_models, loras, tmp_path):
+def test_load_errors_are_clear_and_keep_the_model(engine, loras, tmp_path):
     from webui.backends.llamacpp import LlamaCppBackend
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(ModelLoadError, match="not a GGUF file"):
         LlamaCppBackend.preflight(bad, ModelSpec())
-    e = Engine(gguf_models, loras)
-    lora = next((loras / "A").glob("adapter.*.gguf"), None)
-    if lora is not None:
-        with pytest.raises(ModelLoadError, match="LoRA adapter, not a model"):
-            e.load(ModelSpec(model=str(lora)))
+    engine.set_adapters({"A": 1.0})  # makes sure A's GGUF LoRA exists
+    with pytest.raises(ModelLoadError, match="LoRA adapter, not a model"):
+        engine.load(ModelSpec(model=str(converted(loras, "A"))))
+    assert engine.loaded.name == "tiny-llama.gguf"  # the previous model is loaded again
+    assert engine.generate(PROMPT, GREEDY)
 
 
 def test_export_gguf_f32_gives_the_adapter_output(gguf_models, loras, tmp_path):
