@@ -18,7 +18,7 @@ from webui.backends.base import ModelLoadError
 
 NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DONE = ".lora-deck-converted"
+_DONE = ".lora-deck-converted-v2"  # v2: the saved config no longer claims GGUF quantization
 
 
 def gguf_path() -> Path:
@@ -49,7 +49,12 @@ def ensure_transformers_folder(models_dir: Path, progress=None) -> Path:
     src = gguf_path()
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     dequantized = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
-    fresh = AutoModelForCausalLM.from_config(dequantized.config, dtype=torch.float32)
+    config = dequantized.config
+    # The dequantized model's config still says "quantized with GGUF"; the saved folder holds plain float
+    # weights, and that claim would make the Trainer (and others) refuse it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(dequantized.state_dict())
     fresh.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

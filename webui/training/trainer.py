@@ -157,6 +157,7 @@ def _callback(run_dir: Path, collator: _TokenCountingCollator):
                 if key in logs:
                     row[key] = float(logs[key])
             if "loss" in logs:
+                row["tokens"] = collator.tokens  # seen so far (this process), for throughput over any span
                 row["tokens_per_s"] = (collator.tokens - self.last_tokens) / max(now - self.last_time, 1e-6)
                 self.last_time, self.last_tokens = now, collator.tokens
             with open(run_dir / METRICS, "a") as f:
@@ -213,9 +214,13 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
     collator = _TokenCountingCollator(tok)
     as_dicts = lambda rows: [{"input_ids": s.input_ids, "labels": s.labels} for s in rows]  # noqa: E731
-    trainer = Trainer(model=peft_model, args=args, train_dataset=as_dicts(train_set),
-                      eval_dataset=as_dicts(eval_set) or None, data_collator=collator,
-                      callbacks=[_callback(run_dir, collator)])
+    try:
+        trainer = Trainer(model=peft_model, args=args, train_dataset=as_dicts(train_set),
+                          eval_dataset=as_dicts(eval_set) or None, data_collator=collator,
+                          callbacks=[_callback(run_dir, collator)])
+    except (ValueError, TypeError) as e:  # e.g. a base whose quantization cannot be trained
+        write_status(run_dir, state="failed", message=str(e).splitlines()[0])
+        raise TrainingError(str(e).splitlines()[0]) from None
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as e:
