@@ -9,7 +9,8 @@
 Quantization is llama.cpp's own `llama_model_quantize`. Default type: Q8_0 for models under 3B parameters,
 Q4_K_M above. Re-quantizing can erase a small change — a base already on the Q4_1 grid plus a small
 delta rounds back to the same Q4_1 values — so after writing, the exported tensors are compared with the
-base quantized alike, and a warning says how much of the adapter's change survived.
+base quantized alike, and a warning says how much of the adapter's change survived; re-quantizing a
+quantized base to another type is noted too (it adds rounding error of its own).
 
     python -m webui export --lora NAME --format gguf [--quant Q4_K_M|Q8_0|F16|F32...] --out PATH
 """
@@ -132,6 +133,17 @@ def kept_fraction(exported: Path, originals: dict[str, np.ndarray], deltas: dict
     return num / den if den else 1.0
 
 
+def _file_type(reader) -> str:
+    """'Q4_1', 'F32', ... from general.file_type ('' when absent or unknown)."""
+    import gguf
+
+    f = reader.fields.get("general.file_type")
+    try:
+        return gguf.LlamaFileType(f.contents()).name.removeprefix("MOSTLY_").removeprefix("ALL_") if f else ""
+    except ValueError:
+        return ""
+
+
 def _out_file(out: Path, stem: str, loras: list[str], quant: str) -> Path:
     if out.suffix == ".gguf":
         target = out
@@ -200,6 +212,10 @@ def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, m
             originals = {changed[t.name]: _dequantized(t) - deltas[changed[t.name]]
                          for t in reader.tensors if t.name in changed}
         quant = quant or default_quant(base.parameters)
+        base_type = _file_type(reader)
+        if base_type not in ("F32", "F16", "BF16", quant) and quant not in ("F32", "F16", "BF16"):
+            progress(0.8, f"note: the base is stored as {base_type}; re-quantizing its weights to {quant} adds "
+                          "rounding error of its own (keep the base's type, or pick Q8_0/F16, to avoid it)")
         target = _out_file(out, stem, loras, quant)
         progress(0.85, f"quantizing to {quant}")
         part = Path(tmp) / target.name
