@@ -144,8 +144,8 @@ def test_weighted_stack_equals_peft_cat(engine, gguf_models, loras):
         expected, ref_logits = peft_reference(base, {n: (loras / n, w) for n, w in weights.items()})
         engine.set_adapters(weights)
         assert engine.generate(PROMPT, GREEDY) == expected
-        diff = np.abs(f32_kv_logits(gguf_models / "tiny-llama.gguf", [(converted(loras, n), w) for n, w in weights.items()])
-                      - ref_logits.numpy()).max()
+        files = [(converted(loras, n), w) for n, w in weights.items()]
+        diff = np.abs(f32_kv_logits(gguf_models / "tiny-llama.gguf", files) - ref_logits.numpy()).max()
         assert diff < 1e-3, f"max |logit difference| vs PEFT for {weights}: {diff}"
 
 

@@ -56,7 +56,8 @@ def _add_tokenizer(writer, folder: Path, n_vocab: int) -> None:
     model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel" \
             or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
-        raise UnsupportedOperation(f"{folder.name}: only GPT-2 style byte-level BPE tokenizers are written to GGUF here")
+        raise UnsupportedOperation(f"{folder.name}: only GPT-2 style byte-level BPE tokenizers are written to GGUF "
+                                   "here")
     # gguf's BpeVocab marks special tokens that are also in the BPE vocab as NORMAL; llama.cpp needs
     # them CONTROL to parse "<|im_start|>" as one token and to hide it in output, so the list is built here.
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]

@@ -142,7 +142,8 @@ def read_base(path: Path, name: str | None = None, reader=None) -> GgufBase:
     digest = hashlib.sha1(json.dumps([arch, n_head, n_head_kv, sorted(tensors.items())]).encode()).hexdigest()[:12]
     base = GgufBase(path=Path(path), arch=arch, n_layers=n_layers, n_head=n_head, n_head_kv=n_head_kv,
                     tensors=tensors, names=names, fingerprint=digest, parameters=parameters)
-    base.description = BaseDescription(name=display_name(name or Path(path).name), model_type=arch, layers=layers, num_layers=n_layers)
+    base.description = BaseDescription(name=display_name(name or Path(path).name), model_type=arch, layers=layers,
+                                       num_layers=n_layers)
     return base
 
 
@@ -157,7 +158,7 @@ def _peft_scale(config: dict, module: str, rank: int) -> float:
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def lora_pairs(files: AdapterFiles, state: dict, base: GgufBase, ignored=()) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
+def lora_pairs(files: AdapterFiles, state: dict, base: GgufBase, ignored=()) -> list[tuple]:
     """(GGUF tensor name, A (r, in), B (out, r), PEFT scale) for each adapted module, in GGUF layout
     (B already permuted for q/k). Refuses what llama.cpp cannot run: DoRA, embedding LoRAs, saved modules."""
     groups: dict[str, dict] = {}
@@ -167,11 +168,13 @@ def lora_pairs(files: AdapterFiles, state: dict, base: GgufBase, ignored=()) -> 
         if leaf in ignored:
             continue
         if part == "lora_magnitude_vector":
-            raise AdapterError(f"{files.name}: a DoRA adapter; llama.cpp runs plain LoRA only (merge it on the transformers loader)")
+            raise AdapterError(f"{files.name}: a DoRA adapter; llama.cpp runs plain LoRA only "
+                               "(use it on the transformers loader)")
         if part in ("lora_embedding_A", "lora_embedding_B"):
             raise AdapterError(f"{files.name}: LoRA on the embedding layer ({module}) cannot run on llama.cpp")
         if not part:
-            raise AdapterError(f"{files.name}: saves whole module {module} (modules_to_save), which llama.cpp adapters cannot carry")
+            raise AdapterError(f"{files.name}: saves whole module {module} (modules_to_save), which llama.cpp "
+                               "adapters cannot carry")
         groups.setdefault(module, {})[part] = tensor
     pairs = []
     for module, parts in sorted(groups.items()):
@@ -236,7 +239,8 @@ def cached_conversion(files: AdapterFiles, state: dict, base: GgufBase, ignored=
         finally:
             Path(tmp).unlink(missing_ok=True)
         return folder / name
-    raise AdapterError(f"{files.name}: nowhere to write its GGUF conversion (adapter folder and temp dir are read-only)")
+    raise AdapterError(f"{files.name}: nowhere to write its GGUF conversion (adapter folder and temp dir are "
+                       "read-only)")
 
 
 # -- GGUF LoRA files in the loras folder ----------------------------------------------------------------

@@ -82,11 +82,13 @@ class LlamaCppBackend(Backend):
         gpu = llama_cpp.llama_supports_gpu_offload() and spec.device != "cpu"
         progress(0.1, f"loading {path.name} with llama.cpp" + (" (GPU offload)" if gpu else ""))
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=spec.n_ctx, n_threads=spec.n_threads or os.cpu_count(),
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=spec.n_ctx,
+                                       n_threads=spec.n_threads or os.cpu_count(),
                                        n_gpu_layers=spec.n_gpu_layers if gpu else 0, verbose=False)
         except Exception as e:
             self.unload()
-            raise ModelLoadError(f"could not load {path.name} with llama.cpp: {_diagnose(path) or _first_line(e)}") from e
+            reason = _diagnose(path) or _first_line(e)
+            raise ModelLoadError(f"could not load {path.name} with llama.cpp: {reason}") from e
         self.path = Path(path)
         meta = self.llm.metadata
         arch = meta.get("general.architecture", "")
@@ -111,7 +113,7 @@ class LlamaCppBackend(Backend):
     def capabilities(self) -> Capabilities:
         return Capabilities(loader=self.name, samplers=SAMPLERS, settings=SETTINGS,
                             adapters=True, adapter_stack=True, merge=False,
-                            extra={"merge_hint": "merge adapters into a GGUF with: python -m webui export --format gguf"})
+                            extra={"merge_hint": "bake adapters into a GGUF: python -m webui export --format gguf"})
 
     # -- adapters (llama.cpp runtime LoRA) ------------------------------------------------------------
     def gguf_base(self):
