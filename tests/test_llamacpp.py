@@ -100,6 +100,22 @@ def test_gguf_base_matches_transformers(engine, gguf_models):
     assert engine.chat_prompt(msgs) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_architectures(arch, tiny_models, tmp_path):
+    """Mistral (a Llama to llama.cpp: q/k permuted) and Qwen2 (NEOX rope: not permuted, q/k/v biases)."""
+    models, loras = tmp_path / "models", tmp_path / "loras"
+    models.mkdir()
+    hf_to_gguf(tiny_models[arch], models / f"tiny-{arch}.gguf")
+    write_adapter(tiny_models[arch], loras / "a", target_modules="all-linear", r=4, alpha=8, seed=4)
+    expected, _ = peft_reference(tiny_models[arch], {"a": (loras / "a", 1.0)})
+    engine = Engine(models, loras)
+    engine.load(ModelSpec(model=f"tiny-{arch}.gguf"))
+    assert engine.generate(PROMPT, GREEDY) == reference_greedy(tiny_models[arch], PROMPT, 12)
+    engine.set_adapters({"a": 1.0})
+    assert engine.generate(PROMPT, GREEDY) == expected
+    engine.unload()
+
+
 def test_describe_base_uses_hf_names_and_shapes(engine, gguf_models):
     from transformers import AutoModelForCausalLM
 

@@ -1,10 +1,11 @@
 """A transformers model folder → a GGUF file llama.cpp loads (F32 or F16), with the `gguf` package.
 
 llama.cpp's own converter (convert_hf_to_gguf.py) lives only in its source tree and needs a newer gguf-py
-than PyPI's, so this is the smallest converter for what we can test: the llama architecture (Llama, and
-SmolLM2 — the embedded model's transformers folder) with a byte-level BPE tokenizer (GPT-2 style, as
-`tokenizer.json` describes it). Tensor names come from the gguf package's HF→GGUF map; q/k rows are
-permuted the way llama.cpp's converter does (see webui.adapters.gguf_lora.permute_rows); hyper-parameters,
+than PyPI's, so this is the smallest converter for what we can test: Llama (and SmolLM2, the embedded
+model's transformers folder), Mistral without a sliding window, and Qwen2, with a byte-level BPE
+tokenizer (GPT-2 style, as `tokenizer.json` describes it). Tensor names come from the gguf package's
+HF→GGUF map; for llama-architecture GGUFs q/k rows are permuted the way llama.cpp's converter does (see
+webui.adapters.gguf_lora.permute_rows); hyper-parameters,
 special tokens, merges and the chat template are written as llama.cpp reads them. Anything else is
 refused with a message that names what is missing.
 """
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from webui.adapters.gguf_lora import NameMap, gguf_module, permute_rows
+from webui.adapters.gguf_lora import PERMUTED_ARCHS, NameMap, gguf_module, permute_rows
 from webui.backends.base import UnsupportedOperation
 
-SUPPORTED = ("llama",)
+# transformers model_type -> GGUF architecture, as llama.cpp's converter writes them (Mistral without a
+# sliding window is a Llama to llama.cpp). q/k rows are permuted for the GGUF archs in PERMUTED_ARCHS.
+SUPPORTED = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
 def _rope_theta(cfg: dict) -> float:
@@ -91,7 +94,8 @@ def _adds_bos(folder: Path) -> bool:
 
 
 def hf_to_gguf(folder: Path, out: Path, ftype: str = "F32", name: str | None = None) -> Path:
-    """Write `folder` (a transformers llama model) as a GGUF file at `out`; ftype F32 or F16 (2-D weights)."""
+    """Write `folder` (a transformers Llama/Mistral/Qwen2 model) as a GGUF file at `out`; ftype F32 or F16
+    (the 2-D weights; norms and biases stay F32)."""
     gguf = gguf_module()
     folder, out = Path(folder), Path(out)
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -99,6 +103,8 @@ def hf_to_gguf(folder: Path, out: Path, ftype: str = "F32", name: str | None = N
     if model_type not in SUPPORTED:
         raise UnsupportedOperation(f"{folder.name}: writing a {model_type or 'unknown'} model to GGUF is not supported "
                                    f"(supported: {', '.join(SUPPORTED)})")
+    if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
+        raise UnsupportedOperation(f"{folder.name}: sliding-window attention is not written to GGUF by this converter")
     _check_rope(cfg)
     if ftype not in ("F32", "F16"):
         raise UnsupportedOperation(f"hf_to_gguf writes F32 or F16, not {ftype}")
@@ -107,9 +113,10 @@ def hf_to_gguf(folder: Path, out: Path, ftype: str = "F32", name: str | None = N
     hidden = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or hidden // n_head)
     n_vocab = int(cfg["vocab_size"])
-    names = NameMap("llama", n_layers)
+    arch = SUPPORTED[model_type]
+    names = NameMap(arch, n_layers)
 
-    writer = gguf.GGUFWriter(str(out), "llama")
+    writer = gguf.GGUFWriter(str(out), arch)
     writer.add_name(name or folder.name)
     writer.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
     writer.add_embedding_length(hidden)
@@ -134,10 +141,10 @@ def hf_to_gguf(folder: Path, out: Path, ftype: str = "F32", name: str | None = N
         module, _, suffix = key.rpartition(".")
         gname = names.to_gguf(module)
         if gname is None or suffix not in ("weight", "bias"):
-            raise UnsupportedOperation(f"{folder.name}: tensor {key} has no GGUF name for the llama architecture")
-        if gname.endswith(".attn_q"):
+            raise UnsupportedOperation(f"{folder.name}: tensor {key} has no GGUF name for the {arch} architecture")
+        if arch in PERMUTED_ARCHS and gname.endswith(".attn_q"):
             w = permute_rows(w, n_head, n_head)
-        elif gname.endswith(".attn_k"):
+        elif arch in PERMUTED_ARCHS and gname.endswith(".attn_k"):
             w = permute_rows(w, n_head, n_head_kv)
         dtype = np.float16 if ftype == "F16" and w.ndim == 2 else np.float32
         writer.add_tensor(f"{gname}.{suffix}", np.ascontiguousarray(w, dtype=dtype))
