@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--quant", default=None, help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, "
                         "Q4_0, Q4_1, ... (default Q8_0 for models under 3B parameters, else Q4_K_M)")
+    export.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="GPTQ: bits per weight (default 4)")
+    export.add_argument("--group-size", type=int, default=128,
+                        help="GPTQ: weights sharing one scale (default 128; -1 = one per column)")
+    export.add_argument("--calibration", default=None,
+                        help="GPTQ: a text file to calibrate on (default: webui/data/calibration.txt)")
     export.add_argument("--models-dir", default="models")
     export.add_argument("--loras-dir", default="loras")
     return parser
@@ -127,7 +132,9 @@ def _export(args) -> int:
     try:
         out = export_model(args.model, args.lora, args.weights, args.format, Path(args.out),
                            Path(args.models_dir), Path(args.loras_dir),
-                           progress=lambda f, msg: print(f"[export] {msg}", file=sys.stderr), quant=args.quant)
+                           progress=lambda f, msg: print(f"[export] {msg}", file=sys.stderr), quant=args.quant,
+                           bits=args.bits, group_size=args.group_size,
+                           calibration=Path(args.calibration) if args.calibration else None)
     except (AdapterError, ModelLoadError, UnsupportedOperation, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -4,7 +4,8 @@
 safetensors weights) that plain `AutoModelForCausalLM.from_pretrained` loads. The merge runs on a fresh
 float copy of the base (never on the model the app is serving) through the same Engine operations as
 the chat, and the result is saved in the base's own dtype. `gguf`: see webui/export_gguf.py (`--quant`
-picks the type). gptq comes with its loader.
+picks the type). `gptq`: merge, then quantize with GPTQModel (see webui/export_gptq.py; `--bits`,
+`--group-size`, `--calibration`).
 
     python -m webui export --model M --lora A --lora B --weights 1 0.5 --format safetensors --out DIR
 """
@@ -26,7 +27,8 @@ FORMATS = ("safetensors", "gguf", "gptq")
 
 def export_model(model: str, loras: list[str], weights: list[float] | None, fmt: str, out: Path,
                  models_dir: Path = Path("models"), loras_dir: Path = Path("loras"),
-                 progress: Progress = no_progress, quant: str | None = None) -> Path:
+                 progress: Progress = no_progress, quant: str | None = None, bits: int = 4,
+                 group_size: int = 128, calibration: Path | None = None) -> Path:
     if fmt not in FORMATS:
         raise UnsupportedOperation(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
     if fmt == "gguf":  # merge (PEFT, or into the GGUF's own weights), write GGUF, quantize: webui/export_gguf.py
@@ -36,12 +38,14 @@ def export_model(model: str, loras: list[str], weights: list[float] | None, fmt:
         if len(weights) != len(loras):
             raise UnsupportedOperation(f"{len(weights)} weight(s) given for {len(loras)} adapter(s)")
         return export_gguf(model, loras, weights, Path(out), Path(models_dir), Path(loras_dir), quant, progress)
-    if fmt != "safetensors":
-        raise UnsupportedOperation(f"--format {fmt} is not available yet (it comes with the {fmt} loader); "
-                                   "use --format safetensors")
     weights = list(weights or [1.0] * len(loras))
     if len(weights) != len(loras):
         raise UnsupportedOperation(f"{len(weights)} weight(s) given for {len(loras)} adapter(s)")
+    if fmt == "gptq":  # merge on a float copy (the safetensors path below), then quantize: webui/export_gptq.py
+        from webui.export_gptq import export_gptq
+
+        return export_gptq(model, loras, weights, Path(out), Path(models_dir), Path(loras_dir), bits, group_size,
+                           calibration, progress)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose another --out")

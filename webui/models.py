@@ -73,12 +73,17 @@ def detect_loader(path: Path, requested: str = "auto") -> str:
 
 def resolve(model: str, loader: str, models_dir: Path, progress=None) -> tuple[Path, str]:
     """(path, loader) for a ModelSpec's model/loader. An empty model means the embedded SmolLM2:
-    its GGUF for llama.cpp, else a safetensors folder converted from it once under models_dir."""
+    its GGUF for llama.cpp, a 4-bit GPTQ folder quantized from it once for gptq, else a safetensors folder
+    converted from it once under models_dir."""
     if not model:
         if loader == "auto":
             loader = "llamacpp" if "llamacpp" in available_loaders() else "transformers"
         if loader == "llamacpp":
             return embedded.gguf_path(), detect_loader(embedded.gguf_path(), loader)
+        if loader == "gptq":  # quantized once (from the safetensors folder) and reused after
+            from webui.export_gptq import ensure_embedded
+            folder = ensure_embedded(Path(models_dir), progress)
+            return folder, detect_loader(folder, loader)
         folder = embedded.ensure_transformers_folder(Path(models_dir), progress)
         return folder, detect_loader(folder, loader)
     path = resolve_model_path(model, models_dir)

@@ -10,6 +10,7 @@ from webui.backends.base import Backend, ModelLoadError
 REGISTRY: dict[str, str] = {
     "transformers": "webui.backends.transformers:TransformersBackend",
     "llamacpp": "webui.backends.llamacpp:LlamaCppBackend",
+    "gptq": "webui.backends.gptq:GptqBackend",
 }
 
 

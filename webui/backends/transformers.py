@@ -126,7 +126,7 @@ class TransformersBackend(Backend):
             raise ModelLoadError(f"{path.name}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
 
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.device = pick_device(spec.device)
         dtype = pick_dtype(spec.dtype, self.device)
@@ -135,11 +135,11 @@ class TransformersBackend(Backend):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kwargs)
             progress(0.3, f"loading weights of {path.name} ({dtype}, {self.device})")
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True, **kwargs)
+            model = self._from_pretrained(where, dtype, **kwargs)
         except Exception as e:
             self.unload()
             raise ModelLoadError(f"could not load {path.name}: {_first_line(e)}") from e
-        self.model = model.to(self.device).eval()
+        self.model = model.eval()
         if path.is_dir():
             cfg_json = json.loads((path / "config.json").read_text())
             self.source_dtype = str(cfg_json.get("dtype") or cfg_json.get("torch_dtype") or "")
@@ -153,6 +153,12 @@ class TransformersBackend(Backend):
             context_length=int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 0))
         progress(1.0, f"loaded {path.name}")
         return self.info
+
+    def _from_pretrained(self, where: str, dtype, **kwargs):
+        """The model's weights on self.device (the GPTQ loader overrides this to load 4-bit layers)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True, **kwargs).to(self.device)
 
     def unload(self) -> None:
         self.adapters = None

@@ -85,11 +85,9 @@ def _load_model(path: Path):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     cuda = torch.cuda.is_available()
-    if is_gptq_folder(path):  # QLoRA: 4-bit weights, trainable kernel, float32 activations
-        from transformers import GPTQConfig
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), quantization_config=GPTQConfig(bits=4, backend="auto_trainable"), dtype=torch.float32,
-            device_map="auto" if cuda else {"": "cpu"})
+    if is_gptq_folder(path):  # QLoRA: 4-bit weights, GPTQModel's trainable kernel, float32 activations
+        from webui.backends.gptq import load_quantized
+        model = load_quantized(path, "cuda" if cuda else "cpu", torch.float32, trainable=True)
     else:
         dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
@@ -188,7 +186,11 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
         log(f"warning: {note}")
     train_set, eval_set = split(samples, cfg.dataset.eval_fraction, cfg.training.seed)
     try:
-        peft_model = get_peft_model(model, cfg.lora.peft_config())
+        lora_config = cfg.lora.peft_config()
+        if getattr(model, "quantization_method", None) == "gptq":  # all-linear → the quantized layers' names
+            from webui.backends.gptq import expand_all_linear
+            lora_config = expand_all_linear(lora_config, model)
+        peft_model = get_peft_model(model, lora_config)
     except (ValueError, TypeError, ConfigError) as e:
         raise TrainingError(f"lora: {e}") from None
 
