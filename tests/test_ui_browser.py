@@ -39,7 +39,7 @@ def test_chat_in_the_browser(browser, start_app, embedded_folder, tiny_models, t
 
     page = open_app(browser, app.url)
     assert [t.inner_text().strip() for t in page.get_by_role("tab").all()] == ["Chat", "Parameters", "Model", "Training"]
-    assert "SmolLM2-135M-Instruct" in page.inner_text("#chat-status")
+    assert "SmolLM2-135M-Instruct" in wait_text(lambda: page.inner_text("#chat-status"), timeout=20)
 
     greedy(page, MAX_NEW)
     send(page, QUESTION)

@@ -140,6 +140,7 @@ class ServerConfig:
     api_key: str = _opt("", "Key required as `Authorization: Bearer KEY` on /v1.")
     nowebui: bool = _opt(False, "Serve the API alone, without the web UI.")
     extensions: list = _opt([], "Extensions (folders in extensions/) to load.")
+    extensions_dir: str = _opt("extensions", "Folder of extensions (extensions/NAME/script.py).")
 
     def __post_init__(self):
         _validate(self)

@@ -2,23 +2,30 @@
 the Chat tab reads the Parameters tab's components and the Model tab updates the Chat tab's status."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from webui.config import ServerConfig
 from webui.engine import Engine
+from webui.extensions import Extensions
 from webui.training.runner import TrainingRunner
 from webui.ui.chat_tab import ChatTab
+from webui.ui.extensions_area import extensions_area
 from webui.ui.model_tab import ModelTab
 from webui.ui.parameters_tab import ParametersTab
 from webui.ui.training_tab import TrainingTab
 
 
 def build_ui(engine: Engine, cfg: ServerConfig) -> gr.Blocks:
+    extensions = Extensions(Path(cfg.extensions_dir), cfg.paths["user"] / "settings.yaml")
+    extensions.load_all([*cfg.extensions, *(extensions.settings().get("extensions") or [])])
     with gr.Blocks(title="LoRA Deck") as demo:
         gr.Markdown("## LoRA Deck")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                chat = ChatTab(engine, cfg.paths["user"])
+                chat = ChatTab(engine, cfg.paths["user"], extensions)
+                extensions_area(extensions)
             with gr.Tab("Parameters", id="parameters"):
                 params = ParametersTab(cfg.paths["presets"])
             with gr.Tab("Model", id="model"):

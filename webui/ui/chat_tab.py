@@ -5,19 +5,21 @@ value lives in the page); the Engine makes concurrent users wait their turn inst
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import gradio as gr
 
 from webui.backends.base import UnsupportedOperation
+from webui.adapters.files import AdapterError
 from webui.config import ConfigError
+from webui.extensions import Extensions
 from webui.conversations import list_conversations, load_conversation, save_conversation
 from webui.engine import Engine, NoModelLoaded
 from webui.ui.compare import CompareBox
 from webui.ui.status import model_line
 
 log = logging.getLogger(__name__)
+ADAPTER_ERRORS = (AdapterError, UnsupportedOperation)
 
 
 def message_text(content) -> str:
@@ -42,12 +44,14 @@ def to_messages(history: list, system: str) -> list[dict]:
 
 
 class ChatTab:
-    def __init__(self, engine: Engine, user_dir: Path):
+    def __init__(self, engine: Engine, user_dir: Path, extensions: Extensions | None = None):
         self.engine = engine
         self.conversations_dir = Path(user_dir) / "conversations"
-        self._cancels: dict[str, threading.Event] = {}  # per browser session: its running generation
-        self.status = gr.Markdown(elem_id="chat-status")
+        self.extensions = extensions or Extensions(Path("extensions"))
+        self._handles: dict = {}  # per browser session: its running generation (a scheduler JobHandle)
+        self.status = gr.Markdown(model_line(engine), elem_id="chat-status")
         self.chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=480)
+        self.answered = gr.Markdown(elem_id="chat-answered")
         with gr.Row():
             self.message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
                                       scale=8, elem_id="chat-input", autofocus=True)
@@ -75,72 +79,98 @@ class ChatTab:
         return model_line(self.engine)
 
     # -- handlers ------------------------------------------------------------------------------------
-    def _stream_reply(self, history: list, system: str, params, request: gr.Request, continue_last=False):
-        """Stream the assistant's reply into history[-1] (a fresh message, or the one being continued)."""
+    def _answered(self, adapters, state: dict) -> str:
+        info = self.engine.loaded
+        stack = self.engine.active_adapters if adapters is None else adapters
+        who = ", ".join(f"{n} × {w:g}" for n, w in stack.items()) or "no adapter"
+        note = f" — {state['note']}" if state.get("note") else ""
+        return f"Last reply: **{info.name if info else '?'}** with {who}{note}"
+
+    def _stream(self, history: list, prompt: str, params, adapters, request: gr.Request, state: dict):
+        """Stream a reply to `prompt` into history[-1] through the Engine's scheduler (which batches
+        concurrent users); yields (history, answered-by line)."""
         key = request.session_hash if request else "default"
-        cancel = self._cancels[key] = threading.Event()
+        text = message_text(history[-1]["content"])
         try:
-            if continue_last:
-                prompt = self.engine.chat_prompt(to_messages(history, system), add_generation_prompt=False)
-                # Some templates close the turn after the last message; continue inside it instead.
-                last = message_text(history[-1]["content"])
-                prompt = prompt[:prompt.rfind(last) + len(last)] if last and last in prompt else prompt
-                chunks = self.engine.stream(prompt, params, cancel)
-            else:
-                chunks = self.engine.stream_chat(to_messages(history[:-1], system), params, cancel)
-                history[-1]["content"] = ""
-            text = message_text(history[-1]["content"])
-            for delta in chunks:
+            handle = self._handles[key] = self.engine.scheduler.submit(prompt, params, adapters)
+            for delta in handle:
                 text += delta
                 history[-1]["content"] = text
-                yield history
+                yield history, gr.update()
+            history[-1]["content"] = self.extensions.output(text, state)
+            yield history, self._answered(adapters, state)
         except Exception as e:  # shown in the page; the chat and the model stay usable
             if not isinstance(e, (NoModelLoaded, UnsupportedOperation, ConfigError)):
                 log.exception("generation failed")
             gr.Warning(str(e))
-            if not continue_last and not message_text(history[-1]["content"]):
+            if not message_text(history[-1]["content"]):
                 history[-1]["content"] = f"*{e}*"
-            yield history
+            yield history, gr.update()
         finally:
-            self._cancels.pop(key, None)
+            self._handles.pop(key, None)
+
+    def _reply(self, history: list, user_text: str, system: str, params, request):
+        """history ends with [user, empty assistant]; fill the assistant turn."""
+        try:
+            messages, params, adapters, state = self.extensions.chat_turn(
+                to_messages(history[:-2], ""), user_text, system, params)
+            prompt = self.engine.chat_prompt(messages)
+            if adapters:
+                self.engine.prepare_adapters(list(adapters))
+        except (NoModelLoaded, ConfigError, *ADAPTER_ERRORS) as e:
+            gr.Warning(str(e))
+            history[-1]["content"] = f"*{e}*"
+            yield history, gr.update()
+            return
+        yield from self._stream(history, prompt, params, adapters, request, state)
 
     def wire(self, params_tab) -> None:
         param_inputs = params_tab.inputs
+        outputs = [self.message, self.chatbot, self.answered]
 
         def submit(request: gr.Request, message, history, system, *values):
             history = list(history or [])
             if not (message or "").strip():
-                yield gr.update(), history
+                yield gr.update(), history, gr.update()
                 return
             try:
                 params = params_tab.params_from(values)
             except ConfigError as e:
                 gr.Warning(str(e))
-                yield message, history
+                yield message, history, gr.update()
                 return
             history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-            yield "", history
-            for h in self._stream_reply(history, system, params, request):
-                yield "", h
+            yield "", history, gr.update()
+            for h, answered in self._reply(history, message, system, params, request):
+                yield "", h, answered
 
         def regenerate(request: gr.Request, history, system, *values):
             history = list(history or [])
             while history and history[-1]["role"] == "assistant":
                 history.pop()
             if not history:
-                yield history
+                yield history, gr.update()
                 return
+            user_text = message_text(history[-1]["content"])
             history.append({"role": "assistant", "content": ""})
-            yield history
-            yield from self._stream_reply(history, system, params_tab.params_from(values), request)
+            yield history, gr.update()
+            yield from self._reply(history, user_text, system, params_tab.params_from(values), request)
 
         def continue_(request: gr.Request, history, system, *values):
             history = list(history or [])
             if not history or history[-1]["role"] != "assistant":
-                yield history
+                yield history, gr.update()
                 return
-            yield from self._stream_reply(history, system, params_tab.params_from(values), request,
-                                          continue_last=True)
+            try:
+                prompt = self.engine.chat_prompt(to_messages(history, system), add_generation_prompt=False)
+            except NoModelLoaded as e:
+                gr.Warning(str(e))
+                yield history, gr.update()
+                return
+            # Templates close the turn after the last message; continue inside it instead.
+            last = message_text(history[-1]["content"])
+            prompt = prompt[:prompt.rfind(last) + len(last)] if last and last in prompt else prompt
+            yield from self._stream(history, prompt, params_tab.params_from(values), None, request, {})
 
         def remove_last(history):
             history = list(history or [])
@@ -151,16 +181,15 @@ class ChatTab:
             return history
 
         def stop(request: gr.Request):
-            event = self._cancels.get(request.session_hash if request else "default")
-            if event:
-                event.set()
+            handle = self._handles.get(request.session_hash if request else "default")
+            if handle:
+                handle.close()
 
         # gr.Request is injected only into positional parameters before *values (gradio's rule).
-        io = dict(inputs=[self.message, self.chatbot, self.system, *param_inputs],
-                  outputs=[self.message, self.chatbot])
+        io = dict(inputs=[self.message, self.chatbot, self.system, *param_inputs], outputs=outputs)
         self.message.submit(submit, **io)
         self.send.click(submit, **io)
-        hist_io = dict(inputs=[self.chatbot, self.system, *param_inputs], outputs=self.chatbot)
+        hist_io = dict(inputs=[self.chatbot, self.system, *param_inputs], outputs=[self.chatbot, self.answered])
         self.regenerate.click(regenerate, **hist_io)
         self.continue_.click(continue_, **hist_io)
         self.remove_last.click(remove_last, inputs=self.chatbot, outputs=self.chatbot)
