@@ -50,6 +50,7 @@ def _first_line(e: BaseException) -> str:
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
+    SETTINGS = SETTINGS  # the Model tab shows these for this loader
 
     def __init__(self):
         self.llm = None
