@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODULES = ("bench.adapters_transformers", "bench.api_transformers", "bench.training", "bench.adapters_llamacpp", "bench.download")
+MODULES = ("bench.adapters_transformers", "bench.api_transformers", "bench.training", "bench.adapters_llamacpp", "bench.download",
+           "bench.adapters_gptq")
 
 
 def machine() -> str:

@@ -46,8 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", default=None, help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, "
                         "Q4_0, Q4_1, ... (default Q8_0 for models under 3B parameters, else Q4_K_M)")
     export.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="GPTQ: bits per weight (default 4)")
-    export.add_argument("--group-size", type=int, default=128,
-                        help="GPTQ: weights sharing one scale (default 128; -1 = one per column)")
+    export.add_argument("--group-size", type=int, default=None,
+                        help="GPTQ: weights sharing one scale (default 128, or the largest of 64/32/16 that divides "
+                             "the model's layer sizes; -1 = one per column)")
     export.add_argument("--calibration", default=None,
                         help="GPTQ: a text file to calibrate on (default: webui/data/calibration.txt)")
     export.add_argument("--models-dir", default="models")

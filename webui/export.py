@@ -28,7 +28,7 @@ FORMATS = ("safetensors", "gguf", "gptq")
 def export_model(model: str, loras: list[str], weights: list[float] | None, fmt: str, out: Path,
                  models_dir: Path = Path("models"), loras_dir: Path = Path("loras"),
                  progress: Progress = no_progress, quant: str | None = None, bits: int = 4,
-                 group_size: int = 128, calibration: Path | None = None) -> Path:
+                 group_size: int | None = None, calibration: Path | None = None) -> Path:
     if fmt not in FORMATS:
         raise UnsupportedOperation(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
     if fmt == "gguf":  # merge (PEFT, or into the GGUF's own weights), write GGUF, quantize: webui/export_gguf.py

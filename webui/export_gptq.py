@@ -13,6 +13,9 @@ models/SmolLM2-135M-Instruct-GPTQ/ and reused after.
 
     python -m webui export --model M --lora A --format gptq --out DIR [--bits 4 --group-size 128]
                            [--calibration FILE]
+
+Group size: 128 unless the model's layer sizes are not multiples of it, then the largest of 64/32/16 that
+fits (SmolLM2's hidden size is 576: 64).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration.txt"
 BITS = (2, 3, 4, 8)        # what GPTQModel's GPTQ kernels pack
 MAX_SAMPLES = 128          # GPTQ papers use 128 samples; more adds time, not accuracy
 SAMPLE_CHARS = 1000        # ~250 tokens of English per sample: enough context, and more samples
-EMBEDDED_GROUP_SIZE = 64   # SmolLM2's hidden size 576 is a multiple of 64 (not of 128)
+GROUP_SIZES = (128, 64, 32, 16)  # in order of preference: smaller groups fit closer but store more scales
 _DONE = ".lora-deck-converted"
 
 
@@ -53,16 +56,17 @@ def calibration_samples(path: Path | None = None) -> list[str]:
     return samples[:MAX_SAMPLES]
 
 
-def quantize_folder(src: Path, dst: Path, bits: int = 4, group_size: int = 128, calibration: Path | None = None,
-                    progress: Progress = no_progress) -> None:
-    """GPTQModel: quantize the float transformers folder `src` into `dst` (which must not exist)."""
+def quantize_folder(src: Path, dst: Path, bits: int = 4, group_size: int | None = None,
+                    calibration: Path | None = None, progress: Progress = no_progress) -> None:
+    """GPTQModel: quantize the float transformers folder `src` into `dst` (which must not exist); group_size
+    None picks one (see pick_group_size)."""
     from webui.backends.gptq import gptqmodel_env, quantization_config
 
     if bits not in BITS:
         raise UnsupportedOperation(f"--bits {bits}: GPTQ packs {', '.join(map(str, BITS))} bits")
     if quantization_config(src):
         raise UnsupportedOperation(f"{src.name} is already GPTQ-quantized; export from its float model")
-    _check_group_size(src, group_size)
+    group_size = pick_group_size(src, group_size)
     samples = calibration_samples(calibration)
     gptqmodel_env()
     import torch
@@ -80,22 +84,27 @@ def quantize_folder(src: Path, dst: Path, bits: int = 4, group_size: int = 128, 
     tok.save_pretrained(str(dst))
 
 
-def _check_group_size(src: Path, group_size: int) -> None:
-    """Every quantized layer's input size must be a multiple of the group size; say so before an hour of work."""
-    if group_size == -1:
-        return
-    if group_size <= 0 or group_size & (group_size - 1):
-        raise UnsupportedOperation(f"--group-size {group_size}: use a power of two (32, 64, 128) or -1")
+def pick_group_size(src: Path, requested: int | None = None) -> int:
+    """The group size to quantize `src` with. Every quantized layer's input size must be a multiple of it
+    (GPTQModel's CPU int4 kernel refuses other sizes at the first forward pass, measured: SmolLM2's 576 with
+    128). None: 128, or the largest of 64/32/16 that fits. A requested size that does not fit is refused."""
     cfg = json.loads((src / "config.json").read_text())
     sizes = {cfg.get(k) for k in ("hidden_size", "intermediate_size", "d_model", "n_embd")} - {None}
-    bad = sorted(s for s in sizes if isinstance(s, int) and s % group_size)
-    if bad:
-        raise UnsupportedOperation(f"--group-size {group_size} does not divide the layer size(s) {bad} of "
-                                   f"{src.name}; pick a group size that does (e.g. 64 or 32)")
+    fits = lambda g: all(s % g == 0 for s in sizes if isinstance(s, int))  # noqa: E731
+    if requested is None:
+        return next((g for g in GROUP_SIZES if fits(g)), -1)
+    if requested == -1:
+        return requested
+    if requested <= 0 or requested & (requested - 1):
+        raise UnsupportedOperation(f"--group-size {requested}: use a power of two (32, 64, 128) or -1")
+    if not fits(requested):
+        raise UnsupportedOperation(f"--group-size {requested} does not divide the layer sizes {sorted(sizes)} of "
+                                   f"{src.name}; pick one that does (e.g. {pick_group_size(src)})")
+    return requested
 
 
 def export_gptq(model: str, loras: list[str], weights: list[float], out: Path, models_dir: Path, loras_dir: Path,
-                bits: int = 4, group_size: int = 128, calibration: Path | None = None,
+                bits: int = 4, group_size: int | None = None, calibration: Path | None = None,
                 progress: Progress = no_progress) -> Path:
     from webui import embedded
     from webui.backends.gptq import quantization_config
@@ -105,17 +114,20 @@ def export_gptq(model: str, loras: list[str], weights: list[float], out: Path, m
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; choose another --out")
-    src = embedded.ensure_transformers_folder(models_dir, progress) if not model else resolve_model_path(model, models_dir)
+    src = resolve_model_path(model, models_dir) if model else embedded.ensure_transformers_folder(models_dir, progress)
     if src.is_dir() and quantization_config(src):
         raise UnsupportedOperation(f"{src.name} is already GPTQ-quantized: merge and quantize from its float "
                                    "model (PEFT cannot merge into GPTQ weights)")
-    calibration_samples(calibration)  # a bad --calibration file fails before the merge
+    calibration_samples(calibration)  # a bad --calibration file or --group-size fails before the merge
+    if src.is_dir() and (src / "config.json").is_file():
+        group_size = pick_group_size(src, group_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if loras or not (src.is_dir() and (src / "config.json").is_file()):
             progress(0.05, "merging on a float copy of the base (safetensors export)")
             src = export_model(model, loras, weights, "safetensors", work / "merged", models_dir, loras_dir, progress)
+        group_size = pick_group_size(src, group_size)
         quantize_folder(src, work / "gptq", bits, group_size, calibration, progress)
         (work / "gptq" / "lora-deck-export.json").write_text(json.dumps(
             {"base": model or embedded.NAME, "adapters": dict(zip([Path(n).name for n in loras], weights)),
@@ -148,7 +160,7 @@ def ensure_embedded(models_dir: Path, progress: Progress | None = None) -> Path:
     progress(None, f"quantizing the embedded {embedded.NAME} to 4-bit GPTQ (once, a few minutes on CPU)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=models_dir))
     try:
-        quantize_folder(src, tmp / "q", 4, EMBEDDED_GROUP_SIZE, None, progress)
+        quantize_folder(src, tmp / "q", 4, None, None, progress)  # group 64: 576 is not a multiple of 128
         (tmp / "q" / _DONE).write_text(f"quantized from {src.name}\n")
         if (target / _DONE).is_file():
             return target  # another process finished the same quantization meanwhile

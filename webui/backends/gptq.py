@@ -6,20 +6,19 @@ batched generation, and PEFT adapters (apply, weighted stacks, hot-swap, remove,
 webui.adapters.peft_stack, as PEFT wraps GPTQ layers in its GPTQLoraLinear.
 
 What differs: PEFT cannot merge a LoRA into 4-bit weights, so merging is refused with the way out
-("merge, then quantize": `python -m webui export --lora A --format gptq`), and PEFT's GPTQ LoRA layer
-does not take per-row `adapter_names`, so requests for different adapters run group by group rather
-than in one mixed batch. `load_quantized` is also what QLoRA training uses (trainable kernel, float32).
+("merge, then quantize": `python -m webui export --lora A --format gptq`); PEFT's GPTQ LoRA layer does
+not take the per-row `adapter_names` of mixed batches, so a small shim routes them to PEFT's own
+per-row code. `load_quantized` is also what QLoRA training uses (trainable kernel, float32).
 """
 from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 from webui.backends.base import Capabilities, LoadedInfo, ModelLoadError, Progress, UnsupportedOperation, no_progress
 from webui.backends.transformers import SAMPLERS, TransformersBackend
-from webui.config import GenerationParams, ModelSpec
+from webui.config import ModelSpec
 
 MERGE_REFUSED = ("a LoRA cannot be merged into GPTQ 4-bit weights (PEFT refuses: the quantized weights "
                  "cannot absorb the change). Merge, then quantize instead: python -m webui export --model "
@@ -49,10 +48,12 @@ def load_quantized(path: Path, device: str, dtype, trainable: bool = False):
     gptqmodel_env()
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    qc = quantization_config(path)
-    config = GPTQConfig(bits=int(qc.get("bits", 4)), backend="auto_trainable" if trainable else "auto")
-    return AutoModelForCausalLM.from_pretrained(str(path), quantization_config=config, dtype=dtype,
-                                                device_map={"": device}, local_files_only=True)
+    kwargs = {}
+    if trainable:  # only the kernel choice is taken from this; bits, group size... come from the folder
+        kwargs["quantization_config"] = GPTQConfig(bits=int(quantization_config(path).get("bits", 4)),
+                                                   backend="auto_trainable")
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": device},
+                                                local_files_only=True, **kwargs)
 
 
 def quant_layers(model) -> dict:
@@ -71,6 +72,28 @@ def expand_all_linear(lora_config, model):
     return lora_config
 
 
+def _accept_adapter_names(model) -> None:
+    """Mixed batches (one adapter per row) on GPTQ layers. PEFT's mixed-batch hook calls each LoRA layer with
+    `adapter_names=`, and the per-row code is in their common base (LoraLayer._mixed_batch_forward), but PEFT
+    0.21's GPTQLoraLinear.forward(x) does not take the argument (TypeError, measured). Route such calls to that
+    code, on these layer instances only (PEFT itself is left as it is)."""
+    from peft.tuners.lora.gptq import GPTQLoraLinear
+
+    for module in model.modules():
+        if isinstance(module, GPTQLoraLinear) and "forward" not in vars(module):
+            module.forward = _RowAdapters(module, module.forward)
+
+
+class _RowAdapters:
+    def __init__(self, layer, plain_forward):
+        self.layer, self.plain_forward = layer, plain_forward
+
+    def __call__(self, x, *args, adapter_names=None, **kwargs):
+        if adapter_names is None:
+            return self.plain_forward(x, *args, **kwargs)
+        return self.layer._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+
+
 class GptqBackend(TransformersBackend):
     name = "gptq"
     SETTINGS = ("dtype", "device")
@@ -81,8 +104,8 @@ class GptqBackend(TransformersBackend):
             raise ModelLoadError(f"{path.name}: the GPTQ loader reads a model folder, not a single file")
         super().preflight(path, spec)
         if not quantization_config(path):
-            raise ModelLoadError(f"{path.name} is not GPTQ-quantized (its config.json has no GPTQ quantization_config): "
-                                 "load it with --loader transformers, or make a GPTQ copy with "
+            raise ModelLoadError(f"{path.name} is not GPTQ-quantized (its config.json has no GPTQ "
+                                 "quantization_config): load it with --loader transformers, or make a GPTQ copy with "
                                  "python -m webui export --model NAME --format gptq --out DIR")
         try:
             gptqmodel_env()
@@ -103,9 +126,10 @@ class GptqBackend(TransformersBackend):
 
     @property
     def capabilities(self) -> Capabilities:
-        kernels = sorted({type(m).__name__ for m in quant_layers(self.model).values()}) if self.model is not None else []
+        layers = quant_layers(self.model).values() if self.model is not None else ()
+        kernels = sorted({type(m).__name__ for m in layers})
         return Capabilities(loader=self.name, samplers=SAMPLERS, settings=self.SETTINGS, adapters=True,
-                            adapter_stack=True, merge=False, mixed_batch=False,
+                            adapter_stack=True, merge=False, mixed_batch=True,
                             extra={"kernels": kernels, "merge_instead": "export --format gptq (merge, then quantize)"})
 
     def describe_base(self):
@@ -121,6 +145,10 @@ class GptqBackend(TransformersBackend):
             self._base_description = desc
         return self._base_description
 
+    def load_adapter(self, name: str, files, state: dict, report) -> None:
+        super().load_adapter(name, files, state, report)
+        _accept_adapter_names(self.model)
+
     # -- merging is impossible on 4-bit weights ---------------------------------------------------------
     def merge_adapters(self) -> None:
         raise UnsupportedOperation(MERGE_REFUSED)
@@ -131,11 +159,3 @@ class GptqBackend(TransformersBackend):
     def save_merged(self, out_dir: Path) -> None:
         raise UnsupportedOperation(MERGE_REFUSED)
 
-    def stream_batch(self, prompts: list[str], params: GenerationParams, adapter_names: list | None = None,
-                     cancel: threading.Event | None = None):
-        """Batched generation with the active stack for every row. PEFT's GPTQLoraLinear.forward takes no
-        `adapter_names` (measured with PEFT 0.21: TypeError), so one adapter per row is refused here and the
-        scheduler (capabilities.mixed_batch=False) runs each adapter's requests as their own batch."""
-        if adapter_names and any(adapter_names):
-            raise UnsupportedOperation("the gptq loader cannot mix adapters within one batch")
-        return super().stream_batch(prompts, params, None, cancel)
