@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from webui.backends.base import Progress, UnsupportedOperation, no_progress
+from webui.backends.base import ModelLoadError, Progress, UnsupportedOperation, no_progress
 
 CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration.txt"
 BITS = (2, 3, 4, 8)        # what GPTQModel's GPTQ kernels pack
@@ -70,8 +70,11 @@ def quantize_folder(src: Path, dst: Path, bits: int = 4, group_size: int | None 
     samples = calibration_samples(calibration)
     gptqmodel_env()
     import torch
-    from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
+    try:
+        from gptqmodel import GPTQModel, QuantizeConfig
+    except ImportError as e:
+        raise UnsupportedOperation(f"GPTQ quantization needs GPTQModel, which cannot be imported: {e}") from None
 
     tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     progress(None, f"quantizing {src.name} to {bits}-bit GPTQ, group size {group_size}, "
@@ -160,7 +163,11 @@ def ensure_embedded(models_dir: Path, progress: Progress | None = None) -> Path:
     progress(None, f"quantizing the embedded {embedded.NAME} to 4-bit GPTQ (once, a few minutes on CPU)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=models_dir))
     try:
-        quantize_folder(src, tmp / "q", 4, None, None, progress)  # group 64: 576 is not a multiple of 128
+        try:
+            quantize_folder(src, tmp / "q", 4, None, None, progress)  # group 64: 576 is not a multiple of 128
+        except Exception as e:  # reported like any model that cannot load (the Engine keeps the previous one)
+            raise ModelLoadError(f"could not quantize {embedded.NAME} for the gptq loader: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else repr(e)}") from e
         (tmp / "q" / _DONE).write_text(f"quantized from {src.name}\n")
         if (target / _DONE).is_file():
             return target  # another process finished the same quantization meanwhile
