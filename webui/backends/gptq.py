@@ -20,10 +20,10 @@ from webui.backends.base import Capabilities, LoadedInfo, ModelLoadError, Progre
 from webui.backends.transformers import SAMPLERS, TransformersBackend
 from webui.config import ModelSpec
 
-MERGE_REFUSED = ("a LoRA cannot be merged into GPTQ 4-bit weights (PEFT refuses: the quantized weights "
-                 "cannot absorb the change). Merge, then quantize instead: python -m webui export --model "
-                 "FLOAT_BASE --lora NAME --format gptq --out DIR merges on the float model and quantizes the "
-                 "result; load that folder with --loader gptq and no adapter.")
+MERGE_REFUSED = ("a LoRA cannot be merged into GPTQ-quantized weights (PEFT cannot: the weights would "
+                 "have to be quantized again, with calibration). Merge, then quantize instead: python -m webui "
+                 "export --model FLOAT_BASE --lora NAME --format gptq --out DIR merges on the float model and "
+                 "quantizes the result; load that folder with --loader gptq and no adapter.")
 
 
 def gptqmodel_env() -> None:
@@ -85,6 +85,8 @@ def _accept_adapter_names(model) -> None:
 
 
 class _RowAdapters:
+    """A GPTQLoraLinear's forward that also takes `adapter_names` (see _accept_adapter_names)."""
+
     def __init__(self, layer, plain_forward):
         self.layer, self.plain_forward = layer, plain_forward
 
@@ -97,6 +99,7 @@ class _RowAdapters:
 class GptqBackend(TransformersBackend):
     name = "gptq"
     SETTINGS = ("dtype", "device")
+    kernels: tuple = ()  # GPTQModel's kernel class(es) serving the loaded layers; set by load()
 
     @classmethod
     def preflight(cls, path: Path, spec: ModelSpec) -> None:
@@ -119,18 +122,19 @@ class GptqBackend(TransformersBackend):
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
         info = super().load(path, spec, progress)
         # 4-bit weights are packed buffers, not parameters: count what they stand for
-        info.parameters += sum(m.in_features * m.out_features for m in quant_layers(self.model).values())
+        layers = quant_layers(self.model).values()
+        info.parameters += sum(m.in_features * m.out_features for m in layers)
+        self.kernels = tuple(sorted({type(m).__name__ for m in layers}))
         qc = quantization_config(path)
         info.dtype = f"GPTQ {qc.get('bits', '?')}-bit, group {qc.get('group_size', '?')} ({info.dtype} activations)"
         return info
 
     @property
     def capabilities(self) -> Capabilities:
-        layers = quant_layers(self.model).values() if self.model is not None else ()
-        kernels = sorted({type(m).__name__ for m in layers})
         return Capabilities(loader=self.name, samplers=SAMPLERS, settings=self.SETTINGS, adapters=True,
                             adapter_stack=True, merge=False, mixed_batch=True,
-                            extra={"kernels": kernels, "merge_instead": "export --format gptq (merge, then quantize)"})
+                            extra={"kernels": list(self.kernels),
+                                   "merge_instead": "export --format gptq (merge, then quantize)"})
 
     def describe_base(self):
         """The transformers description plus the quantized linear layers (GPTQModel's QuantLinear is not an
