@@ -83,9 +83,14 @@ def _targets(config: dict) -> list[str]:
     return [t] if isinstance(t, str) else list(t)
 
 
+_QUANT_SUFFIX = re.compile(r"([-_.](gptq|awq|gguf|exl2|int4|int8|4bit|8bit|[qf]\d+(_[a-z0-9]+)*|bf16|fp16))+$")
+
+
 def _same_base(named: str, loaded: str) -> bool:
+    """Same model up to org prefix, case, punctuation and a quantization suffix (-GPTQ, .Q4_K_M, ...)."""
     def norm(s):
-        return re.sub(r"[^a-z0-9]", "", s.rsplit("/", 1)[-1].lower())
+        s = s.rsplit("/", 1)[-1].lower().removesuffix(".gguf")
+        return re.sub(r"[^a-z0-9]", "", _QUANT_SUFFIX.sub("", s))
     return norm(named) == norm(loaded)
 
 
