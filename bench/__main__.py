@@ -32,20 +32,40 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", help="row names (or prefixes) to run")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
     p.add_argument("--models-dir", default="models")
+    p.add_argument("--module", help=argparse.SUPPRESS)    # internal: run one module in this process
+    p.add_argument("--rows-out", help=argparse.SUPPRESS)  # internal: where that module's rows go
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import importlib
+    import subprocess
+    import tempfile
 
-    rows = []
+    from bench.common import Row
+
+    if args.module:
+        module = importlib.import_module(args.module)
+        wanted = {r for r in module.ROWS if any(r.startswith(o) for o in args.only)} if args.only else None
+        rows = module.run(Path(args.models_dir), quick=args.quick, only=wanted)
+        Path(args.rows_out).write_text(json.dumps([r.to_dict() for r in rows]))
+        return 0
+
+    rows, failed = [], []
     for name in MODULES:
         module = importlib.import_module(name)
-        wanted = None
-        if args.only:
-            wanted = {r for r in module.ROWS if any(r.startswith(o) for o in args.only)}
-            if not wanted:
+        if args.only and not any(r.startswith(o) for r in module.ROWS for o in args.only):
+            continue
+        # Each module runs in a process of its own: library state (models, hub settings read at import)
+        # and memory from one benchmark never leak into the next, and one failure does not stop the rest.
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, "-m", "bench", "--module", name, "--rows-out", out.name,
+                   "--models-dir", args.models_dir, *(["--quick"] if args.quick else []),
+                   *(["--only", *args.only] if args.only else [])]
+            if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
+                failed.append(name)
                 continue
-        rows += module.run(Path(args.models_dir), quick=args.quick, only=wanted)
+            fields = {"name", "ours", "reference", "unit", "higher_is_better", "note"}
+            rows += [Row(**{k: v for k, v in r.items() if k in fields}) for r in json.loads(Path(out.name).read_text())]
 
     print(f"{'name':42} {'ours':>12} {'reference':>12} {'ratio':>8}  unit")
     for r in rows:
@@ -59,7 +79,9 @@ def main(argv=None) -> int:
                  "| name | ours | reference | ratio | unit | note |", "|---|---|---|---|---|---|"]
         lines += [f"| {r.name} | {r.ours:.4g} | {r.reference:.4g} | {r.ratio:.3g} | {r.unit} | {r.note} |" for r in rows]
         (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
-    return 0
+    if failed:
+        print(f"failed: {', '.join(failed)} (see above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
