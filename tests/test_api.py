@@ -125,7 +125,9 @@ def test_client_disconnect_frees_the_slot(app, client, setup):
 
 
 def _post(app, path, body, **kw):
-    r = httpx.post(app.url + path, json=body, timeout=60, **kw)
+    # json.dumps writes NaN as NaN (what a careless client sends); httpx's json= would refuse it
+    r = httpx.post(app.url + path, content=json.dumps(body), timeout=60,
+                   headers={"content-type": "application/json"}, **kw)
     return r.status_code, r.json()
 
 
@@ -142,6 +144,8 @@ def _post(app, path, body, **kw):
     ({"model": "", "messages": [{"role": "user", "content": "hi"}], "adapter_id": "/etc",
       "adapter_source": "local"}, 400, "escapes"),
     ({"model": "A", "messages": [{"role": "user", "content": "hi"}], "adapters": [{"name": "B"}]}, 400, "model"),
+    ({"model": "", "messages": [{"role": "user", "content": "hi"}],
+      "adapters": [{"name": "A", "weight": float("nan")}]}, 400, "finite"),
 ])
 def test_bad_input_gets_4xx(app, body, status, fragment):
     code, data = _post(app, "/v1/chat/completions", body)
@@ -204,13 +208,21 @@ def test_api_key_and_ui_default_adapters(start_app, setup, tiny_models):
 
     client = openai.OpenAI(base_url=app.url + "/v1", api_key="s3cret", max_retries=0)
     with_a = ref(setup, {"A": 1.0}, chat_prompt("Hello there"))
-    # a request naming no adapter gets the app's active adapters (here --lora A) ...
-    assert chat(client, "").choices[0].message.content == with_a
-    assert chat(client, "tiny-llama").choices[0].message.content == with_a
-    # ... and an explicit empty stack is the plain base; neither request changed the other's adapters
-    plain = chat(client, "", extra_body={"adapters": []}).choices[0].message.content
-    assert plain == ref(setup, {}, chat_prompt("Hello there")) != with_a
-    assert chat(client, "").choices[0].message.content == with_a
+    plain_ref = ref(setup, {}, chat_prompt("Hello there"))
+    assert plain_ref != with_a
+
+    def no_model():  # a request that names no model gets the app's active adapters (here --lora A)
+        r = httpx.post(app.url + "/v1/chat/completions", timeout=60, headers={"Authorization": "Bearer s3cret"},
+                       json={"messages": [{"role": "user", "content": "Hello there"}], "temperature": 0,
+                             "max_tokens": MAX})
+        return r.json()["choices"][0]["message"]["content"]
+
+    assert no_model() == with_a
+    # "" or the base's name is the plain base (INTERFACES), as is an explicit empty stack
+    assert chat(client, "").choices[0].message.content == plain_ref
+    assert chat(client, "tiny-llama").choices[0].message.content == plain_ref
+    assert chat(client, "tiny-llama", extra_body={"adapters": []}).choices[0].message.content == plain_ref
+    assert no_model() == with_a  # none of those requests changed the app's adapters
     health = httpx.get(app.url + "/health").json()
     assert health["adapters"] == {"A": 1.0}
 

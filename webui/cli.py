@@ -59,10 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if extra:
+        print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+        return 2
     if args.command == "serve":
-        if extra:
-            print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
-            return 2
         try:
             cfg = from_namespace(ServerConfig, args)
         except ConfigError as e:
@@ -77,9 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return _train(args)
     if args.command == "download":
-        if extra:
-            print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
-            return 2
         from webui.hub.cli import run_cli
         return run_cli(args)
     return 2

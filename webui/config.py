@@ -48,6 +48,8 @@ def _validate(obj) -> None:
             raise ConfigError(f"{f.name}: {value!r} is not one of: {allowed}")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value:
+                raise ConfigError(f"{f.name}: NaN is not a number")
             if lo is not None and value < lo or hi is not None and value > hi:
                 raise ConfigError(f"{f.name}: {value!r} is outside the allowed range [{lo}, {hi}]")
 

@@ -114,7 +114,7 @@ class Scheduler:
 
     def _run(self, jobs: list[Job]) -> None:
         with self.engine.locked_backend() as backend:
-            default = backend.active_adapters
+            default, was_merged = backend.active_adapters, backend.merged
             mixed = backend.capabilities.mixed_batch
             groups: dict[tuple, list[tuple[Job, dict]]] = {}
             for job in jobs:
@@ -129,9 +129,11 @@ class Scheduler:
                 for (_, kind), members in groups.items():
                     for i in range(0, len(members), self.max_batch):
                         self._run_group(backend, kind, members[i:i + self.max_batch])
-            finally:
+            finally:  # the UI's stack, merged or not, is as it was
                 if backend.active_adapters != default:
                     backend.set_adapters(default)
+                if was_merged and not backend.merged:
+                    backend.merge_adapters()
 
     def _run_group(self, backend, kind: tuple, members: list[tuple[Job, dict]]) -> None:
         jobs = [job for job, _ in members]

@@ -66,6 +66,9 @@ def serve(cfg: ServerConfig) -> int:
     if not is_loopback(cfg.listen_host) and not (cfg.auth or cfg.api_key):
         log.warning("listening on %s without --auth or --api-key: anyone on the network can use this server",
                     cfg.listen_host)
+    elif not is_loopback(cfg.listen_host) and not cfg.api_key:
+        log.warning("listening on %s: --auth protects the web UI only; /v1 is open without --api-key",
+                    cfg.listen_host)
     engine = Engine(cfg.models_dir, cfg.loras_dir)
     try:
         result = engine.load(cfg.model_spec(), progress=lambda f, msg: log.info("%s", msg))

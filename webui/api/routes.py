@@ -22,7 +22,7 @@ from webui.adapters.files import AdapterError, resolve_adapter
 from webui.api import schemas as s
 from webui.backends.base import UnsupportedOperation
 from webui.config import ConfigError, GenerationParams
-from webui.engine import AdapterIncompatible, Engine, NoModelLoaded
+from webui.engine import AdapterIncompatible, Engine, NoModelLoaded, check_weights
 
 
 class APIError(Exception):
@@ -71,19 +71,22 @@ class API:
         """The adapter stack a request asks for (None: the app's active stack)."""
         base = self.base_name()
         if req.adapters is not None:
-            if req.model not in ("", base):
+            if req.model not in (None, "", base):
                 raise APIError(400, "with `adapters`, `model` must be \"\" or the base model's name", param="model")
             stack = {a.name: a.weight for a in req.adapters}
         elif req.adapter_id:
             stack = {self._adapter_from_source(req.adapter_id, req.adapter_source or "hub"): 1.0}
+        elif req.model is None:
+            return None  # no model named: what the app is using (the adapters active in the UI / --lora)
         elif req.model in ("", base):
-            return None
+            return {}  # the base model's name: the plain base
         elif req.model in self.engine.list_adapters():
             stack = {req.model: 1.0}
         else:
             raise APIError(404, f"model {req.model!r} not found: use {base!r} or an adapter of GET /v1/models",
                            code="model_not_found", param="model")
         try:
+            check_weights(stack)
             self.engine.prepare_adapters(list(stack))
         except (AdapterError, UnsupportedOperation) as e:
             raise _adapter_error(e) from None

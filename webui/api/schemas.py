@@ -18,7 +18,7 @@ class AdapterWeight(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = ""
+    model: str | None = None  # omitted: the app's active adapters; "" or the base's name: the plain base
     max_tokens: int | None = Field(None, gt=0)
     max_completion_tokens: int | None = Field(None, gt=0)
     temperature: float | None = Field(None, ge=0, le=2)

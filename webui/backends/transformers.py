@@ -16,7 +16,8 @@ from typing import Iterator
 
 import torch
 
-from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, no_progress)
+from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, UnsupportedOperation,
+                                 no_progress)
 from webui.config import GenerationParams, ModelSpec
 
 SAMPLERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",

@@ -62,9 +62,12 @@ class TrainingRunner:
         self._procs: dict[str, subprocess.Popen] = {}
 
     def start(self, cfg: TrainConfig) -> Path:
+        from webui.adapters.files import check_adapter_name
+
+        check_adapter_name(cfg.output, self.loras_dir)  # the run folder must stay inside runs/
         run = self.runs_dir / cfg.output
         view = self.view(cfg.output)
-        if view.state in ("running", "stopping"):
+        if view.state in ("starting", "running", "stopping"):
             raise RuntimeError(f"{cfg.output} is already training")
         run.mkdir(parents=True, exist_ok=True)
         config_file = run / "requested.yaml"

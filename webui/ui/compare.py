@@ -52,12 +52,16 @@ class CompareBox:
             handles.update({n: self.engine.scheduler.submit(text, params, {n: 1.0}) for n in chosen or []})
             results: dict[str, str | None] = {name: None for name in handles}
             yield _cards(results)
-            for name, handle in handles.items():
-                try:
-                    results[name] = handle.text()
-                except Exception as e:  # shown in its card; the others still answer
-                    results[name] = f"⚠️ {e}"
-                yield _cards(results)
+            try:
+                for name, handle in handles.items():
+                    try:
+                        results[name] = handle.text()
+                    except Exception as e:  # shown in its card; the others still answer
+                        results[name] = f"⚠️ {e}"
+                    yield _cards(results)
+            finally:  # a page closed mid-way must not leave answers generating for nobody
+                for handle in handles.values():
+                    handle.close()
 
         self.go.click(compare, inputs=[self.prompt, self.adapters, system, *params_tab.inputs], outputs=self.result)
         self.prompt.submit(compare, inputs=[self.prompt, self.adapters, system, *params_tab.inputs],
