@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", help="row names (or prefixes) to run")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
     p.add_argument("--models-dir", default="models")
+    p.add_argument("--results", default=str(HERE / "results.json"), help="where to write the results JSON")
     p.add_argument("--module", help=argparse.SUPPRESS)    # internal: run one module in this process
     p.add_argument("--rows-out", help=argparse.SUPPRESS)  # internal: where that module's rows go
     args = p.parse_args(argv)
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
               f"{'' if r.higher_is_better else ' (lower is better)'}  {r.note}")
     result = {"machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "results": [r.to_dict() for r in rows]}
-    (HERE / "results.json").write_text(json.dumps(result, indent=2))
+    Path(args.results).write_text(json.dumps(result, indent=2))
     if not args.only and not args.quick:
         lines = [f"# Last full benchmark run\n\n{result['date']} on {result['machine']}\n",
                  "| name | ours | reference | ratio | unit | note |", "|---|---|---|---|---|---|"]

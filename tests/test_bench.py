@@ -6,12 +6,12 @@ import sys
 from tests.conftest import ROOT
 
 
-def test_bench_quick_writes_rows(embedded_folder):
+def test_bench_quick_writes_rows(embedded_folder, tmp_path):
     r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "hot_swap_vs_reload.transformers",
-                        "--models-dir", str(embedded_folder.parent)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+                        "--models-dir", str(embedded_folder.parent), "--results", str(tmp_path / "results.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    data = json.loads((ROOT / "bench" / "results.json").read_text())
+    data = json.loads((tmp_path / "results.json").read_text())
     assert data["machine"] and data["date"]
     (row,) = data["results"]
     assert row["name"] == "hot_swap_vs_reload.transformers"
