@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from bench.adapters_transformers import MESSAGES, _adapters
-from bench.common import Row, side_by_side, timed
+from bench.common import Row, hot_swap_vs_reload, side_by_side, timed
 from webui import embedded
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
@@ -52,16 +52,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
         prompt = engine.chat_prompt(MESSAGES)
 
         if not only or ROWS[0] in only:
-            reloader = Engine(models_dir, loras)  # reloads its own copy, so `engine` keeps its adapter cache
-            state = {"next": "A"}
-
-            def swap():
-                name = state["next"]
-                state["next"] = "B" if name == "A" else "A"
-                return timed(lambda: engine.set_adapters({name: 1.0}))
-
-            ours, ref = side_by_side(swap, lambda: timed(lambda: reloader.load(spec)), reps)
-            reloader.unload()
+            ours, ref = hot_swap_vs_reload(engine, models_dir, loras, spec, reps)
             rows.append(Row(ROWS[0], ours, ref, "s", False, f"switch A→B (cached) vs reload the GPTQ base; GPTQ "
                             f"load {ref:.2f} s (first in the process, kernel set-up included: {first_load:.1f} s)"))
         if not only or ROWS[1] in only:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Row, side_by_side, timed
+from bench.common import Row, hot_swap_vs_reload, side_by_side, timed
 from webui import embedded
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
@@ -52,16 +52,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
         prompt = engine.chat_prompt(MESSAGES)
 
         if not only or ROWS[0] in only:
-            reloader = Engine(models_dir, loras)  # reloads its own copy, so `engine` keeps its adapters
-            state = {"next": "A"}
-
-            def swap():
-                name = state["next"]
-                state["next"] = "B" if name == "A" else "A"
-                return timed(lambda: engine.set_adapters({name: 1.0}))
-
-            ours, ref = side_by_side(swap, lambda: timed(lambda: reloader.load(spec)), reps)
-            reloader.unload()
+            ours, ref = hot_swap_vs_reload(engine, models_dir, loras, spec, reps)
             rows.append(Row(ROWS[0], ours, ref, "s", False, "switch A→B (loaded) vs reload the base GGUF"))
 
         out = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.common import Row, side_by_side, timed
+from bench.common import Row, hot_swap_vs_reload, side_by_side, timed
 from webui import embedded
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
@@ -39,20 +39,11 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
         engine = Engine(models_dir, loras)
         spec = ModelSpec(model=base.name, loader="transformers")
         engine.load(spec)
-        reloader = Engine(models_dir, loras)  # reloads its own copy, so `engine` keeps its adapter cache
         engine.set_adapters({"A": 1.0})
         engine.set_adapters({"B": 1.0})  # both cached now
 
         if not only or ROWS[0] in only:
-            state = {"next": "A"}
-
-            def swap():
-                name = state["next"]
-                state["next"] = "B" if name == "A" else "A"
-                return timed(lambda: engine.set_adapters({name: 1.0}))
-
-            ours, ref = side_by_side(swap, lambda: timed(lambda: reloader.load(spec)), reps)
-            reloader.unload()
+            ours, ref = hot_swap_vs_reload(engine, models_dir, loras, spec, reps)
             rows.append(Row(ROWS[0], ours, ref, "s", False, "switch A→B (cached) vs reload the base"))
             engine.set_adapters({"B": 1.0})
 

@@ -43,3 +43,21 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def hot_swap_vs_reload(engine, models_dir, loras_dir, spec, reps: int) -> tuple[float, float]:
+    """Median seconds to switch `engine` between its cached adapters A and B, and to reload the base
+    (on a second Engine, so `engine` keeps its adapter cache), measured side by side."""
+    from webui.engine import Engine
+
+    reloader = Engine(models_dir, loras_dir)
+    names = iter(["A", "B"] * reps * 2)
+
+    def swap():
+        name = next(names)
+        return timed(lambda: engine.set_adapters({name: 1.0}))
+
+    try:
+        return side_by_side(swap, lambda: timed(lambda: reloader.load(spec)), reps)
+    finally:
+        reloader.unload()
