@@ -66,7 +66,9 @@ def test_lora_workflow(browser, start_app, world):
     assert "broken" in page.inner_text("#lora-badge-broken")
     screenshot(page, "tab-model")
     tab(page, "Chat")
-    assert "A × 1" in wait_text(lambda: page.inner_text("#chat-status"), timeout=10)
+    # the status line refreshes every few seconds: wait for it to show the adapter
+    assert wait_text(lambda: page.inner_text("#chat-status"), "A × 1", timeout=20,
+                     key=lambda t: "A × 1" if "A × 1" in t else t) == "A × 1"
     send(page, QUESTION)
     assert wait_text(bot_text(page, 0), refs["A"], key=words) == words(refs["A"])
 

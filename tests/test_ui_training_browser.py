@@ -42,6 +42,8 @@ def test_train_from_the_training_tab(browser, start_app, tiny_models, tmp_path):
     page.click("#train-apply")
     assert "answering" in wait_text(lambda: page.inner_text("#train-notice"), timeout=30)
     tab(page, "Chat")
-    assert "ui-trained × 1" in wait_text(lambda: page.inner_text("#chat-status"), timeout=10)
+    # the status line refreshes every few seconds: wait for it to show the adapter
+    assert wait_text(lambda: page.inner_text("#chat-status"), "ui-trained × 1", timeout=20,
+                     key=lambda t: "ui-trained × 1" if "ui-trained × 1" in t else t) == "ui-trained × 1"
     tab(page, "Model")  # listed in the LoRA panel, checked, without a reload of anything
     assert page.locator("#lora-on-ui-trained input[type=checkbox]").is_checked()

@@ -22,6 +22,7 @@ from typing import Iterator
 from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, UnsupportedOperation,
                                  no_progress)
 from webui.config import GenerationParams, ModelSpec
+from webui.errors import first_line as _first_line
 
 SAMPLERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
                       "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop"})
@@ -41,11 +42,6 @@ def _diagnose(path: Path) -> str:
     if not field_value(reader, "general.architecture"):
         return "general.architecture is missing from its metadata"
     return ""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 class LlamaCppBackend(Backend):

@@ -19,6 +19,7 @@ import torch
 from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, UnsupportedOperation,
                                  no_progress)
 from webui.config import GenerationParams, ModelSpec
+from webui.errors import first_line as _first_line
 
 SAMPLERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
                       "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop"})
@@ -352,11 +353,6 @@ class TransformersBackend(Backend):
         with context:
             generate_fn = partial(self.adapters.peft.generate, adapter_names=names) if use_mixed else None
             yield from stream_batch(self.model, self.tokenizer, inputs, kw, generate_fn, cancel)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 def _check_shards(path: Path) -> None:

@@ -59,7 +59,6 @@ class RunView:
 class TrainingRunner:
     def __init__(self, runs_dir: Path, models_dir: Path, loras_dir: Path):
         self.runs_dir, self.models_dir, self.loras_dir = Path(runs_dir), Path(models_dir), Path(loras_dir)
-        self._procs: dict[str, subprocess.Popen] = {}
 
     def start(self, cfg: TrainConfig) -> Path:
         from webui.adapters.files import check_adapter_name
@@ -81,7 +80,6 @@ class TrainingRunner:
              str(self.models_dir), "--loras-dir", str(self.loras_dir), "--runs-dir", str(self.runs_dir)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
-        self._procs[cfg.output] = proc
         write_status(run, pid=proc.pid)
         return run
 
