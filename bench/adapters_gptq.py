@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.adapters_transformers import MESSAGES, _adapters
-from bench.common import Row, hot_swap_vs_reload, side_by_side, timed
+from bench.adapters_transformers import MESSAGES
+from bench.common import Row, hot_swap_vs_reload, side_by_side, timed, write_ab_adapters
 from webui import embedded
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
@@ -42,7 +42,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         loras = Path(tmp)
-        _adapters(float_folder, loras)  # written against the float model: same layers and shapes
+        write_ab_adapters(float_folder, loras)  # written against the float model: same layers and shapes
         engine = Engine(models_dir, loras)
         start = time.perf_counter()
         engine.load(spec)

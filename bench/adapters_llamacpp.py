@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Row, hot_swap_vs_reload, side_by_side, timed
+from bench.common import Row, hot_swap_vs_reload, side_by_side, timed, write_ab_adapters
 from webui import embedded
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
@@ -26,15 +26,6 @@ ROWS = ("hot_swap_vs_reload.llamacpp", "decode_unmerged_vs_base.llamacpp", "engi
         "api_vs_direct.llamacpp")
 
 
-def _adapters(models_dir: Path, loras: Path) -> None:
-    from tests.tiny_models import write_adapter
-
-    base = embedded.ensure_transformers_folder(models_dir)  # PEFT needs the transformers model to build one
-    for i, name in enumerate(("A", "B")):
-        if not (loras / name).is_dir():
-            write_adapter(base, loras / name, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                          r=16, alpha=16, seed=i)
-
 
 def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[Row]:
     reps = 3 if quick else 7
@@ -42,7 +33,8 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         loras = Path(tmp)
-        _adapters(models_dir, loras)
+        # PEFT needs the transformers copy of the embedded model to build the adapters
+        write_ab_adapters(embedded.ensure_transformers_folder(models_dir), loras)
         spec = ModelSpec(loader="llamacpp")  # the embedded GGUF
         engine = Engine(models_dir, loras)
         engine.load(spec)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.common import Row, hot_swap_vs_reload, side_by_side, timed
+from bench.common import Row, hot_swap_vs_reload, side_by_side, timed, write_ab_adapters
 from webui import embedded
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
@@ -19,14 +19,6 @@ ROWS = ("hot_swap_vs_reload.transformers", "decode_unmerged_vs_base.transformers
         "decode_merged_vs_base.transformers")
 
 
-def _adapters(base: Path, loras: Path) -> None:
-    from tests.tiny_models import write_adapter
-
-    for i, name in enumerate(("A", "B")):
-        if not (loras / name).is_dir():
-            write_adapter(base, loras / name, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                          r=16, alpha=16, seed=i)
-
 
 def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[Row]:
     reps = 3 if quick else 7
@@ -35,7 +27,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         loras = Path(tmp)
-        _adapters(base, loras)
+        write_ab_adapters(base, loras)
         engine = Engine(models_dir, loras)
         spec = ModelSpec(model=base.name, loader="transformers")
         engine.load(spec)

@@ -61,3 +61,16 @@ def hot_swap_vs_reload(engine, models_dir, loras_dir, spec, reps: int) -> tuple[
         return side_by_side(swap, lambda: timed(lambda: reloader.load(spec)), reps)
     finally:
         reloader.unload()
+
+
+def write_ab_adapters(base, loras) -> None:
+    """Adapters A and B (r=16 on the attention projections) for the folder `base`, written once into
+    `loras`: what the per-loader adapter benchmarks switch between."""
+    from pathlib import Path
+
+    from tests.tiny_models import write_adapter
+
+    for i, name in enumerate(("A", "B")):
+        if not (Path(loras) / name).is_dir():
+            write_adapter(base, Path(loras) / name, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          r=16, alpha=16, seed=i)
