@@ -17,8 +17,8 @@ from bench.adapters_transformers import MESSAGES
 from bench.common import Row, hot_swap_vs_reload, side_by_side, timed, write_ab_adapters
 from webui import embedded
 from webui.config import GenerationParams, ModelSpec
+from webui.embedded import ensure_gptq_folder
 from webui.engine import Engine
-from webui.export_gptq import ensure_embedded
 
 ROWS = ("hot_swap_vs_reload.gptq", "decode_unmerged_vs_base.gptq", "decode_gptq_vs_float.transformers")
 
@@ -36,7 +36,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
     reps = 3 if quick else 7
     tokens = 24 if quick else 64
     float_folder = embedded.ensure_transformers_folder(models_dir)
-    gptq_folder = ensure_embedded(models_dir)
+    gptq_folder = ensure_gptq_folder(models_dir)
     spec = ModelSpec(model=gptq_folder.name, loader="gptq")
     params = GenerationParams(temperature=0, max_new_tokens=tokens)
     rows = []

@@ -41,7 +41,7 @@ def _server(engine: Engine) -> tuple[str, object]:
 def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[Row]:
     import httpx
 
-    from tests.tiny_models import write_adapter
+    from webui.testing.tiny_models import write_adapter
 
     reps = 3 if quick else 5
     tokens = 24 if quick else 48

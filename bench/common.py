@@ -68,7 +68,7 @@ def write_ab_adapters(base, loras) -> None:
     `loras`: what the per-loader adapter benchmarks switch between."""
     from pathlib import Path
 
-    from tests.tiny_models import write_adapter
+    from webui.testing.tiny_models import write_adapter
 
     for i, name in enumerate(("A", "B")):
         if not (Path(loras) / name).is_dir():

@@ -1,6 +1,6 @@
 """Download benchmark: our `download()` (webui/hub) vs huggingface_hub's own `snapshot_download`, both
 fetching the same repo (a 64 MB weights file plus small files) from the same local fake hub
-(tests/fake_hub.py) into fresh folders, alternated.
+(webui/testing/fake_hub.py) into fresh folders, alternated.
 
 - download_vs_hf_hub: throughput in MB/s (higher is better).
 """
@@ -18,7 +18,7 @@ ROWS = ("download_vs_hf_hub",)
 
 
 def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[Row]:
-    from tests.fake_hub import FakeHub
+    from webui.testing.fake_hub import FakeHub
 
     size = (16 if quick else 64) * 1024 * 1024
     reps = 2 if quick else 4
@@ -38,7 +38,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
             total_mb = (size + 40) / 1e6
 
             def ours():
-                from webui.hub.download import download
+                from webui.hub.fetch import download
 
                 out = tmp / f"ours{next(counter)}"
                 start = time.perf_counter()

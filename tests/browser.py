@@ -1,12 +1,10 @@
-"""Helpers for the browser tests: Debian's Chromium driven by Playwright (no browser download), and small
-actions on LoRA Deck's page (set a number, send a message, wait for a reply)."""
+"""Helpers for the browser tests: Chromium's flags (the `browser` fixture in conftest.py launches Debian's
+Chromium with them) and small actions on LoRA Deck's page (set a number, send a message, wait for a reply)."""
 from __future__ import annotations
 
 import re
 import time
 from pathlib import Path
-
-import pytest
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
@@ -20,15 +18,6 @@ def norm(text: str) -> str:
 def words(text: str) -> str:
     """Letters, digits and single spaces only: what survives Markdown rendering of any reply."""
     return norm(re.sub(r"[^A-Za-z0-9]+", " ", text))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    pw = pytest.importorskip("playwright.sync_api")
-    with pw.sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-        yield b
-        b.close()
 
 
 def open_app(browser, url: str):

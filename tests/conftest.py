@@ -1,26 +1,23 @@
-"""Shared fixtures: tiny models of every architecture (built once per test session, offline), a
-reference greedy generation with plain transformers, and a helper to start the real app on a free
-loopback port."""
+"""Shared fixtures: tiny models of every architecture, a GGUF of the tiny Llama and a 4-bit GPTQ Llama with
+their adapters (each built once per test session, offline), the real app on a free loopback port, and a
+headless Chromium. Helper functions and constants live in tests/helpers.py."""
 from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import GPTQ_GROUP, AppProcess, write_llama
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from tests.tiny_models import write_all
+    from webui.testing.tiny_models import write_all
 
     return write_all(tmp_path_factory.mktemp("models"))
 
@@ -46,63 +43,52 @@ def scratch_models(tmp_path, tiny_models) -> Path:
     return d
 
 
-def reference_greedy(path: Path, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation computed with plain transformers: the yardstick for our Engine."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@pytest.fixture(scope="session")
+def gguf_models(tiny_models, tmp_path_factory) -> Path:
+    """A models dir holding tiny-llama.gguf (f32, written by the converter the export uses) and the tiny-llama
+    transformers folder it came from."""
+    from webui.export.hf_to_gguf import hf_to_gguf
 
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    ids = tok(prompt, return_tensors="pt")
-    out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    d = tmp_path_factory.mktemp("gguf-models")
+    shutil.copytree(tiny_models["llama"], d / "tiny-llama")
+    hf_to_gguf(d / "tiny-llama", d / "tiny-llama.gguf")
+    return d
 
 
-class AppProcess:
-    """`python app.py ...` on a free loopback port; stopped when the test ends."""
+@pytest.fixture(scope="session")
+def llama_loras(gguf_models, tmp_path_factory) -> Path:
+    """Adapters for tiny-llama: A (r=4, attention), B (r=8, all-linear, another rank) and `other`, written for
+    a Llama twice as wide (it cannot fit)."""
+    from webui.testing.tiny_models import write_adapter
 
-    def __init__(self, *args: str, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"lora-deck-app-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(self.port), *args],
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
+    d = tmp_path_factory.mktemp("llama-loras")
+    base = gguf_models / "tiny-llama"
+    # q/k included on purpose: on llama.cpp their B rows must follow its q/k permutation
+    write_adapter(base, d / "A", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8, seed=1)
+    write_adapter(base, d / "B", target_modules="all-linear", r=8, alpha=16, seed=2)
+    wide = write_llama(tmp_path_factory.mktemp("wide") / "wide-llama", 64, seed=3)
+    write_adapter(wide, d / "other", target_modules=["q_proj", "v_proj"], r=4, alpha=8, seed=4)
+    return d
 
-    def wait_ready(self, timeout: float = 180) -> "AppProcess":
-        import urllib.request
 
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"app exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"app not ready after {timeout} s:\n{self.output()}")
+@pytest.fixture(scope="session")
+def gptq_dirs(tmp_path_factory):
+    """models/{tiny-float, tiny-gptq (4-bit, group 32, quantized with the project's calibration text),
+    other-float} and loras/{A, B, other} shared by the whole session."""
+    from webui.export.gptq_quantize import quantize_folder
+    from webui.testing.tiny_models import write_adapter
 
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+    root = tmp_path_factory.mktemp("gptq")
+    models, loras = root / "models", root / "loras"
+    base = write_llama(models / "tiny-float", 128)
+    quantize_folder(base, models / "tiny-gptq", bits=4, group_size=GPTQ_GROUP)
+    other = write_llama(models / "other-float", 64, seed=3)
+    # write_adapter's LoRA weights have a 0.5 spread; a small alpha makes each weight change about as large as
+    # the base's own weights (a strong but realistic adapter; a far larger one would be most of the model)
+    write_adapter(base, loras / "A", target_modules=["q_proj", "v_proj"], r=4, alpha=0.25, seed=1)
+    write_adapter(base, loras / "B", target_modules="all-linear", r=8, alpha=0.25, seed=2)
+    write_adapter(other, loras / "other", target_modules=["q_proj", "v_proj"], r=4, alpha=0.25, seed=4)
+    return models, loras
 
 
 @pytest.fixture
@@ -117,3 +103,15 @@ def start_app():
     yield start
     for app in apps:
         app.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright (no browser download)."""
+    from tests.browser import ARGS
+
+    pw = pytest.importorskip("playwright.sync_api")
+    with pw.sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        yield b
+        b.close()

@@ -12,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import ROOT
-from tests.test_adapters import GREEDY, PROMPT, peft_reference
-from tests.tiny_models import build_model, build_tokenizer, write_adapter
-from webui.adapters.files import AdapterError
+from tests.helpers import GREEDY, PROMPT, ROOT, peft_reference
 from webui.config import ModelSpec
-from webui.engine import AdapterIncompatible, Engine
+from webui.engine import Engine
+from webui.errors import BadInput, Incompatible
+from webui.testing.tiny_models import build_model, build_tokenizer, write_adapter
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +127,7 @@ def test_bad_adapter_is_refused_and_nothing_changes(case, setup, adapters):
     damage(loras, adapters)
     if os.path.exists("/tmp/lora-deck-pwned"):
         os.unlink("/tmp/lora-deck-pwned")
-    with pytest.raises(AdapterError, match=message) as err:
+    with pytest.raises(BadInput, match=message) as err:
         engine.set_adapters({"good": 1.0, "bad": 0.5})
     assert "bad" in str(err.value)
     assert not os.path.exists("/tmp/lora-deck-pwned")
@@ -140,7 +139,7 @@ def test_bad_adapter_is_refused_and_nothing_changes(case, setup, adapters):
 def test_incompatible_report_explains(setup, adapters):
     engine, loras, _ = setup
     _other_base(loras, adapters)
-    with pytest.raises(AdapterIncompatible) as err:
+    with pytest.raises(Incompatible) as err:
         engine.set_adapters({"bad": 1.0})
     report = err.value.report
     assert report.verdict == "incompatible"
@@ -151,7 +150,7 @@ def test_incompatible_report_explains(setup, adapters):
 @pytest.mark.parametrize("name", ["../good", "/etc", "good/../../x", "..", "a/b", ""])
 def test_names_cannot_escape_the_adapters_folder(name, setup):
     engine, loras, before = setup
-    with pytest.raises(AdapterError, match="not allowed|escapes"):
+    with pytest.raises(BadInput, match="not allowed|escapes"):
         engine.set_adapters({name: 1.0})
     assert engine.generate(PROMPT, GREEDY) == before
 
@@ -159,14 +158,14 @@ def test_names_cannot_escape_the_adapters_folder(name, setup):
 def test_symlink_out_of_the_adapters_folder_is_refused(setup, adapters):
     engine, loras, _ = setup
     (loras / "sneaky").symlink_to(adapters / "good", target_is_directory=True)
-    with pytest.raises(AdapterError, match="escapes"):
+    with pytest.raises(BadInput, match="escapes"):
         engine.set_adapters({"sneaky": 1.0})
 
 
 def test_bad_weight_values(setup):
     engine, _, before = setup
     for w in (float("nan"), float("inf"), "1"):
-        with pytest.raises(AdapterError, match="finite number"):
+        with pytest.raises(BadInput, match="finite number"):
             engine.set_adapters({"good": w})
     assert engine.generate(PROMPT, GREEDY) == before
 

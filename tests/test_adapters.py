@@ -1,17 +1,17 @@
 """LoRA adapters on the transformers loader, compared with plain PEFT computed here: one adapter per
-architecture and target choice, weighted stacks (different ranks), hot-swap, remove-all, merge/unmerge,
-blend, and export then reload."""
+architecture and target choice, blending adapters into a new one, and export then reload. (What every loader
+does alike, stacks, hot-swap, refusal and merge, is in test_loader_contract.py.)"""
+import subprocess
+import sys
+
 import pytest
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.tiny_models import ARCHITECTURES, write_adapter
-from webui.config import GenerationParams, ModelSpec
+from tests.helpers import GREEDY, PROMPT, ROOT, hf_logits, peft_reference
+from webui.config import ModelSpec
 from webui.engine import Engine
-
-PROMPT = "The quick brown fox"
-GREEDY = GenerationParams(temperature=0, max_new_tokens=12)
+from webui.testing.tiny_models import ARCHITECTURES, write_adapter
 
 _LLAMA = (["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"])
 # (attention targets, MLP targets); Mixtral and DBRX keep their experts in fused tensors, not Linear layers.
@@ -36,34 +36,6 @@ def lora_kwargs(arch: str, choice: str) -> dict | None:
     if choice == "mlp":
         return {"target_modules": mlp} if mlp else None
     return {"target_modules": attn, "layers_to_transform": [1]}
-
-
-def peft_reference(base, adapters: dict, prompt=PROMPT, max_new_tokens=12, combine=None):
-    """Greedy text (and last-step logits) with plain PEFT: PeftModel.from_pretrained, and for several
-    adapters add_weighted_adapter(..., combination_type='cat')."""
-    tok = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    names = list(adapters)
-    peft = PeftModel.from_pretrained(model, str(adapters[names[0]][0]), adapter_name=names[0])
-    for n in names[1:]:
-        peft.load_adapter(str(adapters[n][0]), adapter_name=n)
-    if len(names) > 1 or adapters[names[0]][1] != 1.0:
-        peft.add_weighted_adapter(names, [w for _, w in adapters.values()], "mix", combination_type=combine or "cat")
-        peft.set_adapter("mix")
-    else:
-        peft.set_adapter(names[0])
-    ids = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        out = peft.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-        logits = peft(**ids).logits[0, -1]
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True), logits
-
-
-def engine_logits(engine: Engine, prompt=PROMPT):
-    backend = engine._backend
-    ids = backend.tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        return backend.model(**ids).logits[0, -1]
 
 
 @pytest.mark.parametrize("choice", CHOICES)
@@ -100,68 +72,17 @@ def two_adapters(tiny_models, tmp_path):
     return engine, base, loras
 
 
-def test_weighted_stack_equals_peft_add_weighted_adapter(two_adapters):
-    engine, base, loras = two_adapters
-    expected, ref_logits = peft_reference(base, {"A": (loras / "A", 1.0), "B": (loras / "B", 0.5)})
-    engine.set_adapters({"A": 1.0, "B": 0.5})
-    assert engine.generate(PROMPT, GREEDY) == expected
-    torch.testing.assert_close(engine_logits(engine), ref_logits, atol=1e-5, rtol=1e-5)
-
-    # changing a weight takes effect without reloading anything
-    expected2, ref2 = peft_reference(base, {"A": (loras / "A", 0.3), "B": (loras / "B", -0.7)})
-    engine.set_adapters({"A": 0.3, "B": -0.7})
-    torch.testing.assert_close(engine_logits(engine), ref2, atol=1e-5, rtol=1e-5)
-    assert engine.generate(PROMPT, GREEDY) == expected2
-
-
-def test_hot_swap_and_remove_all(two_adapters):
-    engine, base, loras = two_adapters
-    base_logits = engine_logits(engine)
-    base_text = engine.generate(PROMPT, GREEDY)
-    a_text, _ = peft_reference(base, {"A": (loras / "A", 1.0)})
-    b_text, _ = peft_reference(base, {"B": (loras / "B", 1.0)})
-    assert len({base_text, a_text, b_text}) == 3
-
-    model_before = engine._backend.model
-    outputs = []
-    for active in ({"A": 1.0}, {"B": 1.0}, {}, {"A": 1.0}):
-        engine.set_adapters(active)
-        outputs.append(engine.generate(PROMPT, GREEDY))
-    assert outputs == [a_text, b_text, base_text, a_text]
-    assert engine._backend.model is model_before  # the base was never reloaded
-    assert set(engine._backend.adapters_loaded) == {"A", "B"}  # both stay cached
-
-    engine.clear_adapters()
-    assert torch.equal(engine_logits(engine), base_logits)  # exactly the base again
-
-
-def test_merge_and_unmerge(two_adapters):
-    engine, base, loras = two_adapters
-    base_logits = engine_logits(engine)
-    engine.set_adapters({"A": 1.0, "B": 0.5})
-    unmerged_logits = engine_logits(engine)
-    unmerged_text = engine.generate(PROMPT, GREEDY)
-    engine.merge_adapters()
-    assert engine.merged
-    torch.testing.assert_close(engine_logits(engine), unmerged_logits, atol=1e-4, rtol=1e-4)
-    assert engine.generate(PROMPT, GREEDY) == unmerged_text
-    engine.unmerge_adapters()
-    engine.clear_adapters()
-    # unmerge subtracts the same delta it added: float rounding only (measured max |diff| ~1e-6)
-    torch.testing.assert_close(engine_logits(engine), base_logits, atol=1e-5, rtol=0)
-
-
 def test_blend_into_new_adapter(two_adapters):
     engine, base, loras = two_adapters
     engine.set_adapters({"A": 1.0, "B": 0.5})
-    stacked = engine_logits(engine)
+    stacked = hf_logits(engine)
     engine.set_adapters({"B": 1.0})
     path = engine.blend_adapters({"A": 1.0, "B": 0.5}, "AB", combination_type="cat")
     assert path == loras / "AB" and (path / "adapter_config.json").is_file()
     assert engine.active_adapters == {"B": 1.0}  # the active stack is as it was
     assert "AB" in engine.list_adapters()
     engine.set_adapters({"AB": 1.0})
-    torch.testing.assert_close(engine_logits(engine), stacked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hf_logits(engine), stacked, atol=1e-5, rtol=1e-5)
 
     with pytest.raises(Exception, match="same r value"):
         engine.blend_adapters({"A": 1.0, "B": 1.0}, "lin", combination_type="linear")
@@ -173,11 +94,6 @@ def test_blend_into_new_adapter(two_adapters):
 
 
 def test_export_safetensors_then_reload_without_adapters(two_adapters, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     engine, base, loras = two_adapters
     engine.set_adapters({"A": 1.0, "B": 0.5})
     expected = engine.generate(PROMPT, GREEDY)

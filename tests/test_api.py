@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.test_adapters import peft_reference
-from tests.tiny_models import CHAT_TEMPLATE, write_adapter  # noqa: F401  (template documents the prompt)
+from tests.helpers import AppProcess, peft_reference, reference_greedy
+from webui.testing.tiny_models import CHAT_TEMPLATE, write_adapter  # noqa: F401  (template documents the prompt)
 
 MAX = 12
 
@@ -27,8 +27,6 @@ def setup(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(setup, tiny_models):
-    from tests.conftest import AppProcess
-
     base, loras = setup
     proc = AppProcess("--model", "tiny-llama", "--models-dir", str(base.parent), "--loras-dir", str(loras),
                       "--nowebui").wait_ready()
@@ -48,7 +46,6 @@ def chat_prompt(text: str) -> str:
 def ref(setup, adapters: dict, prompt: str) -> str:
     base, loras = setup
     if not adapters:
-        from tests.conftest import reference_greedy
         return reference_greedy(base, prompt, MAX)
     return peft_reference(base, {n: (loras / n, w) for n, w in adapters.items()}, prompt, MAX)[0]
 
@@ -175,7 +172,7 @@ def adapters_with_problems(setup, tiny_models, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from tests.tiny_models import build_model, build_tokenizer
+    from webui.testing.tiny_models import build_model, build_tokenizer
 
     base, loras = setup
     shutil.copytree(loras / "A", loras / "nan-weights")

@@ -2,10 +2,10 @@
 generates; greedy output equals a plain `model.generate`, and streaming yields the same text."""
 import pytest
 
-from tests.conftest import reference_greedy
-from tests.tiny_models import ARCHITECTURES
+from tests.helpers import reference_greedy
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
+from webui.testing.tiny_models import ARCHITECTURES
 
 PROMPT = "The quick brown fox"
 GREEDY = GenerationParams(temperature=0, max_new_tokens=16)

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_bench_quick_writes_rows(embedded_folder, tmp_path):

@@ -3,7 +3,8 @@ non-zero exit; a non-loopback host without auth warns; download-model.py is `pyt
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT, free_port
+from webui.testing.tiny_models import write_adapter
 
 
 def run(*args, timeout=120):
@@ -29,8 +30,6 @@ def test_non_loopback_without_auth_warns(start_app, models_dir):
 def test_download_model_script_is_the_download_subcommand(tmp_path):
     import os
 
-    from tests.conftest import free_port
-
     for entry in (["download-model.py"], ["-m", "webui", "download"]):
         r = run(*entry, "--help")
         assert r.returncode == 0, r.stderr
@@ -48,8 +47,6 @@ def test_download_model_script_is_the_download_subcommand(tmp_path):
 def test_app_applies_loras_at_start(start_app, tiny_models, tmp_path):
     import json
     import urllib.request
-
-    from tests.tiny_models import write_adapter
 
     loras = tmp_path / "loras"
     write_adapter(tiny_models["llama"], loras / "A", target_modules=["q_proj"], r=2)

@@ -4,9 +4,10 @@ import argparse
 
 import pytest
 
-from webui.config import ConfigError, GenerationParams, ModelSpec, ServerConfig, add_arguments, from_namespace
+from tests.helpers import ROOT
+from webui.config import GenerationParams, ModelSpec, ServerConfig, add_arguments, from_namespace
+from webui.errors import BadInput
 from webui.presets import list_presets, load_preset, save_preset
-from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -16,17 +17,17 @@ from tests.conftest import ROOT
     ({"top_k": 2.5}, "top_k"),
 ])
 def test_bad_generation_values_name_the_field(kwargs, field):
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(BadInput, match=field):
         GenerationParams(**kwargs)
 
 
 def test_bad_choice_lists_allowed_values():
-    with pytest.raises(ConfigError, match="dtype: 'int8' is not one of: auto, float32, bfloat16, float16"):
+    with pytest.raises(BadInput, match="dtype: 'int8' is not one of: auto, float32, bfloat16, float16"):
         ModelSpec(dtype="int8")
 
 
 def test_unknown_setting_is_named():
-    with pytest.raises(ConfigError, match="temprature"):
+    with pytest.raises(BadInput, match="temprature"):
         GenerationParams.from_dict({"temprature": 0.5})
 
 
@@ -42,10 +43,10 @@ def test_preset_round_trip_and_bad_names(tmp_path):
     p = GenerationParams(temperature=0.42, top_k=7, stop=["###", "\nUser:"], seed=9)
     save_preset(tmp_path, "mine", p)
     assert load_preset(tmp_path, "mine") == p
-    with pytest.raises(ConfigError, match="preset name"):
+    with pytest.raises(BadInput, match="preset name"):
         save_preset(tmp_path, "../escape", p)
     (tmp_path / "bad.yaml").write_text("top_p: 7\n")
-    with pytest.raises(ConfigError, match="top_p"):
+    with pytest.raises(BadInput, match="top_p"):
         load_preset(tmp_path, "bad")
 
 

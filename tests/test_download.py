@@ -1,4 +1,4 @@
-"""download-model.py against a local stand-in for the Hugging Face hub (`tests.fake_hub.FakeHub`, a loopback
+"""download-model.py against a local stand-in for the Hugging Face hub (`webui.testing.fake_hub.FakeHub`, a loopback
 HTTP server answering the routes huggingface_hub calls: model_info, list_repo_tree, HEAD/GET /resolve with
 the hub's headers and error codes, LFS files redirected to a "CDN" origin that honours Range). Tiny repos are built
 in the test: a tiny Llama, a LoRA on it (two branches), GGUF quantizations, .bin beside .safetensors, a
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.fake_hub import FakeHub
+from tests.helpers import ROOT
+from webui.errors import BadInput, DownloadFailed
+from webui.testing.fake_hub import FakeHub
 
 BIG = 12 * 1024 * 1024  # over huggingface_hub's 10 MB write chunk, so a cut-off leaves bytes on disk
 
@@ -24,7 +25,7 @@ BIG = 12 * 1024 * 1024  # over huggingface_hub's 10 MB write chunk, so a cut-off
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory) -> dict[str, dict[str, bytes]]:
     """The tiny repos' files, generated once for the module."""
-    from tests.tiny_models import build_tokenizer, write_adapter, write_model
+    from webui.testing.tiny_models import build_tokenizer, write_adapter, write_model
 
     root = tmp_path_factory.mktemp("hub-src")
     base = write_model("llama", root / "models", build_tokenizer())
@@ -302,7 +303,7 @@ def test_download_function_reports_progress_for_the_ui(online, repos, tmp_path):
 
 
 def test_fetch_adapter_from_hub_is_reused_once_downloaded(online, repos, tmp_path):
-    from webui.hub import DownloadError, fetch_adapter
+    from webui.hub import fetch_adapter
 
     path = fetch_adapter("test/tiny-lora", "hub", tmp_path / "loras")
     assert path == tmp_path / "loras" / "test_tiny-lora"
@@ -310,7 +311,7 @@ def test_fetch_adapter_from_hub_is_reused_once_downloaded(online, repos, tmp_pat
     online.log.clear()
     assert fetch_adapter("test/tiny-lora", "hub", tmp_path / "loras") == path
     assert online.log == []  # no network the second time
-    with pytest.raises(DownloadError, match="not a LoRA adapter"):
+    with pytest.raises(BadInput, match="not a LoRA adapter"):
         fetch_adapter("test/tiny-llama", "hub", tmp_path / "loras")
     assert not (tmp_path / "loras" / "test_tiny-llama").exists()
 
@@ -319,10 +320,10 @@ def test_not_enough_disk_space_is_refused_before_downloading(online, monkeypatch
     import shutil as shutil_mod
     from types import SimpleNamespace
 
-    from webui.hub import DownloadError, download as download_fn
+    from webui.hub import download as download_fn
 
     monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
-    with pytest.raises(DownloadError, match="not enough disk space"):
+    with pytest.raises(DownloadFailed, match="not enough disk space"):
         download_fn("test/big", model_dir=tmp_path / "models")
     assert not online.gets(".safetensors")
 
@@ -330,7 +331,7 @@ def test_not_enough_disk_space_is_refused_before_downloading(online, monkeypatch
 def test_cancel_keeps_the_partial_file_and_a_rerun_completes(online, repos, tmp_path):
     import threading
 
-    from webui.hub import DownloadError, download as download_fn
+    from webui.hub import download as download_fn
 
     shard2 = "model-00002-of-00002.safetensors"
     online.stall_after[shard2] = BIG - 1_000_000
@@ -340,7 +341,7 @@ def test_cancel_keeps_the_partial_file_and_a_rerun_completes(online, repos, tmp_
     def run():
         try:
             download_fn("test/big", model_dir=tmp_path / "models", cancel=cancel)
-        except DownloadError as e:
+        except DownloadFailed as e:
             errors.append(str(e))
     worker = threading.Thread(target=run)
     worker.start()

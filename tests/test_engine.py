@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from webui.backends.base import ModelLoadError
 from webui.backends.transformers import _PresenceFrequencyPenalty
 from webui.config import GenerationParams, ModelSpec
-from webui.engine import Engine, NoModelLoaded
+from webui.engine import Engine
+from webui.errors import LoadFailed, NoModelLoaded, NotFound
 
 PROMPT = "Hello! How can"
 GREEDY = GenerationParams(temperature=0, max_new_tokens=16)
@@ -70,7 +70,7 @@ def test_broken_model_is_refused_and_previous_stays(case, engine, scratch_models
     shutil.copytree(scratch_models / "tiny-llama", broken)
     damage, message = BROKEN[case]
     damage(broken)
-    with pytest.raises(ModelLoadError, match=message) as err:
+    with pytest.raises(LoadFailed, match=message) as err:
         engine.load(ModelSpec(model="broken"))
     assert "broken" in str(err.value)  # names the model
     assert engine.loaded.name == "tiny-llama"
@@ -85,14 +85,14 @@ def test_load_failure_after_checks_restores_previous_model(engine, scratch_model
     cfg = json.loads((broken / "config.json").read_text())
     cfg["intermediate_size"] = 48
     (broken / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="wrong-shapes"):
+    with pytest.raises(LoadFailed, match="wrong-shapes"):
         engine.load(ModelSpec(model="wrong-shapes"))
     assert engine.loaded.name == "tiny-llama"
     assert engine.generate(PROMPT, GREEDY) == before
 
 
 def test_missing_model_lists_what_exists(engine):
-    with pytest.raises(ModelLoadError, match="model not found: nope.*tiny-llama"):
+    with pytest.raises(NotFound, match="model not found: nope.*tiny-llama"):
         engine.load(ModelSpec(model="nope"))
     assert engine.loaded.name == "tiny-llama"
 

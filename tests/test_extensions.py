@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.browser import browser  # noqa: F401
-from tests.conftest import ROOT
-from tests.test_adapters import peft_reference
-from tests.tiny_models import write_adapter
+from tests.helpers import ROOT, peft_reference
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
-from webui.extensions import ExtensionError, Extensions
+from webui.errors import BadInput
+from webui.extensions import Extensions
+from webui.testing.tiny_models import write_adapter
 
 TRACE = """
 calls = []
@@ -93,7 +92,7 @@ def test_broken_extensions_are_disabled_with_a_message(ext_dir):
 
 @pytest.mark.parametrize("name", ["../first", "/etc", "a/b", "..", ""])
 def test_names_cannot_escape_the_extensions_folder(ext_dir, name):
-    with pytest.raises(ExtensionError, match="not allowed|escapes"):
+    with pytest.raises(BadInput, match="not allowed|escapes"):
         Extensions(ext_dir).script_path(name)
     ext = Extensions(ext_dir)
     ext.load(name)
@@ -104,7 +103,7 @@ def test_symlink_out_of_the_folder_is_refused(ext_dir, tmp_path):
     outside = tmp_path / "outside"
     make(outside, "evil", "def setup():\n    raise SystemExit('ran')\n")
     (ext_dir / "evil").symlink_to(outside / "evil", target_is_directory=True)
-    with pytest.raises(ExtensionError, match="escapes"):
+    with pytest.raises(BadInput, match="escapes"):
         Extensions(ext_dir).script_path("evil")
 
 

@@ -1,9 +1,11 @@
-"""The llama.cpp loader against plain PEFT/transformers: a tiny Llama written to an f32 GGUF here (with the
-same converter the export uses) must give transformers' greedy text; with a PEFT adapter (converted to a
-GGUF LoRA automatically) PEFT's text; a weighted stack PEFT's add_weighted_adapter("cat"); switching
-A→B→none→A happens on one loaded model; an adapter for another base is refused and nothing changes; an
-exported GGUF with the adapter merged gives the adapter's text with no adapter loaded (f32: exactly; the
-embedded SmolLM2 in Q4_K_M: its effect is still there)."""
+"""The llama.cpp loader against plain PEFT/transformers: a tiny Llama written to an f32 GGUF (the session's
+`gguf_models`, with the same converter the export uses) gives transformers' greedy text and chat template;
+Mistral and Qwen2 convert too; the base is described with transformers' names and shapes; a PEFT adapter is
+converted to a GGUF LoRA once and reused; GGUF LoRA files are used as they are; sampling, seed and cancel
+work; bad files are refused and the previous model stays; an exported GGUF with the adapter merged gives the
+adapter's text with no adapter loaded (f32: exactly; the embedded SmolLM2 in Q4_K_M: its effect is still
+there). The adapter behaviour every loader shares (PEFT equality, stacks, hot-swap, refusal, merge) is in
+test_loader_contract.py."""
 from __future__ import annotations
 
 import shutil
@@ -13,36 +15,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import reference_greedy
-from tests.test_adapters import GREEDY, PROMPT, peft_reference
-from tests.tiny_models import write_adapter
-from webui.adapters.gguf_convert import hf_to_gguf
-from webui.adapters.files import AdapterError
-from webui.backends.base import ModelLoadError
+from tests.helpers import GREEDY, PROMPT, converted_lora, llamacpp_logits, peft_reference, reference_greedy
 from webui.config import GenerationParams, ModelSpec
-from webui.engine import AdapterIncompatible, Engine
-from webui.export import export_model
+from webui.engine import Engine
+from webui.errors import BadInput, LoadFailed
+from webui.export.hf_to_gguf import hf_to_gguf
+from webui.export.run import export_model
+from webui.testing.tiny_models import write_adapter
 
 pytest.importorskip("llama_cpp")
 
 
-@pytest.fixture(scope="module")
-def gguf_models(tiny_models, tmp_path_factory) -> Path:
-    """A models dir holding tiny-llama.gguf (f32) and the tiny-llama transformers folder it came from."""
-    d = tmp_path_factory.mktemp("gguf-models")
-    shutil.copytree(tiny_models["llama"], d / "tiny-llama")
-    hf_to_gguf(d / "tiny-llama", d / "tiny-llama.gguf")
-    return d
-
-
-@pytest.fixture(scope="module")
-def loras(gguf_models, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("gguf-loras")
-    base = gguf_models / "tiny-llama"
-    # q/k included on purpose: their B rows must follow llama.cpp's q/k permutation
-    write_adapter(base, d / "A", target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], r=4, alpha=8, seed=1)
-    write_adapter(base, d / "B", target_modules="all-linear", r=8, alpha=16, seed=2)
-    return d
+@pytest.fixture
+def loras(llama_loras) -> Path:
+    """Adapters A (r=4, q/k/v/o), B (r=8, all-linear) and `other` (another base) for tiny-llama."""
+    return llama_loras
 
 
 @pytest.fixture
@@ -51,41 +38,6 @@ def engine(gguf_models, loras):
     e.load(ModelSpec(model="tiny-llama.gguf"))  # loader auto: a .gguf goes to llama.cpp
     yield e
     e.unload()
-
-
-def last_logits(engine: Engine, prompt: str = PROMPT) -> np.ndarray:
-    import llama_cpp
-
-    llm = engine._backend.llm
-    llm.reset()
-    llm.eval(engine._backend._tokens(prompt))
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
-
-
-def f32_kv_logits(model: Path, adapters: list[tuple[Path, float]], prompt: str = PROMPT) -> np.ndarray:
-    """Last-position logits from llama-cpp-python directly, with an f32 KV cache and GGUF LoRA files
-    applied through llama_set_adapters_lora. llama.cpp's default KV cache is f16, which alone moves the
-    tiny model's logits by up to ~0.15 (measured) once an adapter makes its keys/values large; in f32
-    the difference from PEFT is rounding only."""
-    import ctypes
-
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(model), n_ctx=256, verbose=False, type_k=llama_cpp.GGML_TYPE_F32,
-                          type_v=llama_cpp.GGML_TYPE_F32)
-    pointers = [llama_cpp.llama_adapter_lora_init(llm.model, str(p).encode()) for p, _ in adapters]
-    n = len(adapters)
-    assert llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * n)(*pointers), n,
-                                             (ctypes.c_float * n)(*(w for _, w in adapters))) == 0
-    llm.reset()
-    llm.eval(llm.tokenize(prompt.encode(), add_bos=False, special=True))
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
-    llm.close()
-    return logits
-
-
-def converted(loras: Path, name: str) -> Path:
-    return next((loras / name).glob("adapter.*.gguf"))
 
 
 def test_gguf_base_matches_transformers(engine, gguf_models):
@@ -128,17 +80,12 @@ def test_describe_base_uses_hf_names_and_shapes(engine, gguf_models):
     assert {n: l for n, l in ours.layers.items() if l.kind == "linear"} == linear
 
 
-def test_adapter_equals_peft_and_conversion_is_cached(engine, gguf_models, loras):
-    base = gguf_models / "tiny-llama"
-    expected, ref_logits = peft_reference(base, {"A": (loras / "A", 1.0)})
-    base_text = engine.generate(PROMPT, GREEDY)
-    assert engine.adapter_report("A").verdict == "ok", engine.adapter_report("A").text()
-    assert engine.set_adapters({"A": 1.0}) == {"A": 1.0}
-    assert engine.generate(PROMPT, GREEDY) == expected != base_text
-    diff = np.abs(f32_kv_logits(gguf_models / "tiny-llama.gguf", [(converted(loras, "A"), 1.0)])
-                  - ref_logits.numpy()).max()
-    assert diff < 1e-3, f"max |logit difference| vs PEFT: {diff}"
-
+def test_adapter_conversion_is_cached(engine, gguf_models, loras):
+    """A PEFT adapter is converted to a GGUF LoRA once, kept beside its files and reused by the next load; when
+    its files change it is converted again and the stale file removed."""
+    expected, _ = peft_reference(gguf_models / "tiny-llama", {"A": (loras / "A", 1.0)})
+    engine.set_adapters({"A": 1.0})
+    assert engine.generate(PROMPT, GREEDY) == expected
     cached = sorted((loras / "A").glob("adapter.*.gguf"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
@@ -154,46 +101,6 @@ def test_adapter_equals_peft_and_conversion_is_cached(engine, gguf_models, loras
     other.unload()
 
 
-def test_weighted_stack_equals_peft_cat(engine, gguf_models, loras):
-    base = gguf_models / "tiny-llama"
-    for weights in ({"A": 1.0, "B": 0.5}, {"A": 0.3, "B": -0.7}):
-        expected, ref_logits = peft_reference(base, {n: (loras / n, w) for n, w in weights.items()})
-        engine.set_adapters(weights)
-        assert engine.generate(PROMPT, GREEDY) == expected
-        files = [(converted(loras, n), w) for n, w in weights.items()]
-        diff = np.abs(f32_kv_logits(gguf_models / "tiny-llama.gguf", files) - ref_logits.numpy()).max()
-        assert diff < 1e-3, f"max |logit difference| vs PEFT for {weights}: {diff}"
-
-
-def test_switch_without_reloading(engine, gguf_models, loras):
-    base = gguf_models / "tiny-llama"
-    base_text = engine.generate(PROMPT, GREEDY)
-    a_text, _ = peft_reference(base, {"A": (loras / "A", 1.0)})
-    b_text, _ = peft_reference(base, {"B": (loras / "B", 1.0)})
-    assert len({base_text, a_text, b_text}) == 3
-    llm = engine._backend.llm
-    outputs = []
-    for active in ({"A": 1.0}, {"B": 1.0}, {}, {"A": 1.0}):
-        engine.set_adapters(active)
-        outputs.append(engine.generate(PROMPT, GREEDY))
-    assert outputs == [a_text, b_text, base_text, a_text]
-    assert engine._backend.llm is llm and set(engine._backend.adapters_loaded) == {"A", "B"}
-    engine.clear_adapters()
-    assert engine.generate(PROMPT, GREEDY) == base_text
-
-
-def test_adapter_for_another_base_is_refused(engine, loras, embedded_folder, tmp_path):
-    write_adapter(embedded_folder, loras / "smol", target_modules=["q_proj", "v_proj"], r=4, seed=5)
-    engine.set_adapters({"A": 1.0})
-    before = engine.generate(PROMPT, GREEDY)
-    with pytest.raises(AdapterIncompatible) as err:
-        engine.set_adapters({"smol": 1.0})
-    assert "576" in str(err.value) or "layers" in str(err.value)  # names the shape / layer mismatch
-    assert engine.active_adapters == {"A": 1.0}
-    assert engine.generate(PROMPT, GREEDY) == before
-    shutil.rmtree(loras / "smol")
-
-
 def test_gguf_lora_file_used_as_is(engine, gguf_models, loras):
     """GGUF LoRA files in the loras folder (a folder holding one, or a bare .gguf file; here copies of A's
     conversion) are listed, checked and applied as they are."""
@@ -202,8 +109,8 @@ def test_gguf_lora_file_used_as_is(engine, gguf_models, loras):
     engine.set_adapters({"A": 1.0})
     expected = engine.generate(PROMPT, GREEDY)
     (loras / "A-gguf").mkdir()
-    shutil.copy(converted(loras, "A"), loras / "A-gguf" / "A.gguf")
-    shutil.copy(converted(loras, "A"), loras / "A-flat.gguf")
+    shutil.copy(converted_lora(loras, "A"), loras / "A-gguf" / "A.gguf")
+    shutil.copy(converted_lora(loras, "A"), loras / "A-flat.gguf")
     try:
         assert {"A-gguf", "A-flat.gguf"} <= set(engine.list_adapters())
         files = read_adapter(loras / "A-gguf")
@@ -216,7 +123,7 @@ def test_gguf_lora_file_used_as_is(engine, gguf_models, loras):
         assert not list((loras / "A-gguf").glob("adapter.*.gguf"))  # used as is: nothing converted
         hf = Engine(gguf_models, loras)  # the transformers loader refuses it (llama.cpp tensor layout)
         hf.load(ModelSpec(model="tiny-llama"))
-        with pytest.raises(AdapterError, match="llama.cpp loader only"):
+        with pytest.raises(BadInput, match="llama.cpp loader only"):
             hf.set_adapters({"A-gguf": 1.0})
         assert hf.active_adapters == {}
     finally:
@@ -243,11 +150,11 @@ def test_load_errors_are_clear_and_keep_the_model(engine, loras, tmp_path):
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")
-    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+    with pytest.raises(LoadFailed, match="not a GGUF file"):
         LlamaCppBackend.preflight(bad, ModelSpec())
     engine.set_adapters({"A": 1.0})  # makes sure A's GGUF LoRA exists
-    with pytest.raises(ModelLoadError, match="LoRA adapter, not a model"):
-        engine.load(ModelSpec(model=str(converted(loras, "A"))))
+    with pytest.raises(LoadFailed, match="LoRA adapter, not a model"):
+        engine.load(ModelSpec(model=str(converted_lora(loras, "A"))))
     assert engine.loaded.name == "tiny-llama.gguf"  # the previous model is loaded again
     assert engine.generate(PROMPT, GREEDY)
 
@@ -270,7 +177,7 @@ def test_export_gguf_f32_gives_the_adapter_output(gguf_models, loras, tmp_path):
 
 def test_export_warns_when_quantization_erases_the_adapter(gguf_models, loras, tmp_path):
     """A base already on the Q8_0 grid plus a change far below one grid step rounds back to the base."""
-    from webui.export_gguf import quantize
+    from webui.export.gguf_writer import quantize
 
     models = tmp_path / "models"
     models.mkdir()
@@ -307,16 +214,16 @@ def test_embedded_q4_export_keeps_the_adapter(embedded_folder, tmp_path):
     assert engine.loaded.loader == "llamacpp"
     prompt = engine.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
     params = GenerationParams(temperature=0, max_new_tokens=12)
-    base_logits, base_text = last_logits(engine, prompt), engine.generate(prompt, params)
+    base_logits, base_text = llamacpp_logits(engine, prompt), engine.generate(prompt, params)
     engine.set_adapters({"E": 0.01})
-    adapter_logits, adapter_text = last_logits(engine, prompt), engine.generate(prompt, params)
+    adapter_logits, adapter_text = llamacpp_logits(engine, prompt), engine.generate(prompt, params)
     engine.unload()
     assert adapter_text != base_text
 
     out = export_model("", ["E"], [0.01], "gguf", tmp_path / "out", tmp_path / "models", loras, quant="Q4_K_M")
     merged = Engine(tmp_path / "models", loras)
     merged.load(ModelSpec(model=str(out)))
-    merged_logits, merged_text = last_logits(merged, prompt), merged.generate(prompt, params)
+    merged_logits, merged_text = llamacpp_logits(merged, prompt), merged.generate(prompt, params)
     merged.unload()
     assert merged_text != base_text
     want, got = adapter_logits - base_logits, merged_logits - base_logits

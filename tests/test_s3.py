@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
+from webui.errors import BadInput, DownloadFailed
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -29,7 +30,7 @@ def s3_server():
 
 @pytest.fixture(scope="module")
 def adapter_files(tmp_path_factory) -> dict[str, bytes]:
-    from tests.tiny_models import build_tokenizer, write_adapter, write_model
+    from webui.testing.tiny_models import build_tokenizer, write_adapter, write_model
 
     root = tmp_path_factory.mktemp("s3-src")
     base = write_model("llama", root / "models", build_tokenizer())
@@ -119,16 +120,15 @@ def test_cli_downloads_s3_prefix_and_single_object(s3, s3_server, adapter_files,
 
 
 def test_s3_errors_leave_nothing_half_written(s3, adapter_files, tmp_path, monkeypatch):
-    from webui.hub import DownloadError, fetch_adapter
-    from webui.hub import sources
+    from webui.hub import fetch_adapter, sources
 
     put_folder(s3, "plain-model", {"config.json": b"{}", "model.safetensors": b"x" * 100})
-    with pytest.raises(DownloadError, match="not a LoRA adapter"):
+    with pytest.raises(BadInput, match="not a LoRA adapter"):
         fetch_adapter(f"s3://{s3.bucket}/plain-model", "s3", tmp_path / "loras")
 
     put_folder(s3, "flaky", adapter_files)
     monkeypatch.setattr(sources, "_md5_ok", lambda path, etag: path.name != "adapter_model.safetensors")
-    with pytest.raises(DownloadError, match="arrived corrupted"):
+    with pytest.raises(DownloadFailed, match="arrived corrupted"):
         fetch_adapter(f"s3://{s3.bucket}/flaky", "s3", tmp_path / "loras")
     assert not (tmp_path / "loras" / "flaky").exists()  # only the hidden staging folder, never listed
 
@@ -139,18 +139,17 @@ def test_s3_errors_leave_nothing_half_written(s3, adapter_files, tmp_path, monke
 
 
 def test_unsafe_object_keys_are_refused():
-    from webui.hub import DownloadError
     from webui.hub.sources import _relative_key, safe_name
 
     assert _relative_key("team/lora/sub/a.json", "team/lora") == "sub/a.json"
     for key in ("team/lora/../../etc/passwd", "team/lora/./x", "team/lora/a\\..\\b"):
-        with pytest.raises(DownloadError, match="unsafe object key"):
+        with pytest.raises(DownloadFailed, match="unsafe object key"):
             _relative_key(key, "team/lora")
     assert safe_name("../my lora!") == "my_lora_"
 
 
 def test_local_source_is_confined_to_the_adapters_folder(adapter_files, tmp_path):
-    from webui.hub import DownloadError, fetch_adapter
+    from webui.hub import fetch_adapter
 
     loras, outside = tmp_path / "loras", tmp_path / "elsewhere"
     for folder in (loras / "mine", outside / "theirs"):
@@ -160,11 +159,11 @@ def test_local_source_is_confined_to_the_adapters_folder(adapter_files, tmp_path
     assert fetch_adapter(str(loras / "mine"), "local", loras) == (loras / "mine").resolve()
     assert fetch_adapter("mine", "local", loras) == (loras / "mine").resolve()
     for bad in (str(outside / "theirs"), "../elsewhere/theirs", str(loras)):
-        with pytest.raises(DownloadError, match="outside the adapters folder"):
+        with pytest.raises(BadInput, match="escapes the adapters folder"):
             fetch_adapter(bad, "local", loras)
     assert fetch_adapter(str(outside / "theirs"), "local", loras, restrict_local=False) == (outside / "theirs").resolve()
     (loras / "empty").mkdir()
-    with pytest.raises(DownloadError, match="adapter_config.json is missing"):
+    with pytest.raises(BadInput, match="adapter_config.json is missing"):
         fetch_adapter("empty", "local", loras)
-    with pytest.raises(DownloadError, match="adapter_source 'ftp'"):
+    with pytest.raises(BadInput, match="adapter_source 'ftp'"):
         fetch_adapter("x", "ftp", loras)

@@ -12,32 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
-from webui.config import ConfigError, LoraTrainConfig, TrainConfig
+from tests.helpers import ROOT, write_data
+from webui.config import LoraTrainConfig, TrainConfig
+from webui.errors import BadInput
 from webui.training.runner import TrainingRunner
-from webui.training.trainer import TrainingError, latest_checkpoint, train
+from webui.training.trainer import latest_checkpoint, train
 
 SEED_002 = next((ROOT.parent / "shared" / "seeds").glob("002_*.txt"), None)
-
-
-def write_data(folder: Path) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"raw": folder / "story.txt"}
-    files["raw"].write_text("The lighthouse keeper counts the ships. One, two, three ships pass by. " * 40)
-    files["instruction"] = folder / "inst.json"
-    files["instruction"].write_text(json.dumps(
-        [{"instruction": f"Count to {i}.", "input": "", "output": " ".join(str(j) for j in range(1, i + 1))}
-         for i in range(2, 14)]))
-    files["chat"] = folder / "chat.jsonl"
-    files["chat"].write_text("\n".join(json.dumps({"messages": [
-        {"role": "system", "content": "You answer with colors."},
-        {"role": "user", "content": f"Color number {i}?"},
-        {"role": "assistant", "content": ["red", "green", "blue"][i % 3]}]}) for i in range(12)))
-    files["sharegpt"] = folder / "sharegpt.jsonl"
-    files["sharegpt"].write_text("\n".join(json.dumps({"conversations": [
-        {"from": "human", "value": f"Say hello {i}"}, {"from": "gpt", "value": f"hello {i} hello"}]})
-        for i in range(12)))
-    return files
 
 
 def config(output: str, path: Path, fmt: str, **training) -> TrainConfig:
@@ -219,7 +200,7 @@ def test_seed_002_example_trains_as_written(dirs):
     ({"target_modules": []}, "target_modules"),
 ])
 def test_bad_lora_config_names_the_key(lora, message):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(BadInput) as err:
         TrainConfig.from_dict({"output": "x", "dataset": {"path": "d.txt"}, "lora": lora})
     assert message in str(err.value)
 
@@ -235,7 +216,7 @@ def test_bad_lora_config_names_the_key(lora, message):
 def test_bad_dataset_fails_fast_without_half_adapter(content, fmt, message, dirs, tmp_path):
     path = tmp_path / ("bad.txt" if fmt == "raw" else "bad.jsonl")
     path.write_text(content)
-    with pytest.raises(TrainingError, match=message):
+    with pytest.raises(BadInput, match=message):
         train(config("bad", path, fmt), dirs["models"], dirs["loras"], dirs["runs"], log=lambda m: None)
     assert not (dirs["loras"] / "bad").exists()
     assert not (dirs["runs"] / "bad" / "checkpoints").exists()

@@ -4,24 +4,11 @@ histories; a broken model picked on the Model tab shows the reason and the chat 
 import shutil
 import time
 
-from tests.browser import bot_text, browser, greedy, norm, open_app, screenshot, send, tab, wait_text  # noqa: F401
-from tests.conftest import ROOT
+from tests.browser import bot_text, greedy, norm, open_app, send, tab, wait_text
+from tests.helpers import ROOT, chat_reference
 
 QUESTION = "What is the capital of France?"
 MAX_NEW = 20
-
-
-def chat_reference(folder, question: str) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                     add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**ids, do_sample=False, max_new_tokens=MAX_NEW)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def wait_bot(page, index: int, expected: str | None = None) -> str:
@@ -35,7 +22,7 @@ def test_chat_in_the_browser(browser, start_app, embedded_folder, tiny_models, t
     shutil.copytree(tiny_models["llama"], models / "broken")
     (models / "broken" / "config.json").unlink()
     app = start_app("--models-dir", str(models), "--loader", "transformers", "--presets-dir", str(ROOT / "presets"))
-    expected = chat_reference(embedded_folder, QUESTION)
+    expected = chat_reference(embedded_folder, QUESTION, MAX_NEW)
 
     page = open_app(browser, app.url)
     assert [t.inner_text().strip() for t in page.get_by_role("tab").all()] == ["Chat", "Parameters", "Model", "Training"]

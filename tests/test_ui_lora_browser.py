@@ -7,10 +7,9 @@ import shutil
 
 import pytest
 
-from tests.browser import (bot_text, browser, greedy, open_app, screenshot, send, tab, wait_text,  # noqa: F401
-                           words)
-from tests.test_adapters import peft_reference
-from tests.tiny_models import write_adapter
+from tests.browser import bot_text, greedy, open_app, screenshot, send, tab, wait_text, words
+from tests.helpers import chat_reference, peft_reference
+from webui.testing.tiny_models import write_adapter
 
 MAX_NEW = 16
 QUESTION = "Hello! Who are you?"
@@ -35,13 +34,7 @@ def world(embedded_folder, tmp_path_factory):
 
     def ref(adapters):
         if not adapters:
-            from tests.test_ui_browser import chat_reference
-            import tests.test_ui_browser as t
-            t.MAX_NEW, saved = MAX_NEW, t.MAX_NEW
-            try:
-                return chat_reference(embedded_folder, QUESTION)
-            finally:
-                t.MAX_NEW = saved
+            return chat_reference(embedded_folder, QUESTION, MAX_NEW)
         return peft_reference(embedded_folder, {n: (loras / n, w) for n, w in adapters.items()}, prompt, MAX_NEW)[0]
 
     refs = {"base": ref({}), "A": ref({"A": 1.0}), "A/2": ref({"A": 0.5}), "B": ref({"B": 1.0})}

@@ -1,7 +1,7 @@
 """Training from the browser: fill the Training tab's short form, start a run, watch the progress and the
 loss chart update, and apply the finished adapter to the chat with one click (no base reload)."""
-from tests.browser import browser, open_app, screenshot, tab, wait_text  # noqa: F401
-from tests.test_training import write_data
+from tests.browser import open_app, screenshot, tab, wait_text
+from tests.helpers import write_data
 
 
 def _fill(page, elem_id: str, value) -> None:

@@ -1,25 +1,36 @@
-"""Command line of LoRA Deck: `python -m webui SUBCOMMAND`. `app.py` is `serve` and `download-model.py`
-is `download`. The flags of `serve` come from `webui.config.ServerConfig`, so they, the defaults and
-the help texts have one home.
+"""Command line of LoRA Deck: `python -m webui SUBCOMMAND` (the `loradeck` command once installed). `app.py`
+is `serve` and `download-model.py` is `download`. The flags of `serve` come from `webui.config.ServerConfig`,
+so they, the defaults and the help texts have one home; the loader choices come from the registry.
+
+Each subcommand imports its own modules when it runs: `serve` pulls in torch and gradio, which `--help`,
+`download` and `inspect` should not wait for. Every LoraDeckError ends a command with one `error:` line.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
-from webui.config import ConfigError, ServerConfig, add_arguments, from_namespace
+import yaml
+
+from webui.config import ServerConfig, TrainConfig, add_arguments, from_namespace
+from webui.errors import BadInput, LoraDeckError
+from webui.export import FORMATS
+from webui.hub.cli import add_arguments as add_download_arguments
+from webui.hub.cli import run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m webui", description="LoRA Deck: local LLMs and LoRA adapters.")
+    prog = "loradeck" if Path(sys.argv[0]).name == "loradeck" else "python -m webui"
+    parser = argparse.ArgumentParser(prog=prog, description="LoRA Deck: local LLMs and LoRA adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the web UI (/) and the API (/v1); same as app.py")
     add_arguments(serve, ServerConfig)
     download = sub.add_parser("download", help="download a model or adapter; same as download-model.py",
                               description="Download a model or LoRA from the Hugging Face hub (HF_ENDPOINT, "
                                           "HF_TOKEN), S3 (s3://bucket/prefix; AWS_* variables) or a local path.")
-    from webui.hub.cli import add_arguments as add_download_arguments
     add_download_arguments(download)
 
     inspect = sub.add_parser("inspect", help="does an adapter fit a base? the compatibility report")
@@ -41,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--lora", action="extend", nargs="+", default=[], help="adapter name(s) or path(s)")
     export.add_argument("--weights", action="extend", nargs="+", type=float, default=[],
                         help="a weight per adapter (default 1.0 each)")
-    export.add_argument("--format", required=True, choices=("safetensors", "gguf", "gptq"))
+    export.add_argument("--format", required=True, choices=FORMATS)
     export.add_argument("--out", required=True)
     export.add_argument("--quant", default=None, help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, "
                         "Q4_0, Q4_1, ... (default Q8_0 for models under 3B parameters, else Q4_K_M)")
@@ -65,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         try:
             cfg = from_namespace(ServerConfig, args)
-        except ConfigError as e:
+        except BadInput as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        from webui.server import serve
+        from webui.server import serve  # torch, gradio: see the module docstring
         return serve(cfg)
     if args.command == "inspect":
         return _inspect(args)
@@ -77,25 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return _train(args)
     if args.command == "download":
-        from webui.hub.cli import run_cli
         return run_cli(args)
     return 2
 
 
 def _inspect(args) -> int:
-    import json
-    from pathlib import Path
-
-    from webui.adapters.files import AdapterError, load_weights, read_adapter, resolve_adapter
+    from webui.adapters.files import load_weights, locate_adapter, read_adapter  # torch: see the docstring
     from webui.adapters.inspect import inspect_adapter
-    from webui.backends.base import ModelLoadError
 
     try:
-        path = resolve_adapter(args.adapter, Path(args.loras_dir), allow_paths=True)
+        path = locate_adapter(args.adapter, Path(args.loras_dir), anywhere=True)
         files = read_adapter(path, path.name)
         state = load_weights(files)
         base = _describe_model(args.model, Path(args.models_dir)) if args.model else None
-    except (AdapterError, ModelLoadError) as e:
+    except LoraDeckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     report = inspect_adapter(files, state, base)
@@ -105,27 +111,22 @@ def _inspect(args) -> int:
 
 def _describe_model(model: str, models_dir):
     """The base's adaptable layers from its config alone (built on the meta device: no weights read)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # torch: see the docstring
 
     from webui.adapters.targets import describe_config
-    from webui.backends.base import ModelLoadError
     from webui.models import resolve_model_path
 
     path = resolve_model_path(model, models_dir)
     if not (path.is_dir() and (path / "config.json").is_file()):
-        raise ModelLoadError(f"{path.name}: inspect --model needs a transformers model folder (with config.json)")
+        raise BadInput(f"{path.name}: inspect --model needs a transformers model folder (with config.json)")
     try:
         return describe_config(AutoConfig.from_pretrained(str(path), local_files_only=True), path.name)
     except Exception as e:
-        raise ModelLoadError(f"{path.name}: config.json is broken: {e}") from None
+        raise BadInput(f"{path.name}: config.json is broken: {e}") from None
 
 
 def _export(args) -> int:
-    from pathlib import Path
-
-    from webui.adapters.files import AdapterError
-    from webui.backends.base import ModelLoadError, UnsupportedOperation
-    from webui.export import export_model
+    from webui.export.run import export_model  # torch, gguf, llama.cpp: see the docstring
 
     try:
         out = export_model(args.model, args.lora, args.weights, args.format, Path(args.out),
@@ -133,7 +134,7 @@ def _export(args) -> int:
                            progress=lambda f, msg: print(f"[export] {msg}", file=sys.stderr), quant=args.quant,
                            bits=args.bits, group_size=args.group_size,
                            calibration=Path(args.calibration) if args.calibration else None)
-    except (AdapterError, ModelLoadError, UnsupportedOperation, FileExistsError) as e:
+    except LoraDeckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(out)
@@ -141,13 +142,7 @@ def _export(args) -> int:
 
 
 def _train(args) -> int:
-    from pathlib import Path
-
-    import yaml
-
-    from webui.backends.base import ModelLoadError
-    from webui.config import ConfigError, TrainConfig
-    from webui.training.trainer import TrainingError, train
+    from webui.training.trainer import train  # torch: see the docstring
 
     path = Path(args.config)
     try:
@@ -156,7 +151,7 @@ def _train(args) -> int:
     except OSError as e:
         print(f"error: cannot read {path}: {e}", file=sys.stderr)
         return 2
-    except (yaml.YAMLError, ConfigError) as e:
+    except (yaml.YAMLError, BadInput) as e:
         print(f"error: {path.name}: {e}", file=sys.stderr)
         return 2
     dataset = Path(cfg.dataset.path)
@@ -165,7 +160,7 @@ def _train(args) -> int:
     try:
         train(cfg, Path(args.models_dir), Path(args.loras_dir), Path(args.runs_dir),
               log=lambda msg: print(msg, flush=True))
-    except (TrainingError, ConfigError, ModelLoadError) as e:
+    except LoraDeckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

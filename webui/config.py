@@ -13,14 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-LoaderName = Literal["auto", "transformers", "gptq", "llamacpp"]
+from webui.backends.registry import loader_choices
+from webui.errors import BadInput
+
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-
-
-class ConfigError(ValueError):
-    """A bad option value; the message names the field and what is allowed."""
-
 
 def _opt(default, help: str, **meta):
     """A dataclass field carrying its help text and UI hints (min/max/step) in metadata."""
@@ -30,28 +27,28 @@ def _opt(default, help: str, **meta):
 
 
 def choices_of(cls, name: str) -> tuple | None:
-    """The allowed values of a Literal-typed field, else None."""
+    """The allowed values of a field: its Literal's, or those its metadata names (a callable, for choices
+    known only at run time such as the registered loaders); None when any value goes."""
     hint = typing.get_type_hints(cls)[name]
     if get_origin(hint) is Literal:
         return get_args(hint)
-    return None
+    choices = cls.__dataclass_fields__[name].metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
 
 
 def _validate(obj) -> None:
-    """Check Literal choices and numeric ranges declared in field metadata; raise ConfigError naming the field."""
-    hints = typing.get_type_hints(type(obj))
+    """Check choices and numeric ranges declared on the fields; raise BadInput naming the field."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        hint = hints[f.name]
-        if get_origin(hint) is Literal and value not in get_args(hint):
-            allowed = ", ".join(map(str, get_args(hint)))
-            raise ConfigError(f"{f.name}: {value!r} is not one of: {allowed}")
+        allowed = choices_of(type(obj), f.name)
+        if allowed is not None and value not in allowed:
+            raise BadInput(f"{f.name}: {value!r} is not one of: {', '.join(map(str, allowed))}")
         lo, hi = f.metadata.get("min"), f.metadata.get("max")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value:
-                raise ConfigError(f"{f.name}: NaN is not a number")
+                raise BadInput(f"{f.name}: NaN is not a number")
             if lo is not None and value < lo or hi is not None and value > hi:
-                raise ConfigError(f"{f.name}: {value!r} is outside the allowed range [{lo}, {hi}]")
+                raise BadInput(f"{f.name}: {value!r} is outside the allowed range [{lo}, {hi}]")
 
 
 @dataclass
@@ -85,7 +82,7 @@ class GenerationParams:
             if isinstance(v, float) and v.is_integer():
                 setattr(self, name, int(v))
             elif not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}: {v!r} is not an integer")
+                raise BadInput(f"{name}: {v!r} is not an integer")
         _validate(self)
 
     @property
@@ -102,7 +99,7 @@ class GenerationParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown generation setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise BadInput(f"unknown generation setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
 
 
@@ -111,7 +108,8 @@ class ModelSpec:
     """What to load and how. `model` is a name in the models dir, or a path; empty = the embedded model."""
 
     model: str = _opt("", "Model: a folder or .gguf file in the models dir, or a path (empty = embedded SmolLM2).")
-    loader: LoaderName = _opt("auto", "Loader: auto picks llamacpp for .gguf, gptq for GPTQ folders, else transformers.")
+    loader: str = _opt("auto", "Loader: auto picks llamacpp for .gguf, gptq for GPTQ folders, else transformers.",
+                       choices=loader_choices)
     dtype: DtypeName = _opt("auto", "Weights dtype on the transformers loader (auto: bfloat16/float16 on CUDA, float32 on CPU).")
     device: DeviceName = _opt("auto", "Device (auto: CUDA when present, else CPU).")
     n_ctx: int = _opt(4096, "Context length (llama.cpp).", min=128, max=1 << 20, step=128)
@@ -127,7 +125,7 @@ class ServerConfig:
     """Start-up options of the app (the flags of `python app.py`)."""
 
     model: str = _opt("", "Model to load at start (a models-dir name or a path; default: the embedded SmolLM2).")
-    loader: LoaderName = _opt("auto", "Loader for --model.")
+    loader: str = _opt("auto", "Loader for --model.", choices=loader_choices)
     dtype: DtypeName = _opt("auto", "Weights dtype (transformers loader).")
     lora: list = _opt([], "Adapters (names in the loras dir) to apply at start.")
     lora_weights: list = _opt([], "A weight per --lora adapter (default 1.0 each).")
@@ -147,9 +145,9 @@ class ServerConfig:
     def __post_init__(self):
         _validate(self)
         if self.auth and ":" not in self.auth:
-            raise ConfigError("auth: expected USER:PASS")
+            raise BadInput("auth: expected USER:PASS")
         if self.lora_weights and len(self.lora_weights) != len(self.lora):
-            raise ConfigError(f"lora_weights: {len(self.lora_weights)} weight(s) given for {len(self.lora)} adapter(s)")
+            raise BadInput(f"lora_weights: {len(self.lora_weights)} weight(s) given for {len(self.lora)} adapter(s)")
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(model=self.model, loader=self.loader, dtype=self.dtype)
@@ -171,8 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", ""), "default": default}
         hint = hints[f.name]
-        if get_origin(hint) is Literal:
-            kwargs["choices"] = get_args(hint)
+        if choices_of(cls, f.name) is not None:
+            kwargs["choices"] = choices_of(cls, f.name)
         elif hint is bool:
             kwargs["action"] = "store_true"
         elif hint is list:
@@ -200,20 +198,21 @@ def _nested(cls, section: str, data) -> object:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{section}: expected a mapping of keys, got {type(data).__name__}")
+        raise BadInput(f"{section}: expected a mapping of keys, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{section}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        raise BadInput(f"{section}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
     try:
         return cls(**data)
-    except ConfigError as e:
-        raise ConfigError(f"{section}.{e}") from None
+    except BadInput as e:
+        raise BadInput(f"{section}.{e}") from None
 
 
 @dataclass
 class LoraTrainConfig:
-    """The `lora:` section: exactly the keys of seed 002 (a PEFT LoraConfig) plus bias, use_rslora, use_dora."""
+    """The `lora:` section: the keys of PEFT's LoraConfig that LoRA training guides use, plus bias, use_rslora,
+    use_dora."""
 
     task_type: TaskType = _opt("CAUSAL_LM", "Decoder-only models: CAUSAL_LM; encoder-decoder: SEQ_2_SEQ_LM.")
     r: int = _opt(8, "Rank of the LoRA matrices (capacity of the adapter).", min=1, max=1024, step=1)
@@ -231,30 +230,30 @@ class LoraTrainConfig:
     def __post_init__(self):
         _validate(self)
         if isinstance(self.r, bool) or not isinstance(self.r, int):
-            raise ConfigError(f"r: {self.r!r} must be a positive integer")
+            raise BadInput(f"r: {self.r!r} must be a positive integer")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             self.target_modules = [self.target_modules]
         if isinstance(self.target_modules, list) and (not self.target_modules or
                                                       not all(isinstance(t, str) for t in self.target_modules)):
-            raise ConfigError("target_modules: a non-empty list of module names, or all-linear")
+            raise BadInput("target_modules: a non-empty list of module names, or all-linear")
         lt = self.layers_to_transform
         if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool) and lt >= 0
                                    or isinstance(lt, list) and lt and all(isinstance(i, int) and i >= 0 for i in lt)):
-            raise ConfigError(f"layers_to_transform: {lt!r} must be a layer index or a list of indices")
+            raise BadInput(f"layers_to_transform: {lt!r} must be a layer index or a list of indices")
         if self.layers_pattern is not None and lt is None:
-            raise ConfigError("layers_pattern: only used together with layers_to_transform")
+            raise BadInput("layers_pattern: only used together with layers_to_transform")
         for name in ("fan_in_fan_out", "use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}: {getattr(self, name)!r} must be true or false")
+                raise BadInput(f"{name}: {getattr(self, name)!r} must be true or false")
 
     def peft_config(self):
-        from peft import LoraConfig
+        from peft import LoraConfig  # imports torch: every command reads this module, few train
 
         kwargs = dataclasses.asdict(self)
         try:
             return LoraConfig(**kwargs)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"lora: PEFT refused these settings: {e}") from None
+            raise BadInput(f"lora: PEFT refused these settings: {e}") from None
 
 
 @dataclass
@@ -269,7 +268,7 @@ class DatasetConfig:
     def __post_init__(self):
         _validate(self)
         if not self.path:
-            raise ConfigError("path: give the dataset file")
+            raise BadInput("path: give the dataset file")
 
 
 @dataclass
@@ -295,9 +294,9 @@ class TrainingParams:
                      "logging_steps", "warmup_steps", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ConfigError(f"{name}: {v!r} must be an integer")
+                raise BadInput(f"{name}: {v!r} must be an integer")
         if self.max_steps == 0 and self.epochs <= 0:
-            raise ConfigError("epochs: set epochs > 0 or max_steps > 0")
+            raise BadInput("epochs: set epochs > 0 or max_steps > 0")
 
 
 @dataclass
@@ -313,14 +312,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data) -> "TrainConfig":
         if not isinstance(data, dict):
-            raise ConfigError("the training config must be a YAML mapping with output, dataset, lora, training")
+            raise BadInput("the training config must be a YAML mapping with output, dataset, lora, training")
         unknown = sorted(set(data) - {"output", "dataset", "lora", "training", "base_model"})
         if unknown:
-            raise ConfigError(f"unknown top-level key(s): {', '.join(unknown)}; allowed: base_model, dataset, "
+            raise BadInput(f"unknown top-level key(s): {', '.join(unknown)}; allowed: base_model, dataset, "
                               "lora, training, output")
         output = data.get("output")
         if not output or not isinstance(output, str):
-            raise ConfigError("output: give the adapter's name")
+            raise BadInput("output: give the adapter's name")
         return cls(output=output, base_model=str(data.get("base_model") or ""),
                    dataset=_nested(DatasetConfig, "dataset", data.get("dataset")),
                    lora=_nested(LoraTrainConfig, "lora", data.get("lora")),

@@ -8,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from webui.config import ConfigError
+from webui.errors import BadInput, NotFound
 
 _NAME = re.compile(r"^[\w][\w .+-]{0,79}$")
 
@@ -16,7 +16,7 @@ _NAME = re.compile(r"^[\w][\w .+-]{0,79}$")
 def _path(folder: Path, name: str) -> Path:
     name = (name or "").strip()
     if not _NAME.match(name):
-        raise ConfigError(f"conversation name {name!r}: use letters, digits, spaces, '.', '+', '-' (at most 80)")
+        raise BadInput(f"conversation name {name!r}: use letters, digits, spaces, '.', '+', '-' (at most 80)")
     return Path(folder) / f"{name}.json"
 
 
@@ -44,10 +44,10 @@ def save_conversation(folder: Path, name: str, messages: list[dict], system: str
 def load_conversation(folder: Path, name: str) -> dict:
     path = _path(folder, name)
     if not path.is_file():
-        raise ConfigError(f"conversation {name!r} not found")
+        raise NotFound(f"conversation {name!r} not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in data["messages"]]
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"conversation {name!r} is damaged: {e}") from None
+        raise BadInput(f"conversation {name!r} is damaged: {e}") from None
     return {**data, "messages": messages}

@@ -17,34 +17,24 @@ from pathlib import Path
 from typing import Iterator
 
 from webui import models
-from webui.adapters.files import AdapterError, check_adapter_name, list_adapters, load_weights, read_adapter, resolve_adapter
+from webui.adapters.files import check_adapter_name, list_adapters, load_weights, read_adapter, resolve_adapter
 from webui.adapters.inspect import Report, inspect_adapter
-from webui.backends import backend_class
-from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, UnsupportedOperation,
-                                 no_progress)
+from webui.backends.base import Backend, Capabilities, LoadedInfo
+from webui.backends.registry import backend_class
 from webui.config import GenerationParams, ModelSpec
+from webui.errors import BadInput, Incompatible, LoadFailed, NoModelLoaded, Unsupported, first_line
+from webui.progress import Progress, no_progress
+from webui.scheduler import Scheduler
 from webui.stop_strings import StopStringFilter, cut_at_stop
 
 log = logging.getLogger(__name__)
 
 
-class AdapterIncompatible(AdapterError):
-    """The adapter does not fit the loaded base; `.report` holds the full compatibility report."""
-
-    def __init__(self, report: Report):
-        super().__init__(report.summary())
-        self.report = report
-
-
 def check_weights(weights: dict) -> None:
+    """Adapter weights must be finite numbers (a NaN would poison every output silently)."""
     for n, w in weights.items():
         if not isinstance(w, (int, float)) or isinstance(w, bool) or w != w or w in (float("inf"), float("-inf")):
-            raise AdapterError(f"weight of {n} must be a finite number, got {w!r}")
-
-
-class NoModelLoaded(RuntimeError):
-    def __init__(self):
-        super().__init__("no model is loaded: pick one on the Model tab")
+            raise BadInput(f"weight of {n} must be a finite number, got {w!r}")
 
 
 @dataclass
@@ -85,7 +75,7 @@ class Engine:
 
     def load(self, spec: ModelSpec, progress: Progress = no_progress) -> LoadResult:
         """Load `spec`, replacing the current model. On failure the previous model is loaded again
-        (it stays usable) and ModelLoadError says why the new one failed."""
+        (it stays usable) and LoadFailed says why the new one failed."""
         start = time.perf_counter()
         path, loader = models.resolve(spec.model, spec.loader, self.models_dir, progress)
         cls = backend_class(loader)
@@ -97,7 +87,7 @@ class Engine:
                 backend = cls()
                 info = backend.load(path, replace(spec, loader=loader), progress)
             except Exception as e:
-                reason = e if isinstance(e, ModelLoadError) else ModelLoadError(f"could not load {path.name}: {e}")
+                reason = e if isinstance(e, LoadFailed) else LoadFailed(f"could not load {path.name}: {first_line(e)}")
                 if previous is not None:
                     log.warning("load of %s failed (%s); restoring %s", path.name, reason, previous.model or "embedded")
                     try:
@@ -131,10 +121,9 @@ class Engine:
             yield self._require()
 
     @property
-    def scheduler(self):
+    def scheduler(self) -> Scheduler:
         """The request scheduler (batches concurrent API requests); created on first use."""
         if self._scheduler is None:
-            from webui.scheduler import Scheduler
             self._scheduler = Scheduler(self)
         return self._scheduler
 
@@ -209,7 +198,7 @@ class Engine:
 
     def adapter_report(self, name: str, path: Path | None = None) -> Report:
         """The compatibility report of an adapter for the loaded base (files only when no base is loaded
-        or the loader cannot take adapters). Raises AdapterError for unreadable adapters. Reports are
+        or the loader cannot take adapters). Raises BadInput for unreadable adapters. Reports are
         cached per adapter files and base, so listing many adapters stays cheap."""
         files = read_adapter(path or resolve_adapter(name, self.loras_dir), name)
         with self._lock:
@@ -232,7 +221,7 @@ class Engine:
             state = load_weights(files)
             report = inspect_adapter(files, state, backend.describe_base())
             if not report.compatible:
-                raise AdapterIncompatible(report)
+                raise Incompatible(report.summary(), report=report)
             prepared[name] = (files, state, report)
         added = []
         try:
@@ -251,7 +240,7 @@ class Engine:
         with self._lock:
             backend = self._require()
             if names and not backend.capabilities.adapters:
-                raise UnsupportedOperation(f"the {backend.name} loader cannot apply LoRA adapters")
+                raise Unsupported(f"the {backend.name} loader cannot apply LoRA adapters")
             self._load_missing(backend, names, paths)
 
     def set_adapters(self, weights: dict[str, float], paths: dict | None = None) -> dict[str, float]:
@@ -262,7 +251,7 @@ class Engine:
         with self._lock:
             backend = self._require()
             if weights and not backend.capabilities.adapters:
-                raise UnsupportedOperation(f"the {backend.name} loader cannot apply LoRA adapters")
+                raise Unsupported(f"the {backend.name} loader cannot apply LoRA adapters")
             previous = backend.active_adapters
             added = self._load_missing(backend, weights, paths)
             try:
@@ -285,6 +274,16 @@ class Engine:
     def unmerge_adapters(self) -> None:
         with self._lock:
             self._require().unmerge_adapters()
+
+    def save_merged(self, out_dir: Path) -> None:
+        """Write the base with the active adapters merged in, loadable with no adapter. The backend may give up
+        its loaded model to do it (PEFT's merge_and_unload), so this is for an Engine of its own (exports):
+        the model is unloaded afterwards."""
+        with self._lock:
+            try:
+                self._require().save_merged(Path(out_dir))
+            finally:
+                self._unload_locked()
 
     def blend_adapters(self, weights: dict[str, float], new_name: str, combination_type: str = "cat",
                        density: float | None = None) -> Path:

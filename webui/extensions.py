@@ -26,14 +26,14 @@ from pathlib import Path
 
 import yaml
 
+from webui.config import GenerationParams
+from webui.errors import BadInput, NotFound
+from webui.paths import inside
+
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 HOOKS = ("setup", "ui", "chat_input_modifier", "input_modifier", "history_modifier", "state_modifier",
          "output_modifier")
-
-
-class ExtensionError(ValueError):
-    """An extension cannot be loaded; the message says why."""
 
 
 @dataclass
@@ -63,13 +63,12 @@ class Extensions:
 
     def script_path(self, name: str) -> Path:
         if not _NAME.match(name or ""):
-            raise ExtensionError(f"extension name {name!r} is not allowed (a folder name inside {self.folder})")
-        root = Path(self.folder).resolve()
-        path = (root / name / "script.py").resolve()
-        if root not in path.parents:
-            raise ExtensionError(f"extension {name!r} escapes the extensions folder {self.folder}")
+            raise BadInput(f"extension name {name!r} is not allowed (a folder name inside {self.folder})")
+        path = Path(self.folder) / name / "script.py"
+        if not inside(self.folder, path):
+            raise BadInput(f"extension {name!r} escapes the extensions folder {self.folder}")
         if not path.is_file():
-            raise ExtensionError(f"extension {name!r} not found: no {self.folder}/{name}/script.py")
+            raise NotFound(f"extension {name!r} not found: no {self.folder}/{name}/script.py")
         return path
 
     def settings(self) -> dict:
@@ -162,8 +161,6 @@ class Extensions:
     def chat_turn(self, previous: list[dict], user_text: str, system: str, params):
         """One chat message through the hooks: (messages for the model, GenerationParams, adapters for this
         reply or None for the app's active ones, the final state)."""
-        from webui.config import GenerationParams
-
         state = {**params.to_dict(), "adapters": None, "system": system or ""}
         text, _visible = self.chat_input(user_text, user_text, state)
         prior = self.history(previous)

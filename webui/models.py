@@ -1,17 +1,15 @@
 """Finding models on disk: list what the models folder holds (folders and `.gguf` files, the
-text-generation-webui layout), turn a user's model name into a path, and pick the loader that fits
-(`auto`: a `.gguf` → llamacpp, a folder whose config carries a GPTQ `quantization_config` → gptq,
-anything else → transformers; a loader that is not installed falls back to transformers, which can
-read all three).
+text-generation-webui layout), turn a user's model name into a path, and pick the loader for it through
+the registry (webui/backends/registry.py: for `auto`, the first installed loader that claims the path).
+An empty model name means the embedded SmolLM2, in the form the chosen loader reads.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from webui import embedded
-from webui.backends import available_loaders
-from webui.backends.base import ModelLoadError
+from webui.backends import registry
+from webui.errors import NotFound
+from webui.progress import Progress
 
 PARTIAL_SUFFIXES = (".incomplete", ".part", ".tmp")
 
@@ -34,7 +32,7 @@ def list_models(models_dir: Path) -> list[str]:
 
 
 def resolve_model_path(model: str, models_dir: Path) -> Path:
-    """A models-dir name or a path → an existing path, else ModelLoadError listing what is there."""
+    """A models-dir name or a path → an existing path, else NotFound listing what is there."""
     candidates = [Path(models_dir) / model, Path(model).expanduser()]
     for c in candidates:
         if c.exists():
@@ -46,45 +44,12 @@ def resolve_model_path(model: str, models_dir: Path) -> Path:
             return c
     have = list_models(models_dir)
     hint = f"; models in {models_dir}: {', '.join(have)}" if have else f"; {models_dir} holds no models"
-    raise ModelLoadError(f"model not found: {model}{hint}")
+    raise NotFound(f"model not found: {model}{hint}")
 
 
-def is_gptq_folder(path: Path) -> bool:
-    try:
-        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return False
-    return str(qc.get("quant_method", "")).lower() == "gptq"
-
-
-def detect_loader(path: Path, requested: str = "auto") -> str:
-    if requested != "auto":
-        if requested not in available_loaders():
-            raise ModelLoadError(f"loader {requested!r} is not available yet; available: {', '.join(available_loaders())}")
-        return requested
-    if path.is_file() and path.suffix == ".gguf":
-        wanted = "llamacpp"
-    elif path.is_dir() and is_gptq_folder(path):
-        wanted = "gptq"
-    else:
-        wanted = "transformers"
-    return wanted if wanted in available_loaders() else "transformers"
-
-
-def resolve(model: str, loader: str, models_dir: Path, progress=None) -> tuple[Path, str]:
-    """(path, loader) for a ModelSpec's model/loader. An empty model means the embedded SmolLM2:
-    its GGUF for llama.cpp, a 4-bit GPTQ folder quantized from it once for gptq, else a safetensors folder
-    converted from it once under models_dir."""
+def resolve(model: str, loader: str, models_dir: Path, progress: Progress | None = None) -> tuple[Path, str]:
+    """(path, loader) for a ModelSpec's model and loader."""
     if not model:
-        if loader == "auto":
-            loader = "llamacpp" if "llamacpp" in available_loaders() else "transformers"
-        if loader == "llamacpp":
-            return embedded.gguf_path(), detect_loader(embedded.gguf_path(), loader)
-        if loader == "gptq":  # quantized once (from the safetensors folder) and reused after
-            from webui.export_gptq import ensure_embedded
-            folder = ensure_embedded(Path(models_dir), progress)
-            return folder, detect_loader(folder, loader)
-        folder = embedded.ensure_transformers_folder(Path(models_dir), progress)
-        return folder, detect_loader(folder, loader)
+        return registry.embedded(loader, Path(models_dir), progress)
     path = resolve_model_path(model, models_dir)
-    return path, detect_loader(path, loader)
+    return path, registry.detect(path, loader)

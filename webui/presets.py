@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from webui.config import ConfigError, GenerationParams
+from webui.config import GenerationParams
+from webui.errors import BadInput, NotFound
 
 _NAME = re.compile(r"^[\w][\w .+-]{0,63}$")
 
@@ -19,24 +20,24 @@ def list_presets(presets_dir: Path) -> list[str]:
 
 def _path(presets_dir: Path, name: str) -> Path:
     if not _NAME.match(name or ""):
-        raise ConfigError(f"preset name {name!r}: use letters, digits, spaces, '.', '+', '-' (at most 64)")
+        raise BadInput(f"preset name {name!r}: use letters, digits, spaces, '.', '+', '-' (at most 64)")
     return Path(presets_dir) / f"{name}.yaml"
 
 
 def load_preset(presets_dir: Path, name: str) -> GenerationParams:
     path = _path(presets_dir, name)
     if not path.is_file():
-        raise ConfigError(f"preset {name!r} not found in {presets_dir}")
+        raise NotFound(f"preset {name!r} not found in {presets_dir}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"preset {name!r} is not valid YAML: {e}") from None
+        raise BadInput(f"preset {name!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"preset {name!r} must be a mapping of setting: value")
+        raise BadInput(f"preset {name!r} must be a mapping of setting: value")
     try:
         return GenerationParams.from_dict(data)
     except TypeError as e:
-        raise ConfigError(f"preset {name!r}: {e}") from None
+        raise BadInput(f"preset {name!r}: {e}") from None
 
 
 def save_preset(presets_dir: Path, name: str, params: GenerationParams) -> Path:

@@ -1,5 +1,5 @@
-"""The HTTP server: one FastAPI app on one host and port, with the Gradio UI mounted at `/` (and, with
-the API issue, the OpenAI-compatible routes under `/v1`). It creates the one Engine, loads the start-up
+"""The HTTP server: one FastAPI app on one host and port, with the Gradio UI mounted at `/` and the
+OpenAI-compatible routes under `/v1`. It creates the one Engine, loads the start-up
 model, and hands the Engine to the UI. Binds to 127.0.0.1 unless told otherwise.
 """
 from __future__ import annotations
@@ -8,12 +8,13 @@ import ipaddress
 import logging
 import sys
 
+import uvicorn
 from fastapi import FastAPI
 
-from webui.adapters.files import AdapterError
-from webui.backends.base import ModelLoadError, UnsupportedOperation
+from webui.api.routes import install
 from webui.config import ServerConfig
 from webui.engine import Engine
+from webui.errors import LoraDeckError
 
 log = logging.getLogger("webui.server")
 
@@ -36,12 +37,10 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         return {"status": "ok", "model": info.name if info else None, "loader": info.loader if info else None,
                 "adapters": engine.active_adapters, "merged": engine.merged}
 
-    from webui.api.routes import install
-
-    install(app, engine, api_key=cfg.api_key, fetch_adapter=_fetch_adapter())
+    install(app, engine, api_key=cfg.api_key)
 
     if not cfg.nowebui:
-        import gradio as gr
+        import gradio as gr  # slow to import: only when the web UI is served
 
         from webui.ui import build_ui
 
@@ -51,18 +50,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     return app
 
 
-def _fetch_adapter():
-    """hub/s3 adapter sources for LoRAX-style requests, when the download module is present."""
-    try:
-        from webui.hub.sources import fetch_adapter
-    except ImportError:
-        return None
-    return lambda adapter_id, source, loras_dir: fetch_adapter(adapter_id, source, loras_dir, restrict_local=True)
-
-
 def serve(cfg: ServerConfig) -> int:
-    import uvicorn
-
     if not is_loopback(cfg.listen_host) and not (cfg.auth or cfg.api_key):
         log.warning("listening on %s without --auth or --api-key: anyone on the network can use this server",
                     cfg.listen_host)
@@ -72,7 +60,7 @@ def serve(cfg: ServerConfig) -> int:
     engine = Engine(cfg.models_dir, cfg.loras_dir)
     try:
         result = engine.load(cfg.model_spec(), progress=lambda f, msg: log.info("%s", msg))
-    except ModelLoadError as e:
+    except LoraDeckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     log.info("loaded %s on %s (%s, %s) in %.1f s", result.info.name, result.info.loader,
@@ -81,7 +69,7 @@ def serve(cfg: ServerConfig) -> int:
         weights = [float(w) for w in cfg.lora_weights] or [1.0] * len(cfg.lora)
         try:
             active = engine.set_adapters(dict(zip(cfg.lora, weights)))
-        except (AdapterError, UnsupportedOperation) as e:
+        except LoraDeckError as e:
             print(f"error: --lora: {e}", file=sys.stderr)
             return 1
         log.info("adapters: %s", ", ".join(f"{n} × {w:g}" for n, w in active.items()))

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from webui.adapters.files import AdapterError, AdapterFiles
-from webui.adapters.inspect import split_key
 from webui.adapters.targets import BaseDescription, Layer
+from webui.adapters.types import AdapterFiles, split_key
+from webui.errors import BadInput
 
 # Architectures whose GGUF q/k weights are row-permuted relative to transformers (llama.cpp's LlamaModel
 # converter, which also writes Mistral-style models as "llama"). NEOX-rope models (qwen2, phi3, ...) are not.
@@ -41,6 +41,7 @@ def display_name(file_name: str) -> str:
 
 
 def gguf_module():
+    """The `gguf` package, imported on first use (heavy: its tensor tables take a while to build)."""
     import gguf
     return gguf
 
@@ -55,7 +56,7 @@ def arch_enum(arch: str):
     for enum, name in gguf.MODEL_ARCH_NAMES.items():
         if name == arch:
             return enum
-    raise AdapterError(f"GGUF architecture {arch!r} is unknown to the gguf package")
+    raise BadInput(f"GGUF architecture {arch!r} is unknown to the gguf package")
 
 
 def permute_rows(w, n_head: int, n_head_kv: int | None = None):
@@ -168,24 +169,24 @@ def lora_pairs(files: AdapterFiles, state: dict, base: GgufBase, ignored=()) -> 
         if leaf in ignored:
             continue
         if part == "lora_magnitude_vector":
-            raise AdapterError(f"{files.name}: a DoRA adapter; llama.cpp runs plain LoRA only "
+            raise BadInput(f"{files.name}: a DoRA adapter; llama.cpp runs plain LoRA only "
                                "(use it on the transformers loader)")
         if part in ("lora_embedding_A", "lora_embedding_B"):
-            raise AdapterError(f"{files.name}: LoRA on the embedding layer ({module}) cannot run on llama.cpp")
+            raise BadInput(f"{files.name}: LoRA on the embedding layer ({module}) cannot run on llama.cpp")
         if not part:
-            raise AdapterError(f"{files.name}: saves whole module {module} (modules_to_save), which llama.cpp "
+            raise BadInput(f"{files.name}: saves whole module {module} (modules_to_save), which llama.cpp "
                                "adapters cannot carry")
         groups.setdefault(module, {})[part] = tensor
     pairs = []
     for module, parts in sorted(groups.items()):
         gname = base.names.to_gguf(module)
         if gname is None or gname not in base.tensors:
-            raise AdapterError(f"{files.name}: {module} has no tensor in the GGUF base {base.path.name}")
+            raise BadInput(f"{files.name}: {module} has no tensor in the GGUF base {base.path.name}")
         a = parts["lora_A"].float().numpy()
         b = parts["lora_B"].float().numpy()
         pairs.append((gname, a, base.permute_b(gname, b), _peft_scale(files.config, module, a.shape[0])))
     if not pairs:
-        raise AdapterError(f"{files.name}: none of its targets exist in {base.path.name}")
+        raise BadInput(f"{files.name}: none of its targets exist in {base.path.name}")
     return pairs
 
 
@@ -239,7 +240,7 @@ def cached_conversion(files: AdapterFiles, state: dict, base: GgufBase, ignored=
         finally:
             Path(tmp).unlink(missing_ok=True)
         return folder / name
-    raise AdapterError(f"{files.name}: nowhere to write its GGUF conversion (adapter folder and temp dir are "
+    raise BadInput(f"{files.name}: nowhere to write its GGUF conversion (adapter folder and temp dir are "
                        "read-only)")
 
 
@@ -285,7 +286,7 @@ def read_gguf_adapter(path: Path, name: str | None = None) -> GgufAdapterFiles:
     file = find_gguf_lora(path)
     name = name or Path(path).name
     if file is None:
-        raise AdapterError(f"{name}: not a GGUF LoRA (a .gguf with general.type=adapter, adapter.type=lora)")
+        raise BadInput(f"{name}: not a GGUF LoRA (a .gguf with general.type=adapter, adapter.type=lora)")
     reader = gguf_module().GGUFReader(str(file))
     arch, pairs = _gguf_lora_tensors(reader)
     n_blocks = 1 + max((int(m.group(1)) for g in pairs if (m := _BLK.match(g))), default=0)
@@ -294,10 +295,10 @@ def read_gguf_adapter(path: Path, name: str | None = None) -> GgufAdapterFiles:
     for gname, parts in pairs.items():
         hf = names.to_hf(gname)
         if hf is None or set(parts) != {"lora_a", "lora_b"}:
-            raise AdapterError(f"{name}: GGUF tensor {gname} is not a complete LoRA pair of a known layer")
+            raise BadInput(f"{name}: GGUF tensor {gname} is not a complete LoRA pair of a known layer")
         ranks[hf] = int(parts["lora_a"].shape[1])
     if not ranks:
-        raise AdapterError(f"{name}: {file.name} holds no LoRA tensors")
+        raise BadInput(f"{name}: {file.name} holds no LoRA tensors")
     r = max(ranks.values())
     config = {"peft_type": "LORA", "r": r, "lora_alpha": float(field_value(reader, "adapter.lora.alpha", 0) or r),
               "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
@@ -311,7 +312,7 @@ def read_gguf_adapter(path: Path, name: str | None = None) -> GgufAdapterFiles:
 
 def load_gguf_state(files: AdapterFiles) -> dict:
     """The GGUF LoRA's tensors as PEFT-named torch tensors (A: (r, in), B: (out, r)), for the report."""
-    import torch
+    import torch  # heavy: only the report of a GGUF LoRA needs tensors
 
     gguf = gguf_module()
     reader = gguf.GGUFReader(str(files.weights))
@@ -326,6 +327,6 @@ def load_gguf_state(files: AdapterFiles) -> dict:
             data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
             data = data.reshape(int(t.shape[1]), int(t.shape[0]))
             if not np.isfinite(data).all():
-                raise AdapterError(f"{files.name}: non-finite weights (NaN or Inf) in {t.name}")
+                raise BadInput(f"{files.name}: non-finite weights (NaN or Inf) in {t.name}")
             state[f"base_model.model.{hf}.{peft_part}.weight"] = torch.from_numpy(data.copy())
     return state

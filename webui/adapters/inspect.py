@@ -2,7 +2,7 @@
 
 It compares the base the adapter names (`base_model_name_or_path`) with the loaded one, lists rank,
 alpha and targets, checks every LoRA tensor's shape against the base's layer, and sorts the targets
-into documented (seed 000's table), adaptable (any other Linear/Conv1D/Embedding layer) and
+into documented (LoRAX's table of supported targets), adaptable (any other Linear/Conv1D/Embedding layer) and
 unsupported (no such layer: ignored with a warning). The verdict is `ok`, `warnings` (usable; read the
 warnings) or `incompatible` (refused, with the reasons).
 """
@@ -11,22 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from webui.adapters.files import AdapterFiles
 from webui.adapters.targets import BaseDescription
-
-_PREFIX = "base_model.model."
-_LORA_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)")
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """'base_model.model.model.layers.0.q_proj.lora_A.weight' → ('model.layers.0.q_proj', 'lora_A');
-    non-LoRA tensors (modules_to_save) → (module path, '')."""
-    key = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-    key = key.replace(".base_layer.", ".")  # PEFT nests wrappers when it targets several parameters of one module
-    m = _LORA_PART.search(key)
-    if m:
-        return key[:m.start()], m.group(1)
-    return key.rsplit(".", 1)[0], ""
+from webui.adapters.types import AdapterFiles, split_key
 
 
 @dataclass

@@ -10,13 +10,15 @@ computes sum_i w_i * (alpha_i/r_i) * B_i A_i x — the same function as PEFT's `
 """
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from webui.adapters.files import AdapterError
+from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+from webui.errors import BadInput, first_line
 
 COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -33,8 +35,6 @@ class PeftAdapterStack:
     # -- cache ---------------------------------------------------------------------------------------
     def add(self, name: str, config: dict, state: dict, ignored: list[str] = (), signature: tuple = ()) -> None:
         """Add an adapter (not activated). `ignored` target names are dropped from config and weights."""
-        from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-
         if name in self.loaded:
             self.delete(name)
         cfg = {k: v for k, v in config.items() if k not in ("auto_mapping",)}
@@ -47,7 +47,7 @@ class PeftAdapterStack:
         try:
             lora_config = PeftConfig.from_peft_type(**cfg)
         except (TypeError, ValueError) as e:
-            raise AdapterError(f"{name}: adapter_config.json is not a valid LoRA config ({e})") from None
+            raise BadInput(f"{name}: adapter_config.json is not a valid LoRA config ({e})") from None
         was_merged = self.merged
         if was_merged:
             self.unmerge()
@@ -61,13 +61,13 @@ class PeftAdapterStack:
             result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
             unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
             if unexpected:
-                raise AdapterError(f"{name}: {len(unexpected)} weight(s) match no layer of the base, e.g. {unexpected[0]}")
+                raise BadInput(f"{name}: {len(unexpected)} weight(s) match no layer of the base, e.g. {unexpected[0]}")
         except Exception as e:
             self._drop(name)
             self._apply(self.active)
-            if isinstance(e, AdapterError):
+            if isinstance(e, BadInput):
                 raise
-            raise AdapterError(f"{name}: PEFT could not load it: {str(e).splitlines()[0] if str(e) else e!r}") from e
+            raise BadInput(f"{name}: PEFT could not load it: {first_line(e)}") from e
         self.loaded[name] = signature
         self._apply(self.active)
         if was_merged:
@@ -94,17 +94,12 @@ class PeftAdapterStack:
     def set_active(self, weights: dict[str, float]) -> None:
         missing = [n for n in weights if n not in self.loaded]
         if missing:
-            raise AdapterError(f"adapter(s) not loaded: {', '.join(missing)}")
-        bad = [f"{n}={w!r}" for n, w in weights.items() if not isinstance(w, (int, float)) or not math.isfinite(w)]
-        if bad:
-            raise AdapterError(f"adapter weight(s) must be finite numbers: {', '.join(bad)}")
+            raise BadInput(f"adapter(s) not loaded: {', '.join(missing)}")
         if self.merged:
             self.unmerge()
         self._apply(dict(weights))
 
     def _apply(self, weights: dict[str, float]) -> None:
-        from peft.tuners.lora import LoraLayer
-
         self.active = dict(weights)
         if self.peft is None:
             return
@@ -126,12 +121,10 @@ class PeftAdapterStack:
     def mixed(self, names: list[str]):
         """Prepare a PEFT mixed batch where row i uses adapter names[i] ("__base__" = none), each at
         weight 1; the active stack (and a merge) is restored afterwards."""
-        from peft.tuners.lora import LoraLayer
-
         needed = {n for n in names if n != "__base__"}
         missing = needed - set(self.loaded)
         if missing:
-            raise AdapterError(f"adapter(s) not loaded: {', '.join(sorted(missing))}")
+            raise BadInput(f"adapter(s) not loaded: {', '.join(sorted(missing))}")
         was_merged, previous = self.merged, dict(self.active)
         self.unmerge()  # a mixed batch needs the adapters as separate layers
         if not self._enabled:
@@ -151,13 +144,13 @@ class PeftAdapterStack:
     # -- merge ---------------------------------------------------------------------------------------
     def merge(self) -> None:
         if not self.active:
-            raise AdapterError("no adapter is active: nothing to merge")
+            raise BadInput("no adapter is active: nothing to merge")
         if self.merged:
             return
         try:
             self.peft.base_model.merge_adapter(safe_merge=True)  # checks for NaN/Inf before keeping
         except ValueError as e:
-            raise AdapterError(f"merge refused: {e}") from None
+            raise BadInput(f"merge refused: {e}") from None
         self.merged = True
 
     def unmerge(self) -> None:
@@ -170,13 +163,13 @@ class PeftAdapterStack:
               density: float | None = None, svd_rank: int | None = None) -> Path:
         """Combine loaded adapters into `new_name` and save it as a PEFT adapter folder at out_dir/new_name."""
         if combination_type not in COMBINATIONS:
-            raise AdapterError(f"combination_type {combination_type!r} is not one of: {', '.join(COMBINATIONS)}")
+            raise BadInput(f"combination_type {combination_type!r} is not one of: {', '.join(COMBINATIONS)}")
         missing = [n for n in weights if n not in self.loaded]
         if missing or not weights:
-            raise AdapterError(f"adapter(s) to blend must be loaded first: {', '.join(missing) or '(none given)'}")
+            raise BadInput(f"adapter(s) to blend must be loaded first: {', '.join(missing) or '(none given)'}")
         target = Path(out_dir) / new_name
         if target.exists():
-            raise AdapterError(f"{target} already exists; pick another name")
+            raise BadInput(f"{target} already exists; pick another name")
         if self.merged:
             self.unmerge()
         previous = dict(self.active)
@@ -191,7 +184,7 @@ class PeftAdapterStack:
                                            combination_type=combination_type, **kwargs)
         except (ValueError, TypeError) as e:
             self._apply(previous)
-            raise AdapterError(f"blend failed: {e}") from None
+            raise BadInput(f"blend failed: {e}") from None
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         try:
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=".blend-", ignore_cleanup_errors=True) as tmp:

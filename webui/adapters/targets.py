@@ -1,6 +1,6 @@
 """Which modules of a base model a LoRA can target, and their shapes.
 
-`DOCUMENTED_TARGETS` is seed 000's per-architecture table (LoRAX's supported target modules), keyed by
+`DOCUMENTED_TARGETS` is LoRAX's table of supported target modules per architecture, keyed by
 the transformers `model_type`. It is generalized the way PEFT works: any Linear, GPT-2 style Conv1D or
 Embedding layer of the base can carry a LoRA, listed architecture or not. A target that names no such
 layer in the base is *unsupported* and ignored with a warning (as LoRAX does).
@@ -60,7 +60,7 @@ class BaseDescription:
 
 
 def _layer_of(module) -> Layer | None:
-    import torch.nn as nn
+    import torch.nn as nn  # heavy: reading a config or a GGUF base needs no torch
 
     if isinstance(module, nn.Linear):
         return Layer("linear", module.in_features, module.out_features)
@@ -96,7 +96,7 @@ def describe_base(model, name: str) -> BaseDescription:
 
 def describe_config(config, name: str) -> BaseDescription:
     """Like describe_base, from a transformers config alone: the model is built on the meta device."""
-    import torch
+    import torch  # heavy: see _layer_of
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

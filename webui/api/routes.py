@@ -18,39 +18,26 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from webui.adapters.files import AdapterError, resolve_adapter
 from webui.api import schemas as s
-from webui.backends.base import UnsupportedOperation
-from webui.config import ConfigError, GenerationParams
-from webui.engine import AdapterIncompatible, Engine, NoModelLoaded, check_weights
+from webui.config import GenerationParams
+from webui.engine import Engine, check_weights
+from webui.errors import BadInput, LoraDeckError, NoModelLoaded, NotFound, Unauthorized, first_line, http_status
+from webui.hub.fetch import fetch_adapter
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-
-    def response(self) -> JSONResponse:
-        body = s.ErrorResponse(error=s.ErrorBody(message=self.message, type=self.type, code=self.code, param=self.param))
-        return JSONResponse(body.model_dump(), status_code=self.status)
-
-
-def _adapter_error(e: Exception) -> APIError:
-    if isinstance(e, AdapterIncompatible):
-        return APIError(400, str(e), code="adapter_incompatible")
-    if isinstance(e, AdapterError) and str(e).startswith("adapter not found"):
-        return APIError(404, str(e), code="model_not_found", param="model")
-    return APIError(400, str(e), code="invalid_adapter")
+def error_response(e: LoraDeckError) -> JSONResponse:
+    """The OpenAI-style error body for any error of the family, with the status its class maps to."""
+    code = e.code or ("model_not_found" if isinstance(e, NotFound) else None)
+    body = s.ErrorResponse(error=s.ErrorBody(message=str(e), type=e.error_type, code=code, param=e.param))
+    return JSONResponse(body.model_dump(), status_code=http_status(e))
 
 
 class API:
     """Binds the routes to one Engine (and the server's options)."""
 
-    def __init__(self, engine: Engine, api_key: str = "", fetch_adapter=None):
+    def __init__(self, engine: Engine, api_key: str = ""):
         self.engine = engine
         self.api_key = api_key
-        self.fetch_adapter = fetch_adapter  # (adapter_id, source, loras_dir) -> Path, for hub/s3 sources
 
     # -- helpers -------------------------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -58,13 +45,12 @@ class API:
             return
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                           "authentication_error", "invalid_api_key")
+            raise Unauthorized("invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
 
     def base_name(self) -> str:
         info = self.engine.loaded
         if info is None:
-            raise APIError(503, "no model is loaded", "server_error", "model_not_loaded")
+            raise NoModelLoaded("no model is loaded", code="model_not_loaded")
         return info.name
 
     def adapters_for(self, req: s._Sampling) -> dict | None:
@@ -72,7 +58,7 @@ class API:
         base = self.base_name()
         if req.adapters is not None:
             if req.model not in (None, "", base):
-                raise APIError(400, "with `adapters`, `model` must be \"\" or the base model's name", param="model")
+                raise BadInput("with `adapters`, `model` must be \"\" or the base model's name", param="model")
             stack = {a.name: a.weight for a in req.adapters}
         elif req.adapter_id:
             stack = {self._adapter_from_source(req.adapter_id, req.adapter_source or "hub"): 1.0}
@@ -83,43 +69,26 @@ class API:
         elif req.model in self.engine.list_adapters():
             stack = {req.model: 1.0}
         else:
-            raise APIError(404, f"model {req.model!r} not found: use {base!r} or an adapter of GET /v1/models",
+            raise NotFound(f"model {req.model!r} not found: use {base!r} or an adapter of GET /v1/models",
                            code="model_not_found", param="model")
-        try:
-            check_weights(stack)
-            self.engine.prepare_adapters(list(stack))
-        except (AdapterError, UnsupportedOperation) as e:
-            raise _adapter_error(e) from None
+        check_weights(stack)
+        self.engine.prepare_adapters(list(stack))
         return stack
 
     def _adapter_from_source(self, adapter_id: str, source: str) -> str:
-        loras = self.engine.loras_dir
-        try:
-            if source == "local":
-                # a name, or a path that must lie inside the adapters folder
-                candidate = Path(adapter_id)
-                if candidate.is_absolute() or len(candidate.parts) > 1:
-                    root = loras.resolve()
-                    if root not in candidate.resolve().parents:
-                        raise AdapterError(f"adapter_id {adapter_id!r} escapes the adapters folder {loras}")
-                    adapter_id = candidate.resolve().relative_to(root).parts[0]
-                resolve_adapter(adapter_id, loras)
-                return adapter_id
-            if self.fetch_adapter is None:
-                raise APIError(400, f"adapter_source {source!r} is not available in this build", param="adapter_source")
-            return Path(self.fetch_adapter(adapter_id, source, loras)).name
-        except AdapterError as e:
-            raise _adapter_error(e) from None
+        """The name (in the adapters folder) of a LoRAX-style adapter: hub and S3 ones are fetched into the
+        folder once; a local one is a name, or a path that must lie inside the folder."""
+        return Path(fetch_adapter(adapter_id, source, self.engine.loras_dir, restrict_local=True)).name
 
     def params_for(self, req: s._Sampling, prompt: str) -> tuple[GenerationParams, int]:
         try:
             params = GenerationParams.from_dict(req.sampling())
-        except (ConfigError, TypeError) as e:
-            raise APIError(400, str(e)) from None
+        except TypeError as e:  # a value of the wrong type that the dataclass did not catch
+            raise BadInput(first_line(e)) from None
         prompt_tokens = self.engine.count_tokens(prompt)
         limit = self.engine.loaded.context_length
         if limit and prompt_tokens + params.max_new_tokens > limit:
-            raise APIError(400, f"this request needs {prompt_tokens} prompt + {params.max_new_tokens} new tokens, "
+            raise BadInput(f"this request needs {prompt_tokens} prompt + {params.max_new_tokens} new tokens, "
                                 f"more than the model's context of {limit}; shorten the prompt or lower max_tokens",
                            code="context_length_exceeded", param="max_tokens")
         return params, prompt_tokens
@@ -137,7 +106,7 @@ class API:
         for name in self.engine.list_adapters():
             try:
                 out.append(self.engine.adapter_report(name).to_dict())
-            except AdapterError as e:
+            except LoraDeckError as e:
                 out.append({"adapter": name, "verdict": "incompatible", "reasons": [str(e)]})
         return {"object": "list", "data": out}
 
@@ -149,7 +118,7 @@ class API:
     async def completions(self, req: s.CompletionRequest):
         prompt = req.prompt_text()
         if prompt is None:
-            raise APIError(400, "prompt: only one prompt per request is supported", param="prompt")
+            raise BadInput("prompt: only one prompt per request is supported", param="prompt")
         return await self._complete(req, prompt, chat=False)
 
     async def _complete(self, req: s._Sampling, prompt: str, chat: bool):
@@ -163,7 +132,7 @@ class API:
         try:
             text = await run_in_threadpool(handle.text)
         except Exception as e:
-            raise APIError(500, f"generation failed: {e}", "server_error") from e
+            raise LoraDeckError(f"generation failed: {first_line(e)}") from e
         finally:
             handle.close()
         completion_tokens = handle.completion_tokens if handle.completion_tokens is not None else \
@@ -200,9 +169,9 @@ class API:
         yield "data: [DONE]\n\n"
 
 
-def install(app: FastAPI, engine: Engine, api_key: str = "", fetch_adapter=None) -> API:
+def install(app: FastAPI, engine: Engine, api_key: str = "") -> API:
     """Add the /v1 routes and their error handlers to `app`."""
-    api = API(engine, api_key, fetch_adapter)
+    api = API(engine, api_key)
     router = APIRouter(prefix="/v1", dependencies=[Depends(api.check_key)])
     router.add_api_route("/models", api.models, methods=["GET"], response_model=s.ModelList)
     router.add_api_route("/adapters", api.adapters, methods=["GET"])
@@ -210,23 +179,20 @@ def install(app: FastAPI, engine: Engine, api_key: str = "", fetch_adapter=None)
     router.add_api_route("/completions", api.completions, methods=["POST"])
     app.include_router(router)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return e.response()
+    @app.exception_handler(LoraDeckError)
+    async def _error(request: Request, e: LoraDeckError):
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
-        return APIError(400, f"malformed request: {problems}").response()
-
-    @app.exception_handler(NoModelLoaded)
-    async def _no_model(request: Request, e: NoModelLoaded):
-        return APIError(503, str(e), "server_error", "model_not_loaded").response()
+        return error_response(BadInput(f"malformed request: {problems}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         if request.url.path.startswith("/v1"):
-            return APIError(e.status_code, str(e.detail), "invalid_request_error").response()
+            body = s.ErrorResponse(error=s.ErrorBody(message=str(e.detail), type="invalid_request_error"))
+            return JSONResponse(body.model_dump(), status_code=e.status_code)
         return JSONResponse({"detail": e.detail}, status_code=e.status_code)
 
     return api

@@ -1,34 +1,34 @@
-"""The Backend protocol: what every loader (transformers, gptq, llamacpp) offers the Engine.
+"""The Backend protocol: what every loader (transformers, gptq, llamacpp) offers the Engine, and what it
+declares about itself for the registry (webui/backends/registry.py): its name, its settings, which model
+paths it claims, its optional dependency, how it provides the embedded model and how it trains.
 
 A backend owns one loaded model and knows nothing of the UI, the API or the other backends. The Engine
 serializes calls into it (a backend never sees two generations at once unless its capabilities say it
 batches). Each backend declares its `Capabilities` so that the UI and API can show only what the loader
-can do; operations a loader lacks raise `UnsupportedOperation` with a message meant for the user.
+can do; operations a loader lacks raise `Unsupported` with a message meant for the user.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from webui.config import GenerationParams, ModelSpec
+from webui.errors import Unsupported
+from webui.progress import Progress, no_progress
 
-# progress(fraction in [0, 1] or None when unknown, message)
-Progress = Callable[[float | None, str], None]
-
-
-def no_progress(fraction: float | None, message: str) -> None:
-    pass
+# Every sampling field of GenerationParams; a loader that lacks one declares a smaller set.
+SAMPLERS = frozenset(f.name for f in dataclasses.fields(GenerationParams))
 
 
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why in plain words (shown to the user as is)."""
-
-
-class UnsupportedOperation(RuntimeError):
-    """The loaded loader cannot do this operation; the message says so and, where possible, what to do."""
+def plain_transcript(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt for a model without a chat template (a base model): a plain transcript, so chat still works."""
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    return text + ("Assistant:" if add_generation_prompt else "")
 
 
 @dataclass(frozen=True)
@@ -61,21 +61,54 @@ class LoadedInfo:
 
 
 class Backend(ABC):
-    """One loaded model on one loader."""
+    """One loaded model on one loader. The class attributes and classmethods below are what the registry
+    reads without loading anything."""
 
     name: str = "base"
-    # the ModelSpec fields that matter to this loader (the Model tab shows only these)
-    SETTINGS: tuple = ()
+    # the ModelSpec fields that matter to this loader (the Model tab, the CLI help and the YAML show these)
+    settings: tuple = ()
+    # Python modules this loader needs beyond the core dependencies; missing ones make it unavailable
+    requires: tuple = ()
+    # whether `--loader auto` with no model may pick this loader for the embedded model (False where
+    # preparing it takes minutes)
+    embedded_by_default: bool = True
+
+    # -- what the registry asks ------------------------------------------------------------------
+    @classmethod
+    def available(cls) -> bool:
+        """Are this loader's optional dependencies installed? (find_spec: nothing is imported)"""
+        return all(importlib.util.find_spec(m) is not None for m in cls.requires)
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        """Is `path` a model in this loader's own format (what `--loader auto` picks it for)?"""
+        return False
+
+    @classmethod
+    def embedded(cls, models_dir: Path, progress: Progress | None = None) -> Path | None:
+        """The embedded default model in the form this loader reads (prepared once, then reused), or None."""
+        return None
+
+    @classmethod
+    def training_model(cls, path: Path, device: str, dtype):
+        """A model of `path` to train a LoRA on with PEFT (this loader's form of QLoRA where the weights are
+        quantized). Loaders that cannot train refuse."""
+        raise Unsupported(f"the {cls.name} loader cannot train adapters; train on the model's transformers folder")
+
+    @classmethod
+    def training_lora_config(cls, lora_config, model):
+        """PEFT's LoraConfig adjusted to this loader's layers (e.g. naming quantized layers for all-linear)."""
+        return lora_config
 
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
     def preflight(cls, path: Path, spec: ModelSpec) -> None:
         """Cheap checks that `path` can be loaded (files present, config readable), run while the
-        previous model is still loaded. Raise ModelLoadError naming the problem."""
+        previous model is still loaded. Raise LoadFailed naming the problem."""
 
     @abstractmethod
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
-        """Load the model; raise ModelLoadError with a readable reason on failure."""
+        """Load the model; raise LoadFailed with a readable reason on failure."""
 
     @abstractmethod
     def unload(self) -> None:
@@ -109,7 +142,7 @@ class Backend(ABC):
         default runs them one after another; loaders with capabilities.mixed_batch do one pass and honour
         `adapter_names` (one adapter per row)."""
         if adapter_names and any(adapter_names):  # [None, None, ...] = all plain base: fine only without adapters
-            raise UnsupportedOperation(f"the {self.name} loader cannot mix adapters within one batch")
+            raise Unsupported(f"the {self.name} loader cannot mix adapters within one batch")
         for row, prompt in enumerate(prompts):
             text = ""
             for delta in self.stream(prompt, params, cancel):
@@ -122,7 +155,7 @@ class Backend(ABC):
     # -- adapters (loaders without them keep these defaults; capabilities.adapters says which) --------
     def describe_base(self):
         """A webui.adapters.targets.BaseDescription of the loaded model (its adaptable layers and shapes)."""
-        raise UnsupportedOperation(f"the {self.name} loader cannot apply LoRA adapters")
+        raise Unsupported(f"the {self.name} loader cannot apply LoRA adapters")
 
     @property
     def adapters_loaded(self) -> dict:
@@ -140,26 +173,26 @@ class Backend(ABC):
 
     def load_adapter(self, name: str, files, state: dict, report) -> None:
         """Add a checked adapter to the cache (not activated). `report` lists targets to ignore."""
-        raise UnsupportedOperation(f"the {self.name} loader cannot apply LoRA adapters")
+        raise Unsupported(f"the {self.name} loader cannot apply LoRA adapters")
 
     def set_adapters(self, weights: dict[str, float]) -> None:
         """Make exactly these cached adapters active, each with its weight ({} = the plain base)."""
-        raise UnsupportedOperation(f"the {self.name} loader cannot apply LoRA adapters")
+        raise Unsupported(f"the {self.name} loader cannot apply LoRA adapters")
 
     def delete_adapter(self, name: str) -> None:
-        raise UnsupportedOperation(f"the {self.name} loader cannot apply LoRA adapters")
+        raise Unsupported(f"the {self.name} loader cannot apply LoRA adapters")
 
     def merge_adapters(self) -> None:
-        raise UnsupportedOperation(f"the {self.name} loader cannot merge adapters into the base")
+        raise Unsupported(f"the {self.name} loader cannot merge adapters into the base")
 
     def unmerge_adapters(self) -> None:
-        raise UnsupportedOperation(f"the {self.name} loader cannot merge adapters into the base")
+        raise Unsupported(f"the {self.name} loader cannot merge adapters into the base")
 
     def save_merged(self, out_dir: Path) -> None:
         """Write the base with the active adapters merged in, loadable with no adapter. May consume the
         loaded model (export runs on a private copy)."""
-        raise UnsupportedOperation(f"the {self.name} loader cannot export merged models")
+        raise Unsupported(f"the {self.name} loader cannot export merged models")
 
     def blend_adapters(self, weights: dict[str, float], new_name: str, combination_type: str, out_dir: Path,
                        density: float | None = None) -> Path:
-        raise UnsupportedOperation(f"the {self.name} loader cannot blend adapters")
+        raise Unsupported(f"the {self.name} loader cannot blend adapters")

@@ -12,13 +12,20 @@ per-row code. `load_quantized` is also what QLoRA training uses (trainable kerne
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-from webui.backends.base import Capabilities, LoadedInfo, ModelLoadError, Progress, UnsupportedOperation, no_progress
-from webui.backends.transformers import SAMPLERS, TransformersBackend
+import torch
+from peft.tuners.lora.gptq import GPTQLoraLinear
+from transformers import AutoModelForCausalLM, GPTQConfig
+
+from webui import embedded
+from webui.adapters.targets import Layer, describe_base
+from webui.backends.base import SAMPLERS, Capabilities, LoadedInfo
+from webui.backends.transformers import TransformersBackend
 from webui.config import ModelSpec
+from webui.errors import LoadFailed, Unsupported
+from webui.export.gptq_quantize import gptqmodel_env, quantization_config
+from webui.progress import Progress, no_progress
 
 MERGE_REFUSED = ("a LoRA cannot be merged into GPTQ-quantized weights (PEFT cannot: the weights would "
                  "have to be quantized again, with calibration). Merge, then quantize instead: python -m webui "
@@ -26,28 +33,10 @@ MERGE_REFUSED = ("a LoRA cannot be merged into GPTQ-quantized weights (PEFT cann
                  "quantizes the result; load that folder with --loader gptq and no adapter.")
 
 
-def gptqmodel_env() -> None:
-    """GPTQModel sizes its CPU thread pool from GPTQMODEL_CPU_WORKERS when it is imported; its default is
-    too small on few-core machines (measured: it crashes on 2 cores), so use the core count unless the
-    user chose. Call before the first import of gptqmodel."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
-
-
-def quantization_config(path: Path) -> dict:
-    """The GPTQ `quantization_config` of a model folder ({} when there is none)."""
-    try:
-        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return {}
-    return qc if str(qc.get("quant_method", "")).lower() == "gptq" else {}
-
-
 def load_quantized(path: Path, device: str, dtype, trainable: bool = False):
     """AutoModelForCausalLM with GPTQModel's kernels on `device`. `trainable`: the kernel that back-propagates
     (for QLoRA; use dtype float32 on CPU) instead of the fastest inference kernel."""
     gptqmodel_env()
-    from transformers import AutoModelForCausalLM, GPTQConfig
-
     kwargs = {}
     if trainable:  # only the kernel choice is taken from this; bits, group size... come from the folder
         kwargs["quantization_config"] = GPTQConfig(bits=int(quantization_config(path).get("bits", 4)),
@@ -58,8 +47,9 @@ def load_quantized(path: Path, device: str, dtype, trainable: bool = False):
 
 def quant_layers(model) -> dict:
     """name -> GPTQModel quantized linear layer of `model` (PEFT-wrapped or not), under plain names."""
-    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear  # optional dependency; reads GPTQMODEL_CPU_WORKERS
 
+    gptqmodel_env()
     return {name.replace(".base_layer", ""): m for name, m in model.named_modules() if isinstance(m, BaseQuantLinear)}
 
 
@@ -77,8 +67,6 @@ def _accept_adapter_names(model) -> None:
     `adapter_names=`, and the per-row code is in their common base (LoraLayer._mixed_batch_forward), but PEFT
     0.21's GPTQLoraLinear.forward(x) does not take the argument (TypeError, measured). Route such calls to that
     code, on these layer instances only (PEFT itself is left as it is)."""
-    from peft.tuners.lora.gptq import GPTQLoraLinear
-
     for module in model.modules():
         if isinstance(module, GPTQLoraLinear) and "forward" not in vars(module):
             module.forward = _RowAdapters(module, module.forward)
@@ -98,23 +86,44 @@ class _RowAdapters:
 
 class GptqBackend(TransformersBackend):
     name = "gptq"
-    SETTINGS = ("dtype", "device")
+    settings = ("dtype", "device")
+    requires = ("gptqmodel",)
+    embedded_by_default = False  # quantizing the embedded model takes minutes: only when asked for
     kernels: tuple = ()  # GPTQModel's kernel class(es) serving the loaded layers; set by load()
+
+    # -- what the registry asks ------------------------------------------------------------------
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        return path.is_dir() and bool(quantization_config(path))
+
+    @classmethod
+    def embedded(cls, models_dir: Path, progress: Progress | None = None) -> Path:
+        return embedded.ensure_gptq_folder(models_dir, progress)
+
+    @classmethod
+    def training_model(cls, path: Path, device: str, dtype):
+        """QLoRA on GPTQ: the 4-bit weights stay frozen behind GPTQModel's trainable kernel; activations in
+        float32 (the kernel's CPU path needs it)."""
+        return load_quantized(path, device, torch.float32, trainable=True)
+
+    @classmethod
+    def training_lora_config(cls, lora_config, model):
+        return expand_all_linear(lora_config, model)
 
     @classmethod
     def preflight(cls, path: Path, spec: ModelSpec) -> None:
         if path.is_file():
-            raise ModelLoadError(f"{path.name}: the GPTQ loader reads a model folder, not a single file")
+            raise LoadFailed(f"{path.name}: the GPTQ loader reads a model folder, not a single file")
         super().preflight(path, spec)
         if not quantization_config(path):
-            raise ModelLoadError(f"{path.name} is not GPTQ-quantized (its config.json has no GPTQ "
+            raise LoadFailed(f"{path.name} is not GPTQ-quantized (its config.json has no GPTQ "
                                  "quantization_config): load it with --loader transformers, or make a GPTQ copy with "
                                  "python -m webui export --model NAME --format gptq --out DIR")
         try:
             gptqmodel_env()
-            import gptqmodel  # noqa: F401
+            import gptqmodel  # noqa: F401  (optional dependency: a broken install is refused before unloading)
         except Exception as e:  # missing, or broken against this torch
-            raise ModelLoadError(f"the GPTQ loader needs GPTQModel, which cannot be imported: {e}") from None
+            raise LoadFailed(f"the GPTQ loader needs GPTQModel, which cannot be imported: {e}") from None
 
     def _from_pretrained(self, where: str, dtype, **kwargs):
         return load_quantized(Path(where), self.device, dtype)
@@ -131,7 +140,7 @@ class GptqBackend(TransformersBackend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=self.SETTINGS, adapters=True,
+        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=self.settings, adapters=True,
                             adapter_stack=True, merge=False, mixed_batch=True,
                             extra={"kernels": list(self.kernels),
                                    "merge_instead": "export --format gptq (merge, then quantize)"})
@@ -140,8 +149,6 @@ class GptqBackend(TransformersBackend):
         """The transformers description plus the quantized linear layers (GPTQModel's QuantLinear is not an
         nn.Linear, so the generic reader does not see it), with their float (in, out) sizes."""
         if self._base_description is None:
-            from webui.adapters.targets import Layer, describe_base
-
             desc = describe_base(self.model, self.info.name)
             for name, layer in quant_layers(self.model).items():
                 desc.layers[name] = Layer("linear", layer.in_features, layer.out_features)
@@ -155,11 +162,11 @@ class GptqBackend(TransformersBackend):
 
     # -- merging is impossible on 4-bit weights ---------------------------------------------------------
     def merge_adapters(self) -> None:
-        raise UnsupportedOperation(MERGE_REFUSED)
+        raise Unsupported(MERGE_REFUSED)
 
     def unmerge_adapters(self) -> None:
         pass  # nothing can have been merged
 
     def save_merged(self, out_dir: Path) -> None:
-        raise UnsupportedOperation(MERGE_REFUSED)
+        raise Unsupported(MERGE_REFUSED)
 

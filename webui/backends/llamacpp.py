@@ -19,24 +19,27 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, UnsupportedOperation,
-                                 no_progress)
+from webui import embedded
+from webui.adapters.gguf_lora import cached_conversion, field_value, gguf_module, read_base
+from webui.backends.base import SAMPLERS, Backend, Capabilities, LoadedInfo, plain_transcript
 from webui.config import GenerationParams, ModelSpec
-from webui.errors import first_line as _first_line
+from webui.errors import BadInput, LoadFailed, NotFound, Unsupported, first_line
+from webui.progress import Progress, no_progress
 
-SAMPLERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
-                      "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop"})
-SETTINGS = ("n_ctx", "n_threads", "n_gpu_layers")
+
+def _llama_cpp():
+    """llama-cpp-python, imported on first use: it is an optional, compiled dependency, and without it this
+    module still imports (the registry then lists the loader as unavailable)."""
+    import llama_cpp
+    return llama_cpp
 
 
 def _diagnose(path: Path) -> str:
     """Why llama.cpp refused a GGUF, when the header tells (read only on failure: parsing is slow)."""
-    from webui.adapters.gguf_lora import field_value, gguf_module
-
     try:
         reader = gguf_module().GGUFReader(str(path))
     except Exception as e:
-        return f"the GGUF file is corrupt or truncated ({_first_line(e)})"
+        return f"the GGUF file is corrupt or truncated ({first_line(e)})"
     if field_value(reader, "general.type") == "adapter":
         return "it is a LoRA adapter, not a model: put it in the loras folder"
     if not field_value(reader, "general.architecture"):
@@ -46,7 +49,8 @@ def _diagnose(path: Path) -> str:
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    SETTINGS = SETTINGS  # the Model tab shows these for this loader
+    settings = ("n_ctx", "n_threads", "n_gpu_layers")
+    requires = ("llama_cpp",)
 
     def __init__(self):
         self.llm = None
@@ -58,24 +62,32 @@ class LlamaCppBackend(Backend):
         self._formatters: dict[bool, object] = {}
         self._stack_changed = False
 
+    # -- what the registry asks ------------------------------------------------------------------
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        return path.is_file() and path.suffix == ".gguf"
+
+    @classmethod
+    def embedded(cls, models_dir: Path, progress: Progress | None = None) -> Path:
+        return embedded.gguf_path()  # the shipped GGUF itself
+
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
     def preflight(cls, path: Path, spec: ModelSpec) -> None:
         if not path.exists():
-            raise ModelLoadError(f"model not found: {path}")
+            raise NotFound(f"model not found: {path}")
         if not path.is_file():
-            raise ModelLoadError(f"{path.name}: the llama.cpp loader needs a .gguf file, not a folder")
+            raise LoadFailed(f"{path.name}: the llama.cpp loader needs a .gguf file, not a folder")
         with open(path, "rb") as f:
             head = f.read(8)
         if head[:4] != b"GGUF":
-            raise ModelLoadError(f"{path.name} is not a GGUF file (bad magic bytes)")
+            raise LoadFailed(f"{path.name} is not a GGUF file (bad magic bytes)")
         if len(head) < 8 or int.from_bytes(head[4:8], "little") not in (2, 3):
-            raise ModelLoadError(f"{path.name}: GGUF version {int.from_bytes(head[4:8], 'little')} is not supported "
+            raise LoadFailed(f"{path.name}: GGUF version {int.from_bytes(head[4:8], 'little')} is not supported "
                                  "(llama.cpp reads versions 2 and 3)")
 
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
-        import llama_cpp
-
+        llama_cpp = _llama_cpp()
         gpu = llama_cpp.llama_supports_gpu_offload() and spec.device != "cpu"
         progress(0.1, f"loading {path.name} with llama.cpp" + (" (GPU offload)" if gpu else ""))
         try:
@@ -84,8 +96,8 @@ class LlamaCppBackend(Backend):
                                        n_gpu_layers=spec.n_gpu_layers if gpu else 0, verbose=False)
         except Exception as e:
             self.unload()
-            reason = _diagnose(path) or _first_line(e)
-            raise ModelLoadError(f"could not load {path.name} with llama.cpp: {reason}") from e
+            reason = _diagnose(path) or first_line(e)
+            raise LoadFailed(f"could not load {path.name} with llama.cpp: {reason}") from e
         self.path = Path(path)
         meta = self.llm.metadata
         arch = meta.get("general.architecture", "")
@@ -108,14 +120,13 @@ class LlamaCppBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=SETTINGS,
+        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=self.settings,
                             adapters=True, adapter_stack=True, merge=False,
                             extra={"merge_hint": "bake adapters into a GGUF: python -m webui export --format gguf"})
 
     # -- adapters (llama.cpp runtime LoRA) ------------------------------------------------------------
     def gguf_base(self):
         if self._base is None:
-            from webui.adapters.gguf_lora import read_base
             self._base = read_base(self.path, self.info.name)
         return self._base
 
@@ -131,18 +142,14 @@ class LlamaCppBackend(Backend):
         return dict(self._active)
 
     def load_adapter(self, name: str, files, state: dict, report) -> None:
-        import llama_cpp
-
-        from webui.adapters.files import AdapterError
-        from webui.adapters.gguf_lora import cached_conversion
-
+        llama_cpp = _llama_cpp()
         if files.format == "gguf":
             gguf_file = Path(files.weights)  # a GGUF LoRA from the loras folder, used as it is
         else:
             gguf_file = cached_conversion(files, state, self.gguf_base(), ignored=report.ignored_targets)
         pointer = llama_cpp.llama_adapter_lora_init(self.llm.model, str(gguf_file).encode("utf-8"))
         if not pointer:
-            raise AdapterError(f"{name}: llama.cpp refused {gguf_file.name} (architecture or tensor shapes do not "
+            raise BadInput(f"{name}: llama.cpp refused {gguf_file.name} (architecture or tensor shapes do not "
                                f"match {self.info.name})")
         if name in self._adapters:
             self.delete_adapter(name)
@@ -150,31 +157,26 @@ class LlamaCppBackend(Backend):
         self._apply(self._active)
 
     def set_adapters(self, weights: dict[str, float]) -> None:
-        from webui.adapters.files import AdapterError
 
         missing = [n for n in weights if n not in self._adapters]
         if missing:
-            raise AdapterError(f"adapter(s) not loaded: {', '.join(missing)}")
+            raise BadInput(f"adapter(s) not loaded: {', '.join(missing)}")
         self._apply(dict(weights))
 
     def _apply(self, weights: dict[str, float]) -> None:
-        import llama_cpp
-
-        from webui.adapters.files import AdapterError
-
+        llama_cpp = _llama_cpp()
         if weights == self._active and list(weights) == list(self._active):
             return  # the same stack: keep the KV cache
         n = len(weights)
         pointers = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*(self._adapters[k][0] for k in weights)) if n else None
         scales = (ctypes.c_float * n)(*(float(w) for w in weights.values())) if n else None
         if llama_cpp.llama_set_adapters_lora(self.llm.ctx, pointers, n, scales) != 0:
-            raise AdapterError(f"llama.cpp could not activate {', '.join(weights)}")
+            raise BadInput(f"llama.cpp could not activate {', '.join(weights)}")
         self._active = dict(weights)
         self._stack_changed = True  # the KV cache holds a prompt computed with the previous stack
 
     def delete_adapter(self, name: str) -> None:
-        import llama_cpp
-
+        llama_cpp = _llama_cpp()
         entry = self._adapters.get(name)
         if entry is None:
             return
@@ -183,12 +185,12 @@ class LlamaCppBackend(Backend):
         llama_cpp.llama_adapter_lora_free(entry[0])
 
     def merge_adapters(self) -> None:
-        raise UnsupportedOperation("llama.cpp applies adapters at run time and cannot merge them in memory; "
+        raise Unsupported("llama.cpp applies adapters at run time and cannot merge them in memory; "
                                    "to bake them in, export: python -m webui export --format gguf")
 
     # -- text --------------------------------------------------------------------------------------
     def _formatter(self, add_generation_prompt: bool):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # optional dependency (see _llama_cpp)
 
         if add_generation_prompt not in self._formatters:
             template = self.llm.metadata.get("tokenizer.chat_template")
@@ -206,9 +208,7 @@ class LlamaCppBackend(Backend):
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         formatter = self._formatter(add_generation_prompt)
         if formatter is None:
-            # A base model without a template: a plain transcript, so chat still works.
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-            return text + ("Assistant:" if add_generation_prompt else "")
+            return plain_transcript(messages, add_generation_prompt)
         return formatter(messages=messages).prompt
 
     def _tokens(self, prompt: str) -> list[int]:
@@ -227,8 +227,7 @@ class LlamaCppBackend(Backend):
 
     def stream(self, prompt: str, params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[str]:
-        import llama_cpp
-
+        llama_cpp = _llama_cpp()
         tokens = self._tokens(prompt)
         budget = min(params.max_new_tokens, self.llm.n_ctx() - len(tokens))
         if budget <= 0:

@@ -11,18 +11,31 @@ from __future__ import annotations
 import json
 import random
 import threading
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    set_seed,
+)
 
-from webui.backends.base import (Backend, Capabilities, LoadedInfo, ModelLoadError, Progress, UnsupportedOperation,
-                                 no_progress)
+from webui import embedded
+from webui.adapters.peft_stack import PeftAdapterStack
+from webui.adapters.targets import describe_base
+from webui.backends.base import SAMPLERS, Backend, Capabilities, LoadedInfo, plain_transcript
+from webui.backends.hf_batch import stream_batch
 from webui.config import GenerationParams, ModelSpec
-from webui.errors import first_line as _first_line
-
-SAMPLERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p",
-                      "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop"})
+from webui.errors import BadInput, LoadFailed, NotFound, Unsupported, first_line
+from webui.progress import Progress, no_progress
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -32,7 +45,7 @@ def pick_device(requested: str = "auto") -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device cuda was requested but no CUDA GPU is available")
+        raise LoadFailed("device cuda was requested but no CUDA GPU is available")
     return requested
 
 
@@ -83,7 +96,7 @@ def _find_weights(path: Path) -> list[Path]:
 
 class TransformersBackend(Backend):
     name = "transformers"
-    SETTINGS = ("dtype", "device")
+    settings = ("dtype", "device")
 
     def __init__(self):
         self.model = None
@@ -94,42 +107,51 @@ class TransformersBackend(Backend):
         self._base_description = None
         self.source_dtype = ""  # the dtype the model folder was saved in (exports keep it)
 
+    # -- what the registry asks ------------------------------------------------------------------
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        return True  # a folder, a GGUF (dequantized) or a GPTQ folder: the fallback for every format
+
+    @classmethod
+    def embedded(cls, models_dir: Path, progress: Progress | None = None) -> Path:
+        return embedded.ensure_transformers_folder(models_dir, progress)
+
+    @classmethod
+    def training_model(cls, path: Path, device: str, dtype):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
     def preflight(cls, path: Path, spec: ModelSpec) -> None:
-        from transformers import AutoConfig
-
         if not path.exists():
-            raise ModelLoadError(f"model not found: {path}")
+            raise NotFound(f"model not found: {path}")
         if path.is_file():
             if path.suffix != ".gguf":
-                raise ModelLoadError(f"{path.name}: not a model folder or .gguf file")
+                raise LoadFailed(f"{path.name}: not a model folder or .gguf file")
             _check_gguf_header(path)
             return
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise ModelLoadError(f"{path.name}: config.json is missing — not a transformers model folder")
+            raise LoadFailed(f"{path.name}: config.json is missing — not a transformers model folder")
         try:
             json.loads(config_file.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{path.name}: config.json is not valid JSON ({e})") from None
+            raise LoadFailed(f"{path.name}: config.json is not valid JSON ({e})") from None
         try:
             AutoConfig.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # unknown model_type, missing keys, ...
-            raise ModelLoadError(f"{path.name}: config.json is broken: {_first_line(e)}") from None
+            raise LoadFailed(f"{path.name}: config.json is broken: {first_line(e)}") from None
         weights = _find_weights(path)
         if not weights:
-            raise ModelLoadError(f"{path.name}: no weights file (model.safetensors or pytorch_model.bin)")
+            raise LoadFailed(f"{path.name}: no weights file (model.safetensors or pytorch_model.bin)")
         _check_shards(path)
         for w in weights:
             if w.suffix == ".safetensors":
                 _check_safetensors(w)
         if not any((path / f).is_file() for f in TOKENIZER_FILES):
-            raise ModelLoadError(f"{path.name}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+            raise LoadFailed(f"{path.name}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
 
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
-        from transformers import AutoTokenizer
-
         self.device = pick_device(spec.device)
         dtype = pick_dtype(spec.dtype, self.device)
         where, kwargs = (str(path), {}) if path.is_dir() else (str(path.parent), {"gguf_file": path.name})
@@ -140,7 +162,7 @@ class TransformersBackend(Backend):
             model = self._from_pretrained(where, dtype, **kwargs)
         except Exception as e:
             self.unload()
-            raise ModelLoadError(f"could not load {path.name}: {_first_line(e)}") from e
+            raise LoadFailed(f"could not load {path.name}: {first_line(e)}") from e
         self.model = model.eval()
         if path.is_dir():
             cfg_json = json.loads((path / "config.json").read_text())
@@ -158,8 +180,6 @@ class TransformersBackend(Backend):
 
     def _from_pretrained(self, where: str, dtype, **kwargs):
         """The model's weights on self.device (the GPTQ loader overrides this to load 4-bit layers)."""
-        from transformers import AutoModelForCausalLM
-
         return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True, **kwargs).to(self.device)
 
     def unload(self) -> None:
@@ -173,13 +193,12 @@ class TransformersBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=self.SETTINGS,
+        return Capabilities(loader=self.name, samplers=SAMPLERS, settings=self.settings,
                             adapters=True, adapter_stack=True, merge=True, mixed_batch=True)
 
     # -- adapters (PEFT) ------------------------------------------------------------------------------
     def describe_base(self):
         if self._base_description is None:
-            from webui.adapters.targets import describe_base
             self._base_description = describe_base(self.model, self.info.name)
         return self._base_description
 
@@ -196,11 +215,8 @@ class TransformersBackend(Backend):
         return bool(self.adapters and self.adapters.merged)
 
     def load_adapter(self, name: str, files, state: dict, report) -> None:
-        from webui.adapters.peft_stack import PeftAdapterStack
-
         if files.format == "gguf":  # its q/k tensors are in llama.cpp's layout: PEFT would apply them wrongly
-            from webui.adapters.files import AdapterError
-            raise AdapterError(f"{name} is a GGUF LoRA file, which runs on the llama.cpp loader only; "
+            raise BadInput(f"{name} is a GGUF LoRA file, which runs on the llama.cpp loader only; "
                                "use the adapter's PEFT folder on this loader")
         self.describe_base()  # read the plain base's layers before PEFT wraps them
         if self.adapters is None:
@@ -210,7 +226,7 @@ class TransformersBackend(Backend):
     def set_adapters(self, weights: dict[str, float]) -> None:
         if self.adapters is None:
             if weights:
-                raise UnsupportedOperation("no adapter is loaded")
+                raise Unsupported("no adapter is loaded")
             return
         self.adapters.set_active(weights)
 
@@ -219,9 +235,8 @@ class TransformersBackend(Backend):
             self.adapters.delete(name)
 
     def merge_adapters(self) -> None:
-        from webui.adapters.files import AdapterError
         if not self.adapters:
-            raise AdapterError("no adapter is active: nothing to merge")
+            raise BadInput("no adapter is active: nothing to merge")
         self.adapters.merge()
 
     def unmerge_adapters(self) -> None:
@@ -246,17 +261,14 @@ class TransformersBackend(Backend):
         self.adapters = None
 
     def blend_adapters(self, weights, new_name, combination_type, out_dir, density=None):
-        from webui.adapters.files import AdapterError
         if not self.adapters:
-            raise AdapterError("load the adapters to blend first")
+            raise BadInput("load the adapters to blend first")
         return self.adapters.blend(weights, new_name, combination_type, out_dir, density=density)
 
     # -- text --------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
-            # A base model without a template: a plain transcript, so chat still works.
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-            return text + ("Assistant:" if add_generation_prompt else "")
+            return plain_transcript(messages, add_generation_prompt)
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
@@ -270,8 +282,6 @@ class TransformersBackend(Backend):
         return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special).to(self.device)
 
     def _generate_kwargs(self, prompt_len: int, params: GenerationParams, cancel: threading.Event | None) -> dict:
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
         kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
         if params.greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -288,7 +298,6 @@ class TransformersBackend(Backend):
         if cancel is not None:
             kw["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
         if not params.greedy:
-            from transformers import set_seed
             set_seed(params.seed if params.seed >= 0 else random.randrange(2**31))
         return kw
 
@@ -300,8 +309,6 @@ class TransformersBackend(Backend):
 
     def stream(self, prompt: str, params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
-
         cancel = cancel or threading.Event()
         inputs = self._encode(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -333,11 +340,6 @@ class TransformersBackend(Backend):
                      cancel: threading.Event | None = None):
         """Several prompts in one pass (left-padded); `adapter_names` gives each row its own adapter
         (None = the plain base) through PEFT's mixed batch. Yields hf_batch events."""
-        from contextlib import nullcontext
-        from functools import partial
-
-        from webui.backends.hf_batch import stream_batch
-
         cancel = cancel or threading.Event()
         encoded = [self._encode(p)["input_ids"][0].tolist() for p in prompts]
         self.tokenizer.padding_side = "left"  # generation continues at the right end of every row
@@ -346,8 +348,7 @@ class TransformersBackend(Backend):
         names = [n or "__base__" for n in (adapter_names or [])]
         use_mixed = bool(self.adapters and self.adapters.peft is not None and names)
         if not use_mixed and any(n != "__base__" for n in names):
-            from webui.adapters.files import AdapterError
-            raise AdapterError("adapters named for the batch are not loaded")
+            raise BadInput("adapters named for the batch are not loaded")
         # without any adapter loaded, "__base__" rows are simply the model itself
         context = self.adapters.mixed(names) if use_mixed else nullcontext()
         with context:
@@ -362,25 +363,23 @@ def _check_shards(path: Path) -> None:
     try:
         shards = set(json.loads(index.read_text())["weight_map"].values())
     except (ValueError, KeyError) as e:
-        raise ModelLoadError(f"{path.name}: model.safetensors.index.json is broken ({e})") from None
+        raise LoadFailed(f"{path.name}: model.safetensors.index.json is broken ({e})") from None
     missing = sorted(s for s in shards if not (path / s).is_file())
     if missing:
-        raise ModelLoadError(f"{path.name}: weight shard(s) missing: {', '.join(missing)}")
+        raise LoadFailed(f"{path.name}: weight shard(s) missing: {', '.join(missing)}")
 
 
 def _check_safetensors(file: Path) -> None:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(file), framework="pt") as f:
             keys = list(f.keys())
     except Exception as e:
-        raise ModelLoadError(f"{file.parent.name}/{file.name} is corrupt or truncated: {_first_line(e)}") from None
+        raise LoadFailed(f"{file.parent.name}/{file.name} is corrupt or truncated: {first_line(e)}") from None
     if not keys:
-        raise ModelLoadError(f"{file.parent.name}/{file.name} holds no tensors")
+        raise LoadFailed(f"{file.parent.name}/{file.name} holds no tensors")
 
 
 def _check_gguf_header(file: Path) -> None:
     with open(file, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ModelLoadError(f"{file.name} is not a GGUF file (bad magic bytes)")
+            raise LoadFailed(f"{file.name} is not a GGUF file (bad magic bytes)")

@@ -4,10 +4,13 @@ flags, mapped onto `webui.hub.download.download` and `check`; prints notes and o
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from webui.hub.download import DownloadError, check, download
+from webui.errors import LoraDeckError
+from webui.hub.download import check
+from webui.hub.fetch import download
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    import logging
-
     for name in ("httpx2", "httpx", "botocore", "boto3", "s3transfer"):  # one line per request is noise here
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -52,7 +53,7 @@ def run_cli(args: argparse.Namespace) -> int:
             return 0
         out = download(args.repo, **kwargs, threads=args.threads, clean=args.clean, max_retries=args.max_retries,
                        progress=show)
-    except DownloadError as e:
+    except LoraDeckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

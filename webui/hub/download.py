@@ -5,7 +5,7 @@ bytes, so `HF_ENDPOINT`, `HF_TOKEN`, redirects to the CDN and the hub's error co
 everywhere else. On top of that: each file goes to `NAME.incomplete`, resumes from there after an
 interruption, is checked against the hub's sha256 (or git blob id for small files) and only then renamed
 to its final name; retries with exponential back-off; one-line errors. `s3://` URLs and local paths are
-handed to `webui.hub.sources`.
+handled by `webui.hub.sources`; `webui.hub.fetch` chooses.
 
     python download-model.py TheBloke/Llama-2-7B-GGUF --specific-file llama-2-7b.Q4_K_M.gguf
     python download-model.py org/lora-adapter:dev --check
@@ -22,18 +22,31 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 from urllib.parse import urlsplit
 
-from webui.hub.files import (ADAPTER_CONFIG, METADATA, PARTIAL, REPO_ID, RemoteFile, folder_name,
-                             metadata_text, parse_spec, read_metadata, select_files)
+import httpx2  # huggingface_hub's HTTP client: its transport errors are the retryable ones
+from huggingface_hub import HfApi, errors, get_hf_file_metadata, get_token, hf_hub_url
+from huggingface_hub.file_download import http_get
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils import tqdm as hf_tqdm
 
-Progress = Optional[Callable[[Optional[float], str], None]]
+from webui.errors import BadInput, DownloadFailed, NotFound
+from webui.hub.files import (
+    ADAPTER_CONFIG,
+    METADATA,
+    PARTIAL,
+    RemoteFile,
+    folder_name,
+    metadata_text,
+    parse_spec,
+    read_metadata,
+    select_files,
+)
+from webui.paths import safe_relative
+from webui.progress import Progress
+
 _MARKERS = ("config.json", ADAPTER_CONFIG)  # fetched last: a folder is listed as a model/adapter only when whole
-
-
-class DownloadError(RuntimeError):
-    """A download or check failed; the message is one line saying why."""
 
 
 @dataclass
@@ -57,39 +70,30 @@ def _endpoint(url_endpoint: str | None) -> str:
     return env or "https://huggingface.co"
 
 
-def _hub_error(e: Exception, repo: str, branch: str, token, endpoint: str = "") -> DownloadError:
+def _hub_error(e: Exception, repo: str, branch: str, token, endpoint: str = "") -> DownloadFailed | NotFound:
     """huggingface_hub's exceptions → one line a user can act on."""
-    import httpx2
-    from huggingface_hub import errors
-
     if isinstance(e, errors.GatedRepoError):
-        return DownloadError(f"{repo} is a gated repository: accept its terms on the hub and set HF_TOKEN"
+        return DownloadFailed(f"{repo} is a gated repository: accept its terms on the hub and set HF_TOKEN"
                              + (" (the token given has no access)" if _has_token(token) else ""))
     if isinstance(e, errors.RepositoryNotFoundError):
-        return DownloadError(f"repository not found: {repo} (or it is private: set HF_TOKEN)")
+        return NotFound(f"repository not found: {repo} (or it is private: set HF_TOKEN)")
     if isinstance(e, errors.RevisionNotFoundError):
-        return DownloadError(f"branch or revision not found in {repo}: {branch}")
+        return NotFound(f"branch or revision not found in {repo}: {branch}")
     if isinstance(e, errors.RemoteEntryNotFoundError):
-        return DownloadError(f"file not found in {repo}@{branch}: {e.response.url}")
+        return NotFound(f"file not found in {repo}@{branch}: {e.response.url}")
     if isinstance(e, errors.OfflineModeIsEnabled):
-        return DownloadError("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download")
+        return DownloadFailed("HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to download")
     msg = " ".join(str(e).split())
     if isinstance(e, httpx2.TransportError):
-        return DownloadError(f"cannot reach the hub at {endpoint or 'HF_ENDPOINT'}: {msg[:200]}")
-    return DownloadError(f"{repo}: {type(e).__name__}: {msg[:300]}")
+        return DownloadFailed(f"cannot reach the hub at {endpoint or 'HF_ENDPOINT'}: {msg[:200]}")
+    return DownloadFailed(f"{repo}: {type(e).__name__}: {msg[:300]}")
 
 
 def plan(spec: str, *, branch: str | None = None, specific_files=(), exclude_pattern: str | None = None,
          text_only: bool = False, output: Path | None = None, model_dir: Path = Path("models"),
          lora_dir: Path = Path("loras"), token: str | None = None, require_lora: bool = False) -> Plan:
     """Ask the hub what `spec` holds at its branch's current commit and decide what goes where."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
-
-    try:
-        repo, branch, url_files, url_endpoint = parse_spec(spec, branch)
-    except ValueError as e:
-        raise DownloadError(str(e)) from None
+    repo, branch, url_files, url_endpoint = parse_spec(spec, branch)
     endpoint = _endpoint(url_endpoint)
     api = HfApi(endpoint=endpoint, token=token)
     try:
@@ -99,19 +103,19 @@ def plan(spec: str, *, branch: str | None = None, specific_files=(), exclude_pat
                  for e in entries if isinstance(e, RepoFile)]
     except Exception as e:  # every hub failure becomes one line
         raise _hub_error(e, repo, branch, token, endpoint) from None
-    unsafe = [f.path for f in files if f.path.startswith("/") or ".." in f.path.split("/") or "\\" in f.path]
+    unsafe = [f.path for f in files if not safe_relative(f.path)]
     if unsafe:  # a misbehaving endpoint must not write outside the destination folder
-        raise DownloadError(f"{repo}: refusing file names that leave the folder: {', '.join(unsafe[:3])}")
+        raise DownloadFailed(f"{repo}: refusing file names that leave the folder: {', '.join(unsafe[:3])}")
     if info.gated and not _has_token(token):
-        raise DownloadError(f"{repo} is a gated repository: accept its terms on the hub and set HF_TOKEN")
+        raise DownloadFailed(f"{repo} is a gated repository: accept its terms on the hub and set HF_TOKEN")
     try:
         sel = select_files(files, [*url_files, *specific_files], exclude_pattern, text_only)
     except re.error as e:
-        raise DownloadError(f"--exclude-pattern {exclude_pattern!r} is not a valid regular expression: {e}") from None
-    except ValueError as e:
-        raise DownloadError(f"{repo}@{branch}: {e}") from None
+        raise BadInput(f"--exclude-pattern {exclude_pattern!r} is not a valid regular expression: {e}") from None
+    except (BadInput, NotFound) as e:
+        raise type(e)(f"{repo}@{branch}: {e}") from None
     if require_lora and not sel.is_lora:
-        raise DownloadError(f"{repo} is not a LoRA adapter (no {ADAPTER_CONFIG})")
+        raise BadInput(f"{repo} is not a LoRA adapter (no {ADAPTER_CONFIG})")
     if sel.single_file:
         dest = Path(output) if output else Path(model_dir)
     else:
@@ -120,8 +124,6 @@ def plan(spec: str, *, branch: str | None = None, specific_files=(), exclude_pat
 
 
 def _has_token(token) -> bool:
-    from huggingface_hub import get_token
-
     return bool(token or get_token())
 
 
@@ -186,8 +188,6 @@ class _Tally:
 def _bar_class(tally: _Tally, path: str):
     """huggingface_hub's own tqdm bar (sizes, rates) that also reports to the tally. http_get takes a bar
     class, not a callback, so a subclass per file is the smallest way to hear about its bytes."""
-    from huggingface_hub.utils import tqdm as hf_tqdm
-
     class Bar(hf_tqdm):
         def update(self, n=1):
             if tally.cancel.is_set():
@@ -199,11 +199,6 @@ def _bar_class(tally: _Tally, path: str):
 
 def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally) -> str:
     """One file to its final name (resuming a `.incomplete` left by an earlier run); returns its sha256."""
-    import httpx2  # huggingface_hub's HTTP client: its transport errors are the retryable ones
-    from huggingface_hub import errors, get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
-
     final = _target(p, f)
     part = final.with_name(final.name + PARTIAL)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -237,14 +232,14 @@ def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally) -> st
             err = e
         except OSError as e:
             if e.errno == 28:  # ENOSPC
-                raise DownloadError(f"no disk space left in {final.parent} while writing {f.path}") from None
+                raise DownloadFailed(f"no disk space left in {final.parent} while writing {f.path}") from None
             if isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError)):  # local, not flaky
-                raise DownloadError(f"cannot write {e.filename or final}: {e.strerror}") from None
+                raise DownloadFailed(f"cannot write {e.filename or final}: {e.strerror}") from None
             err = e
         except httpx2.HTTPError as e:
             err = e
         if attempt == max_retries:
-            raise DownloadError(f"{f.path}: gave up after {attempt + 1} attempt(s): "
+            raise DownloadFailed(f"{f.path}: gave up after {attempt + 1} attempt(s): "
                                 f"{' '.join(str(err).split())[:200]}") from None
         delay = min(2 ** attempt, 30)  # exponential back-off: 1, 2, 4 ... 30 s between attempts
         note = f"{f.path}: {' '.join(str(err).split())[:120]}; retrying in {delay} s"
@@ -284,7 +279,7 @@ def _hub_download(p: Plan, *, threads: int, clean: bool, max_retries: int, token
     try:
         return _fetch_all(p, todo, sha256s, need, threads=threads, max_retries=max_retries, token=token,
                           progress=progress, cancel=cancel)
-    except DownloadError:
+    except DownloadFailed:
         if created:
             _tidy(p.dest)
         raise
@@ -305,7 +300,7 @@ def _fetch_all(p: Plan, todo: list[RemoteFile], sha256s: dict, need: int, *, thr
     """Fetch `todo` (weights first, configs last) and write the metadata file."""
     free = shutil.disk_usage(p.dest).free
     if need > free:
-        raise DownloadError(f"not enough disk space in {p.dest}: need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+        raise DownloadFailed(f"not enough disk space in {p.dest}: need {need / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
     total = sum(f.size for f in p.files)
     tally = _Tally(total, progress, cancel)
     for f in p.files:
@@ -326,7 +321,7 @@ def _fetch_all(p: Plan, todo: list[RemoteFile], sha256s: dict, need: int, *, thr
                 tally.cancel.set()
                 pool.shutdown(wait=True, cancel_futures=True)
                 if isinstance(e, _Cancelled):
-                    raise DownloadError("download cancelled; run it again to resume") from None
+                    raise DownloadFailed("download cancelled; run it again to resume") from None
                 raise
     if not p.single_file:
         text = metadata_text(f"{p.endpoint}/{p.repo}", p.branch, p.commit, sha256s)
@@ -338,37 +333,8 @@ def _fetch_all(p: Plan, todo: list[RemoteFile], sha256s: dict, need: int, *, thr
     return p.dest if not p.single_file else _target(p, p.files[0])
 
 
-def download(spec: str, *, branch: str | None = None, specific_files=(), exclude_pattern: str | None = None,
-             threads: int = 4, output: Path | None = None, model_dir: Path = Path("models"),
-             lora_dir: Path = Path("loras"), clean: bool = False, max_retries: int = 7, text_only: bool = False,
-             token: str | None = None, require_lora: bool = False, progress: Progress = None,
-             cancel: threading.Event | None = None) -> Path:
-    """Download a model or adapter and return where it landed (a folder, or `models/X.gguf` for a single GGUF).
-
-    spec: `ORG/NAME`, `ORG/NAME:BRANCH`, a hub URL (`https://HOST/ORG/NAME/resolve/BRANCH/FILE` fetches that
-    file), `s3://bucket/prefix`, or an existing local folder/file (copied in). The keyword arguments are the
-    CLI flags of the same names. `token` defaults to HF_TOKEN / the saved login; the hub is HF_ENDPOINT.
-    `progress(fraction_or_None, message)` is called from worker threads a few times a second (None: a note,
-    no new fraction). Setting `cancel` (a threading.Event) stops a hub download within a chunk, keeping what
-    it has. Re-running resumes; `clean=True` starts over. Raises DownloadError (one-line message).
-    """
-    from webui.hub import sources
-
-    if spec.startswith("s3://"):
-        return sources.download_s3(spec, model_dir=model_dir, lora_dir=lora_dir, output=output, clean=clean,
-                                   require_lora=require_lora, max_retries=max_retries, progress=progress)
-    local = Path(spec).expanduser()
-    if local.exists() and (spec.startswith(("/", ".", "~")) or not REPO_ID.match(spec)):
-        return sources.copy_local(local, model_dir=model_dir, lora_dir=lora_dir, output=output, clean=clean,
-                                  require_lora=require_lora, progress=progress)
-    return download_hub(spec, branch=branch, specific_files=specific_files, exclude_pattern=exclude_pattern,
-                        threads=threads, output=output, model_dir=model_dir, lora_dir=lora_dir, clean=clean,
-                        max_retries=max_retries, text_only=text_only, token=token, require_lora=require_lora,
-                        progress=progress, cancel=cancel)
-
-
 def download_hub(spec: str, *, threads: int = 4, clean: bool = False, max_retries: int = 7, token: str | None = None,
-                 progress: Progress = None, cancel: threading.Event | None = None, **plan_kwargs) -> Path:
+                 progress: Progress | None = None, cancel: threading.Event | None = None, **plan_kwargs) -> Path:
     """`download` for a hub repo or URL only (never a local path or S3); `plan_kwargs` as in `plan`."""
     p = plan(spec, token=token, **plan_kwargs)
     for note in p.notes:
@@ -378,7 +344,7 @@ def download_hub(spec: str, *, threads: int = 4, clean: bool = False, max_retrie
         return _hub_download(p, threads=threads, clean=clean, max_retries=max_retries, token=token,
                              progress=progress, cancel=cancel)
     except OSError as e:  # the destination itself: unwritable, not a folder...
-        raise DownloadError(f"cannot write {e.filename or p.dest}: {e.strerror or e}") from None
+        raise DownloadFailed(f"cannot write {e.filename or p.dest}: {e.strerror or e}") from None
 
 
 def check(spec: str, **plan_kwargs) -> list[str]:

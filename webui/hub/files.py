@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from webui.errors import BadInput, NotFound
+
 METADATA = "huggingface-metadata.txt"
 ADAPTER_CONFIG = "adapter_config.json"
 PARTIAL = ".incomplete"  # suffix of a file being downloaded; models.list_models skips it
@@ -56,7 +58,7 @@ def parse_spec(spec: str, branch: str | None = None) -> tuple[str, str, list[str
         endpoint = f"{parts.scheme}://{parts.netloc}"
         segs = [unquote(s) for s in parts.path.strip("/").split("/")]
         if len(segs) < 2:
-            raise ValueError(f"{spec}: not a repository URL (expected https://HOST/ORG/NAME[/resolve/BRANCH/FILE])")
+            raise BadInput(f"{spec}: not a repository URL (expected https://HOST/ORG/NAME[/resolve/BRANCH/FILE])")
         repo, rest = "/".join(segs[:2]), segs[2:]
         if rest and rest[0] in ("resolve", "blob", "tree") and len(rest) >= 2:
             branch = rest[1]
@@ -69,7 +71,7 @@ def parse_spec(spec: str, branch: str | None = None) -> tuple[str, str, list[str
             branch = spec_branch or branch
     repo = repo.strip("/")
     if not REPO_ID.match(repo) or ".." in repo:
-        raise ValueError(f"{repo!r} is not a hub repository id (expected ORG/NAME)")
+        raise BadInput(f"{repo!r} is not a hub repository id (expected ORG/NAME)")
     return repo, branch or "main", files, endpoint
 
 
@@ -101,14 +103,14 @@ def _choose_gguf(ggufs: list[RemoteFile]) -> tuple[list[RemoteFile], str]:
 
 def select_files(files: list[RemoteFile], specific: list[str] = (), exclude: str | None = None,
                  text_only: bool = False) -> Selection:
-    """The files to fetch, or ValueError with a one-line reason (nothing usable, a named file missing)."""
+    """The files to fetch, or BadInput / NotFound with a one-line reason (nothing usable, a named file missing)."""
     by_path = {f.path: f for f in files}
     is_lora = ADAPTER_CONFIG in by_path
     exclude_re = re.compile(exclude) if exclude else None
     if specific:
         missing = [s for s in specific if s not in by_path]
         if missing:
-            raise ValueError(f"not in the repository: {', '.join(missing)} (it has: {_names(files)})")
+            raise NotFound(f"not in the repository: {', '.join(missing)} (it has: {_names(files)})")
         chosen = [by_path[s] for s in dict.fromkeys(specific)]
         single = len(chosen) == 1 and chosen[0].path.lower().endswith(".gguf")
         return Selection(chosen, is_lora=is_lora, single_file=single)
@@ -121,7 +123,7 @@ def select_files(files: list[RemoteFile], specific: list[str] = (), exclude: str
     text = [f for f in candidates if _TEXT.search(f.path) and "/" not in f.path]
     if text_only:
         if not text:
-            raise ValueError(f"nothing usable: no text files (it has: {_names(files)})")
+            raise BadInput(f"nothing usable: no text files (it has: {_names(files)})")
         return Selection(text, is_lora=is_lora, single_file=False)
 
     weights = [f for f in candidates if _WEIGHTS.search(f.path) or _BIN.search(f.path)]
@@ -147,7 +149,7 @@ def select_files(files: list[RemoteFile], specific: list[str] = (), exclude: str
                      f"{_names(others)}")
         weights = chosen
     if not weights:
-        raise ValueError(f"nothing usable: no safetensors, .bin, .pt or .gguf weights (it has: {_names(files)})")
+        raise BadInput(f"nothing usable: no safetensors, .bin, .pt or .gguf weights (it has: {_names(files)})")
     return Selection(text + weights, is_lora=is_lora, single_file=False, notes=notes)
 
 

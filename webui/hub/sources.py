@@ -1,10 +1,8 @@
-"""Where adapters (and models) come from besides a plain hub download, LoRAX-style: `fetch_adapter(adapter_id,
-source)` with source `hub` (downloaded into the loras folder once, then reused), `local` (a folder, which
-must sit inside the loras folder when the caller says so: the API does) or `s3` (`s3://bucket/prefix`,
-read with boto3, which takes the standard AWS variables: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_PROFILE and AWS_ENDPOINT_URL for S3-compatible stores).
-S3 objects and copied local folders arrive in a hidden temporary folder that is renamed into place only
-when complete, so a half-fetched adapter is never listed.
+"""Sources besides the hub: S3 (`download_s3`: `s3://bucket/prefix`, read with boto3, which takes the standard
+AWS variables: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_PROFILE
+and AWS_ENDPOINT_URL for S3-compatible stores) and a local folder or file (`copy_local`). S3 objects and
+copied local folders arrive in a hidden temporary folder that is renamed into place only when complete, so
+a half-fetched adapter is never listed. webui/hub/fetch.py chooses between these and the hub.
 """
 from __future__ import annotations
 
@@ -15,103 +13,46 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from webui.adapters.files import AdapterError
-from webui.hub.download import DownloadError, Progress, download_hub
-from webui.hub.files import ADAPTER_CONFIG, METADATA, folder_name, parse_spec, read_metadata
+from webui.errors import BadInput, DownloadFailed, NotFound
+from webui.hub.files import ADAPTER_CONFIG
+from webui.paths import safe_relative
+from webui.progress import Progress
 
 S3_METADATA = "s3-metadata.txt"
-SOURCES = ("hub", "local", "s3")
-
-
-class AdapterSourceError(DownloadError, AdapterError):
-    """fetch_adapter's failures: a DownloadError, and an AdapterError for callers (the API) that map those to 4xx."""
 
 
 def safe_name(name: str) -> str:
     """A folder name the adapters folder accepts (letters, digits, '.', '_', '+', '-'; no leading dot)."""
     name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip("._-")[:128]
     if not name:
-        raise DownloadError("cannot make a folder name out of an empty path")
+        raise BadInput("cannot make a folder name out of an empty path")
     return name
 
 
-def fetch_adapter(adapter_id: str, source: str = "hub", loras_dir: Path = Path("loras"), progress: Progress = None,
-                  *, restrict_local: bool = True, refresh: bool = False) -> Path:
-    """The folder of adapter `adapter_id` from `source` (hub | local | s3), fetched into `loras_dir` if needed.
-
-    hub: `ORG/NAME[:BRANCH]` → `loras_dir/ORG_NAME[_BRANCH]`; s3: `s3://bucket/prefix` → `loras_dir/<last part
-    of the prefix>`. Both are reused without network access once complete (`refresh=True` checks the source
-    again). local: a folder path (or a name inside `loras_dir`); with `restrict_local` (the API's setting) it
-    must resolve inside `loras_dir`. The result holds an adapter_config.json. Raises AdapterSourceError
-    (both a DownloadError and an AdapterError) with a one-line message.
-    """
-    try:
-        return _fetch_adapter(adapter_id, source, Path(loras_dir), progress, restrict_local, refresh)
-    except DownloadError as e:
-        raise AdapterSourceError(str(e)) from None
-
-
-def _fetch_adapter(adapter_id: str, source: str, loras_dir: Path, progress: Progress, restrict_local: bool,
-                   refresh: bool) -> Path:
-    if source == "hub":
-        try:
-            repo, branch, _, _ = parse_spec(adapter_id)
-        except ValueError as e:
-            raise DownloadError(str(e)) from None
-        dest = loras_dir / folder_name(repo, branch)
-        if not refresh and _complete(dest):
-            return dest
-        return download_hub(adapter_id, lora_dir=loras_dir, output=dest, require_lora=True, progress=progress)
-    if source == "s3":
-        bucket, prefix = _parse_s3(adapter_id)
-        dest = loras_dir / safe_name(PurePosixPath(prefix).name if prefix else bucket)
-        if not refresh and (dest / ADAPTER_CONFIG).is_file() and \
-                _read_s3_metadata(dest).get("url") == f"s3://{bucket}/{prefix}":
-            return dest
-        return download_s3(adapter_id, lora_dir=loras_dir, require_lora=True, progress=progress)
-    if source == "local":
-        return _local_adapter(adapter_id, loras_dir, restrict_local)
-    raise DownloadError(f"adapter_source {source!r} is not one of: {', '.join(SOURCES)}")
-
-
-def _complete(dest: Path) -> bool:
-    """Fetched from the hub earlier and finished: the metadata file is written last, and names every file."""
-    if not (dest / ADAPTER_CONFIG).is_file() or not (dest / METADATA).is_file():
-        return False
-    return all((dest / f).is_file() for f in read_metadata(dest).get("sha256", {}))
-
-
-def _local_adapter(adapter_id: str, loras_dir: Path, restrict: bool) -> Path:
-    path = Path(adapter_id).expanduser()
-    if not path.is_absolute() and (loras_dir / path).exists():
-        path = loras_dir / path
-    resolved = path.resolve()
-    if restrict and loras_dir.resolve() not in resolved.parents:
-        raise DownloadError(f"local adapter {adapter_id!r} is outside the adapters folder {loras_dir}")
-    if not resolved.is_dir():
-        raise DownloadError(f"local adapter not found: {adapter_id}")
-    if not (resolved / ADAPTER_CONFIG).is_file():
-        raise DownloadError(f"{adapter_id}: {ADAPTER_CONFIG} is missing — not a PEFT adapter folder")
-    return resolved
+def s3_adapter_folder(url: str, loras_dir: Path) -> tuple[Path, bool]:
+    """(the folder `download_s3` puts the adapter at `url` in, whether it is there complete from that URL)."""
+    bucket, prefix = _parse_s3(url)
+    dest = Path(loras_dir) / safe_name(PurePosixPath(prefix).name if prefix else bucket)
+    return dest, (dest / ADAPTER_CONFIG).is_file() and _read_s3_metadata(dest).get("url") == f"s3://{bucket}/{prefix}"
 
 
 def _parse_s3(url: str) -> tuple[str, str]:
     m = re.match(r"^s3://([^/]+)/?(.*)$", url)
     if not m or not m.group(1):
-        raise DownloadError(f"{url!r} is not an S3 URL (expected s3://bucket/prefix)")
+        raise BadInput(f"{url!r} is not an S3 URL (expected s3://bucket/prefix)")
     return m.group(1), m.group(2).strip("/")
 
 
 def _relative_key(key: str, prefix: str) -> str:
     """An object key below `prefix` as a relative path; keys that would leave the folder are refused."""
     rel = key[len(prefix):].lstrip("/") if prefix else key
-    if not rel or "\\" in rel or any(p in ("..", ".", "") for p in rel.split("/")):
-        raise DownloadError(f"unsafe object key {key!r}: it would leave the destination folder")
+    if not safe_relative(rel):
+        raise DownloadFailed(f"unsafe object key {key!r}: it would leave the destination folder")
     return rel
 
 
 def _s3_client(max_retries: int):
-    import boto3
+    import boto3  # slow to import (its service tables); only S3 sources need it
     from botocore.config import Config
 
     # boto3 reads the AWS_* variables itself (AWS_ENDPOINT_URL included, since botocore 1.31.57);
@@ -119,30 +60,30 @@ def _s3_client(max_retries: int):
     return boto3.client("s3", config=Config(retries={"max_attempts": max_retries + 1, "mode": "standard"}))
 
 
-def _s3_error(e: Exception, url: str) -> DownloadError:
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+def _s3_error(e: Exception, url: str) -> DownloadFailed | NotFound:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError  # see _s3_client
 
     if isinstance(e, NoCredentialsError):
-        return DownloadError(f"{url}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+        return DownloadFailed(f"{url}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
     if isinstance(e, ClientError):
         code = e.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchBucket", "404", "NoSuchKey"):
-            return DownloadError(f"{url}: not found ({code})")
+            return NotFound(f"{url}: not found ({code})")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return DownloadError(f"{url}: access denied ({code}); check the AWS credentials")
-        return DownloadError(f"{url}: {code}: {e.response.get('Error', {}).get('Message', '')}")
+            return DownloadFailed(f"{url}: access denied ({code}); check the AWS credentials")
+        return DownloadFailed(f"{url}: {code}: {e.response.get('Error', {}).get('Message', '')}")
     if isinstance(e, BotoCoreError):
-        return DownloadError(f"{url}: {' '.join(str(e).split())}")
-    return DownloadError(f"{url}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        return DownloadFailed(f"{url}: {' '.join(str(e).split())}")
+    return DownloadFailed(f"{url}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
 
 
 def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = Path("loras"), output: Path | None = None,
                 clean: bool = False, require_lora: bool = False, max_retries: int = 7,
-                progress: Progress = None) -> Path:
+                progress: Progress | None = None) -> Path:
     """Copy everything under `s3://bucket/prefix` into `loras_dir/NAME` (when it holds adapter_config.json)
     or `models_dir/NAME`, NAME being the prefix's last part; a prefix naming one object (say a .gguf)
     lands as `models_dir/FILE`. Files already fetched by an interrupted run are kept. Returns the path."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError  # see _s3_client
     from tqdm import tqdm
 
     bucket, prefix = _parse_s3(url)
@@ -158,7 +99,7 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
             single = {"Key": prefix, "Size": head["ContentLength"], "ETag": head.get("ETag", "")}
     except (BotoCoreError, ClientError) as e:
         if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-            raise DownloadError(f"nothing at {url}") from None
+            raise NotFound(f"nothing at {url}") from None
         raise _s3_error(e, url) from None
     if single:
         rels = {PurePosixPath(prefix).name: single}
@@ -166,7 +107,7 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
         rels = {_relative_key(o["Key"], prefix): o for o in objects}
     is_lora = ADAPTER_CONFIG in rels
     if require_lora and not is_lora:
-        raise DownloadError(f"{url} is not a LoRA adapter (no {ADAPTER_CONFIG} under it)")
+        raise BadInput(f"{url} is not a LoRA adapter (no {ADAPTER_CONFIG} under it)")
     if single:
         dest = (Path(output) if output else Path(model_dir)) / safe_name(PurePosixPath(prefix).name)
     else:
@@ -179,7 +120,7 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
         if recorded.get("url") == url and recorded["files"] == {r: o["ETag"].strip('"') for r, o in rels.items()}:
             return dest  # already complete and unchanged
         if recorded.get("url") != url:  # never overwrite what someone else put there
-            raise DownloadError(f"{dest} already exists (not fetched from {url}); "
+            raise DownloadFailed(f"{dest} already exists (not fetched from {url}); "
                                 "pass --output to put this one elsewhere, or --clean to replace it")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +145,7 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
                     s3.download_file(bucket, o["Key"], str(target), Callback=step)
                 if not (target.stat().st_size == o["Size"] and _md5_ok(target, etag)):
                     target.unlink()
-                    raise DownloadError(f"{url}: {rel} arrived corrupted (size or MD5 differs from S3's)")
+                    raise DownloadFailed(f"{url}: {rel} arrived corrupted (size or MD5 differs from S3's)")
             done += o["Size"]
             etags[rel] = etag
             sha256s[rel] = _sha256(target)
@@ -212,8 +153,8 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
         raise _s3_error(e, url) from None
     except OSError as e:
         if e.errno == 28:
-            raise DownloadError(f"no disk space left in {dest.parent}") from None
-        raise DownloadError(f"{url}: {e}") from None
+            raise DownloadFailed(f"no disk space left in {dest.parent}") from None
+        raise DownloadFailed(f"{url}: {e}") from None
     if not single:
         _write_s3_metadata(staging, url, etags, sha256s)
     _swap_into_place(staging, dest)
@@ -277,14 +218,14 @@ def _swap_into_place(staging: Path, dest: Path) -> None:
 
 def copy_local(src: Path, *, model_dir: Path = Path("models"), lora_dir: Path = Path("loras"),
                output: Path | None = None, clean: bool = False, require_lora: bool = False,
-               progress: Progress = None) -> Path:
+               progress: Progress | None = None) -> Path:
     """`download-model.py /some/folder` (or a .gguf file): copy it into the loras folder (it holds
     adapter_config.json) or the models folder, through a hidden staging copy renamed at the end. An existing
     destination is replaced only with `clean`."""
     src = Path(src).resolve()
     is_lora = src.is_dir() and (src / ADAPTER_CONFIG).is_file()
     if require_lora and not is_lora:
-        raise DownloadError(f"{src} is not a LoRA adapter folder (no {ADAPTER_CONFIG})")
+        raise BadInput(f"{src} is not a LoRA adapter folder (no {ADAPTER_CONFIG})")
     if output:
         dest = Path(output) if src.is_dir() else Path(output) / safe_name(src.name)
     else:
@@ -292,7 +233,7 @@ def copy_local(src: Path, *, model_dir: Path = Path("models"), lora_dir: Path = 
     if dest.resolve() == src:
         return dest
     if dest.exists() and not clean:
-        raise DownloadError(f"{dest} already exists; pass --output to put the copy elsewhere, or --clean to replace it")
+        raise DownloadFailed(f"{dest} already exists; pass --output to put the copy elsewhere, or --clean to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{dest.name}.partial"
     if staging.is_dir():
@@ -306,7 +247,7 @@ def copy_local(src: Path, *, model_dir: Path = Path("models"), lora_dir: Path = 
             shutil.copyfile(src, staging)
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink(missing_ok=True)
-        raise DownloadError(f"copying {src}: {e.strerror or e}") from None
+        raise DownloadFailed(f"copying {src}: {e.strerror or e}") from None
     _swap_into_place(staging, dest)
     if progress:
         progress(1.0, f"done: {dest}")

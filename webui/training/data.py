@@ -8,7 +8,7 @@ model will see them.
 - chat: JSONL records with OpenAI `messages` ([{role, content}]) or ShareGPT `conversations`
   ([{from: human|gpt|system, value}]); loss on the assistant turns only.
 
-Every problem (empty file, bad JSON, a record missing a field) raises DatasetError naming the file, the
+Every problem (empty file, bad JSON, a record missing a field) raises BadInput naming the file, the
 line or record, and the field — before any training starts.
 """
 from __future__ import annotations
@@ -18,13 +18,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from webui.errors import BadInput, NotFound
+
 IGNORE = -100  # label of tokens that carry no loss (transformers' convention)
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bot": "assistant"}
-
-
-class DatasetError(ValueError):
-    """The dataset cannot be used; the message says where and why."""
 
 
 @dataclass
@@ -40,14 +38,14 @@ class Sample:
 def _records(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     if not text.strip():
-        raise DatasetError(f"{path.name} is empty")
+        raise BadInput(f"{path.name} is empty")
     if path.suffix == ".json":
         try:
             data = json.loads(text)
         except ValueError as e:
-            raise DatasetError(f"{path.name} is not valid JSON: {e}") from None
+            raise BadInput(f"{path.name} is not valid JSON: {e}") from None
         if not isinstance(data, list):
-            raise DatasetError(f"{path.name}: expected a JSON list of records")
+            raise BadInput(f"{path.name}: expected a JSON list of records")
         return data
     records = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -56,16 +54,16 @@ def _records(path: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except ValueError as e:
-            raise DatasetError(f"{path.name} line {n} is not valid JSON: {e}") from None
+            raise BadInput(f"{path.name} line {n} is not valid JSON: {e}") from None
     return records
 
 
 def _require(record, n: int, path: Path, field: str, kind=str):
     if not isinstance(record, dict) or field not in record:
-        raise DatasetError(f"{path.name} record {n}: missing field {field!r}")
+        raise BadInput(f"{path.name} record {n}: missing field {field!r}")
     value = record[field]
     if not isinstance(value, kind):
-        raise DatasetError(f"{path.name} record {n}: field {field!r} must be a {kind.__name__}")
+        raise BadInput(f"{path.name} record {n}: field {field!r} must be a {kind.__name__}")
     return value
 
 
@@ -83,19 +81,19 @@ def conversations(path: Path, fmt: str) -> list[list[dict]]:
             msgs = _require(rec, n, path, "messages", list)
             for m in msgs:
                 if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                    raise DatasetError(f"{path.name} record {n}: every message needs 'role' and 'content'")
+                    raise BadInput(f"{path.name} record {n}: every message needs 'role' and 'content'")
             out.append([{"role": m["role"], "content": str(m["content"])} for m in msgs])
         else:
             turns = _require(rec, n, path, "conversations", list)
             msgs = []
             for t in turns:
                 if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or "value" not in t:
-                    raise DatasetError(f"{path.name} record {n}: ShareGPT turns need 'from' "
+                    raise BadInput(f"{path.name} record {n}: ShareGPT turns need 'from' "
                                        f"({'/'.join(SHAREGPT_ROLES)}) and 'value'")
                 msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": str(t["value"])})
             out.append(msgs)
         if not any(m["role"] == "assistant" for m in out[-1]):
-            raise DatasetError(f"{path.name} record {n}: no assistant turn to learn from")
+            raise BadInput(f"{path.name} record {n}: no assistant turn to learn from")
     return out
 
 
@@ -139,19 +137,19 @@ def encode_raw(tokenizer, text: str, cutoff_len: int, overlap: int) -> list[Samp
 def load_samples(path: Path, fmt: str, tokenizer, cutoff_len: int, overlap: int = 32) -> list[Sample]:
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"dataset not found: {path}")
+        raise NotFound(f"dataset not found: {path}")
     if fmt == "raw":
         text = path.read_text(encoding="utf-8")
         if not text.strip():
-            raise DatasetError(f"{path.name} is empty")
+            raise BadInput(f"{path.name} is empty")
         samples = encode_raw(tokenizer, text, cutoff_len, min(overlap, cutoff_len // 2))
     else:
         if path.suffix not in (".json", ".jsonl"):
-            raise DatasetError(f"{path.name}: {fmt} data must be a .json or .jsonl file")
+            raise BadInput(f"{path.name}: {fmt} data must be a .json or .jsonl file")
         samples = [encode_chat(tokenizer, c, cutoff_len) for c in conversations(path, fmt)]
     samples = [s for s in samples if s.trained_tokens > 0]
     if not samples:
-        raise DatasetError(f"{path.name}: no sample has any token to train on (is cutoff_len {cutoff_len} too short?)")
+        raise BadInput(f"{path.name}: no sample has any token to train on (is cutoff_len {cutoff_len} too short?)")
     return samples
 
 

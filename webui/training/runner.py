@@ -16,8 +16,10 @@ from pathlib import Path
 
 import yaml
 
+from webui.adapters.files import check_adapter_name
 from webui.config import TrainConfig
-from webui.training.trainer import CONFIG, METRICS, STOP, read_status, write_status
+from webui.errors import BadInput
+from webui.training.run_folder import CONFIG, METRICS, STOP, read_status, write_status
 
 ROOT = Path(__file__).resolve().parents[2]
 LOG = "log.txt"
@@ -61,13 +63,11 @@ class TrainingRunner:
         self.runs_dir, self.models_dir, self.loras_dir = Path(runs_dir), Path(models_dir), Path(loras_dir)
 
     def start(self, cfg: TrainConfig) -> Path:
-        from webui.adapters.files import check_adapter_name
-
         check_adapter_name(cfg.output, self.loras_dir)  # the run folder must stay inside runs/
         run = self.runs_dir / cfg.output
         view = self.view(cfg.output)
         if view.state in ("starting", "running", "stopping"):
-            raise RuntimeError(f"{cfg.output} is already training")
+            raise BadInput(f"{cfg.output} is already training")
         run.mkdir(parents=True, exist_ok=True)
         config_file = run / "requested.yaml"
         config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

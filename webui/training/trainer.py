@@ -18,102 +18,64 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from peft import get_peft_model
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from webui.config import ConfigError, TrainConfig
-from webui.training.data import DatasetError, load_samples, split, warnings_for
-
-STATUS, METRICS, STOP, CONFIG = "status.json", "metrics.jsonl", "STOP", "config.yaml"
-
-
-class TrainingError(RuntimeError):
-    """The run cannot start or failed; the message says why."""
-
-
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / STATUS).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_status(run_dir: Path, **fields) -> None:
-    path = run_dir / STATUS
-    current = read_status(run_dir)
-    current.update(fields, updated=time.time())
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current))
-    tmp.replace(path)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that was written completely (a kill -9 can leave a partial one behind)."""
-    done = []
-    for c in (run_dir / "checkpoints").glob("checkpoint-*"):
-        complete = (c / "trainer_state.json").is_file() and any(c.glob("adapter_model.*"))
-        if complete and c.name.split("-")[-1].isdigit():
-            done.append((int(c.name.split("-")[-1]), c))
-    return max(done)[1] if done else None
+from webui import embedded
+from webui.adapters.files import check_adapter_name
+from webui.backends.registry import backend_class, detect
+from webui.config import TrainConfig
+from webui.errors import BadInput, NotFound, Unsupported, first_line
+from webui.models import resolve_model_path
+from webui.training.data import load_samples, split, warnings_for
+from webui.training.run_folder import CONFIG, METRICS, STOP, latest_checkpoint, read_status, write_status
 
 
 def resolve_base(base_model: str, models_dir: Path) -> tuple[Path, str]:
     """(folder, id to record in the adapter) for the config's base_model."""
-    from webui import embedded
-    from webui.backends.base import ModelLoadError
-    from webui.models import resolve_model_path
-
     if not base_model:
         return embedded.ensure_transformers_folder(models_dir), f"HuggingFaceTB/{embedded.NAME}"
     try:
         path = resolve_model_path(base_model, models_dir)
-    except ModelLoadError:
+    except NotFound:
         if "/" in base_model and (models_dir / base_model.replace("/", "_")).is_dir():  # a downloaded hub id
             return models_dir / base_model.replace("/", "_"), base_model
         raise
     if not (path.is_dir() and (path / "config.json").is_file()):
-        raise TrainingError(f"base_model {base_model}: training needs a transformers or GPTQ model folder")
+        raise BadInput(f"base_model {base_model}: training needs a transformers or GPTQ model folder")
     return path, base_model
 
 
 def _load_model(path: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from webui.models import is_gptq_folder
-
+    """The base to train on, as the loader that claims it provides one (a GPTQ folder: QLoRA on GPTQModel's
+    trainable kernel), on CUDA when present; and its tokenizer."""
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     cuda = torch.cuda.is_available()
-    if is_gptq_folder(path):  # QLoRA: 4-bit weights, GPTQModel's trainable kernel, float32 activations
-        from webui.backends.gptq import load_quantized
-        model = load_quantized(path, "cuda" if cuda else "cpu", torch.float32, trainable=True)
-    else:
-        dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        if cuda:
-            model = model.to("cuda")
-    return model, tok
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    loader = backend_class(detect(path))
+    return loader, loader.training_model(path, "cuda" if cuda else "cpu", dtype), tok
 
 
 def prepare(cfg: TrainConfig, models_dir: Path, loras_dir: Path, runs_dir: Path):
     """Everything that can fail fast, before any training: output name, base, dataset. Returns
-    (run_dir, base_path, base_id, tokenizer-free sample loader) or raises TrainingError."""
-    from webui.adapters.files import AdapterError, check_adapter_name
-
+    (run_dir, base_path, base_id, tokenizer-free sample loader) or raises BadInput."""
     try:
         check_adapter_name(cfg.output, loras_dir)
-    except AdapterError as e:
-        raise TrainingError(f"output: {e}") from None
+    except BadInput as e:
+        raise BadInput(f"output: {e}") from None
     run_dir = runs_dir / cfg.output
     resuming = run_dir.is_dir() and (run_dir / CONFIG).is_file()
     if (loras_dir / cfg.output).exists() and not resuming:
-        raise TrainingError(f"output: an adapter named {cfg.output!r} already exists in {loras_dir}; "
+        raise BadInput(f"output: an adapter named {cfg.output!r} already exists in {loras_dir}; "
                             "pick another name (re-running a run of ours resumes it)")
     if resuming:
         previous = TrainConfig.from_dict(yaml.safe_load((run_dir / CONFIG).read_text()))
         if previous.lora != cfg.lora or previous.base_model != cfg.base_model:
-            raise TrainingError(f"runs/{cfg.output} holds a run with other LoRA settings or base; "
+            raise BadInput(f"runs/{cfg.output} holds a run with other LoRA settings or base; "
                                 "pick another output name or delete that run folder")
     base_path, base_id = resolve_base(cfg.base_model, models_dir)
     return run_dir, base_path, base_id
@@ -123,7 +85,6 @@ class _TokenCountingCollator:
     """Pads batches (labels with -100) and counts the real tokens, for the tokens/s metric."""
 
     def __init__(self, tokenizer):
-        from transformers import DataCollatorForSeq2Seq
         self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
         self.tokens = 0
 
@@ -133,8 +94,6 @@ class _TokenCountingCollator:
 
 
 def _callback(run_dir: Path, collator: _TokenCountingCollator):
-    from transformers import TrainerCallback
-
     class Progress(TrainerCallback):
         def __init__(self):
             self.last_time, self.last_tokens = time.time(), 0
@@ -167,32 +126,25 @@ def _callback(run_dir: Path, collator: _TokenCountingCollator):
 def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path = Path("loras"),
           runs_dir: Path = Path("runs"), log=print) -> Path | None:
     """Run (or resume) training; returns the adapter folder when finished, None when stopped."""
-    import torch
-    from peft import get_peft_model
-    from transformers import Trainer, TrainingArguments
-
     models_dir, loras_dir, runs_dir = Path(models_dir), Path(loras_dir), Path(runs_dir)
     run_dir, base_path, base_id = prepare(cfg, models_dir, loras_dir, runs_dir)
     if (loras_dir / cfg.output).exists() and read_status(run_dir).get("state") == "done":
         log(f"{cfg.output} is already trained: {loras_dir / cfg.output}")
         return loras_dir / cfg.output
-    model, tok = _load_model(base_path)
+    loader, model, tok = _load_model(base_path)
     try:
         samples = load_samples(Path(cfg.dataset.path), cfg.dataset.format, tok, cfg.training.cutoff_len,
                                cfg.dataset.overlap)
-    except DatasetError as e:
-        raise TrainingError(f"dataset: {e}") from None
+    except BadInput as e:
+        raise BadInput(f"dataset: {e}") from None
     for note in warnings_for(samples, cfg.training.cutoff_len):
         log(f"warning: {note}")
     train_set, eval_set = split(samples, cfg.dataset.eval_fraction, cfg.training.seed)
     try:
-        lora_config = cfg.lora.peft_config()
-        if getattr(model, "quantization_method", None) == "gptq":  # all-linear → the quantized layers' names
-            from webui.backends.gptq import expand_all_linear
-            lora_config = expand_all_linear(lora_config, model)
+        lora_config = loader.training_lora_config(cfg.lora.peft_config(), model)
         peft_model = get_peft_model(model, lora_config)
-    except (ValueError, TypeError, ConfigError) as e:
-        raise TrainingError(f"lora: {e}") from None
+    except (ValueError, TypeError) as e:  # BadInput is a ValueError too
+        raise BadInput(f"lora: {e}") from None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -221,12 +173,12 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
                           eval_dataset=as_dicts(eval_set) or None, data_collator=collator,
                           callbacks=[_callback(run_dir, collator)])
     except (ValueError, TypeError) as e:  # e.g. a base whose quantization cannot be trained
-        write_status(run_dir, state="failed", message=str(e).splitlines()[0])
-        raise TrainingError(str(e).splitlines()[0]) from None
+        write_status(run_dir, state="failed", message=first_line(e))
+        raise Unsupported(first_line(e)) from None
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as e:
-        write_status(run_dir, state="failed", message=str(e).splitlines()[0] if str(e) else repr(e))
+        write_status(run_dir, state="failed", message=first_line(e))
         raise
     if (run_dir / STOP).exists():
         (run_dir / STOP).unlink(missing_ok=True)

@@ -9,17 +9,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from webui.backends.base import UnsupportedOperation
-from webui.adapters.files import AdapterError
-from webui.config import ConfigError
-from webui.extensions import Extensions
 from webui.conversations import list_conversations, load_conversation, save_conversation
-from webui.engine import Engine, NoModelLoaded
+from webui.engine import Engine
+from webui.errors import LoraDeckError, ui_message
+from webui.extensions import Extensions
 from webui.ui.compare import CompareBox
 from webui.ui.status import model_line
 
 log = logging.getLogger(__name__)
-ADAPTER_ERRORS = (AdapterError, UnsupportedOperation)
 
 
 def message_text(content) -> str:
@@ -100,7 +97,7 @@ class ChatTab:
             history[-1]["content"] = self.extensions.output(text, state)
             yield history, self._answered(adapters, state)
         except Exception as e:  # shown in the page; the chat and the model stay usable
-            if not isinstance(e, (NoModelLoaded, UnsupportedOperation, ConfigError)):
+            if not isinstance(e, LoraDeckError):
                 log.exception("generation failed")
             gr.Warning(str(e))
             if not message_text(history[-1]["content"]):
@@ -117,7 +114,7 @@ class ChatTab:
             prompt = self.engine.chat_prompt(messages)
             if adapters:
                 self.engine.prepare_adapters(list(adapters))
-        except (NoModelLoaded, ConfigError, *ADAPTER_ERRORS) as e:
+        except LoraDeckError as e:
             gr.Warning(str(e))
             history[-1]["content"] = f"*{e}*"
             yield history, gr.update()
@@ -135,7 +132,7 @@ class ChatTab:
                 return
             try:
                 params = params_tab.params_from(values)
-            except ConfigError as e:
+            except LoraDeckError as e:
                 gr.Warning(str(e))
                 yield message, history, gr.update()
                 return
@@ -163,7 +160,7 @@ class ChatTab:
                 return
             try:
                 prompt = self.engine.chat_prompt(to_messages(history, system), add_generation_prompt=False)
-            except NoModelLoaded as e:
+            except LoraDeckError as e:
                 gr.Warning(str(e))
                 yield history, gr.update()
                 return
@@ -201,15 +198,15 @@ class ChatTab:
                 path = save_conversation(self.conversations_dir, name, to_messages(history or [], ""), system,
                                          model=(self.engine.loaded.name if self.engine.loaded else ""),
                                          adapters=self.engine.active_adapters)
-            except ConfigError as e:
-                return f"⚠️ {e}", gr.update()
+            except LoraDeckError as e:
+                return ui_message(e), gr.update()
             return f"Saved **{path.stem}**.", gr.update(choices=list_conversations(self.conversations_dir), value=path.stem)
 
         def load(name):
             try:
                 data = load_conversation(self.conversations_dir, name or "")
-            except ConfigError as e:
-                return f"⚠️ {e}", gr.update(), gr.update()
+            except LoraDeckError as e:
+                return ui_message(e), gr.update(), gr.update()
             note = f"Loaded **{data['name']}** (answered by {data.get('model') or '?'}"
             note += f" with {', '.join(data['adapters'])})." if data.get("adapters") else ")."
             return note, data["messages"], data.get("system", "")

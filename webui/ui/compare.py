@@ -8,7 +8,7 @@ import html
 import gradio as gr
 
 from webui.engine import Engine
-from webui.ui.lora_panel import USER_ERRORS
+from webui.errors import LoraDeckError, ui_message
 
 
 def _cards(results: dict[str, str | None]) -> str:
@@ -45,8 +45,8 @@ class CompareBox:
                     [{"role": "user", "content": prompt}]
                 text = self.engine.chat_prompt(messages)
                 self.engine.prepare_adapters(list(chosen or []))
-            except USER_ERRORS as e:
-                yield f"<p>⚠️ {html.escape(str(e))}</p>"
+            except LoraDeckError as e:
+                yield f"<p>{html.escape(ui_message(e))}</p>"
                 return
             handles = {"base": self.engine.scheduler.submit(text, params, {})}
             handles.update({n: self.engine.scheduler.submit(text, params, {n: 1.0}) for n in chosen or []})

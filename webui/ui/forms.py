@@ -1,14 +1,15 @@
-"""Form controls generated from the option dataclasses of webui.config: a Literal becomes a dropdown, a
-bool a checkbox, a number a number box with its range, anything else a text box — labels, defaults and
+"""Form controls generated from the option dataclasses of webui.config: a field with choices (a Literal, or
+choices in its metadata such as the registered loaders) becomes a dropdown, a bool a checkbox, a number a number box with its range, anything else a text box — labels, defaults and
 help texts all come from the dataclass, and `parse` turns the UI values back into dataclass fields by name.
 """
 from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Literal, get_args, get_origin
 
 import gradio as gr
+
+from webui.config import choices_of
 
 
 def _default(f: dataclasses.Field):
@@ -28,8 +29,8 @@ def control(cls, name: str, elem_prefix: str, value=None):
     hint = typing.get_type_hints(cls)[name]
     value = _default(f) if value is None else value
     common = dict(label=name, info=f.metadata.get("help", ""), elem_id=f"{elem_prefix}-{name}")
-    if get_origin(hint) is Literal:
-        return gr.Dropdown(list(get_args(hint)), value=value, **common)
+    if choices_of(cls, name) is not None:
+        return gr.Dropdown(list(choices_of(cls, name)), value=value, **common)
     if hint is bool:
         return gr.Checkbox(value=bool(value), **common)
     if hint in (int, float):
@@ -41,7 +42,7 @@ def control(cls, name: str, elem_prefix: str, value=None):
 def update(cls, name: str, value):
     """A gr.update that shows `value` in the control made by `control`."""
     hint = typing.get_type_hints(cls)[name]
-    if get_origin(hint) is Literal or hint in (bool, int, float):
+    if choices_of(cls, name) is not None or hint in (bool, int, float):
         return gr.update(value=value)
     return gr.update(value=_text(value))
 
@@ -66,7 +67,7 @@ def parse(cls, names: list[str], values) -> dict:
     out = {}
     for name, value in zip(names, values):
         hint = hints[name]
-        if get_origin(hint) is Literal or hint is bool:
+        if choices_of(cls, name) is not None or hint is bool:
             out[name] = value
         elif hint is int:
             out[name] = int(value) if value is not None else _default(cls.__dataclass_fields__[name])

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from webui.adapters.files import AdapterError
 from webui.adapters.peft_stack import COMBINATIONS
-from webui.backends.base import ModelLoadError, UnsupportedOperation
-from webui.engine import Engine, NoModelLoaded
+from webui.engine import Engine
+from webui.errors import LoraDeckError, NoModelLoaded, ui_message
+from webui.export.run import export_model
+from webui.hub.fetch import download, fetch_adapter
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (AdapterError, UnsupportedOperation, NoModelLoaded, ModelLoadError, FileExistsError, ValueError)
 BADGES = {"ok": '<b style="color:#15803d">● ok</b>', "warnings": '<b style="color:#b45309">● warnings</b>',
           "incompatible": '<b style="color:#b91c1c">● incompatible</b>'}
 
@@ -31,7 +31,7 @@ def _summary(engine: Engine, name: str) -> tuple[str, str]:
     """(badge line, details markdown) for one adapter."""
     try:
         r = engine.adapter_report(name)
-    except AdapterError as e:
+    except LoraDeckError as e:
         return f"{BADGES['incompatible']} (broken) — {e}", f"`{e}`"
     leaves = sorted({t.rsplit(".", 1)[-1] for t in r.targets})  # PEFT may save full module paths
     line = f"{BADGES[r.verdict]} · r={r.rank} α={r.alpha:g} · {', '.join(leaves)} · {r.size_bytes / 1e6:.2f} MB"
@@ -106,9 +106,9 @@ class LoraPanel:
             try:
                 active = self.engine.set_adapters(wanted)
                 msg = "Active: " + (", ".join(f"**{k}** × {v:g}" for k, v in active.items()) or "none (plain base)")
-            except USER_ERRORS as e:
+            except LoraDeckError as e:
                 active = self.engine.active_adapters
-                msg = f"⚠️ {e}"
+                msg = ui_message(e)
             return [msg, *[gr.update(value=nm in active) for nm in names]]
 
         io = dict(inputs=[*boxes, *sliders], outputs=[self.message, *boxes])
@@ -125,11 +125,11 @@ class LoraPanel:
             def run(*args, **kwargs):
                 try:
                     return fn(*args, **kwargs)
-                except USER_ERRORS as e:
-                    return f"⚠️ {e}"
+                except LoraDeckError as e:
+                    return ui_message(e)
                 except Exception as e:  # unexpected: logged, still shown, the app goes on
                     log.exception("LoRA panel action failed")
-                    return f"⚠️ {type(e).__name__}: {e}"
+                    return ui_message(e)
             return run
 
         @guarded
@@ -149,8 +149,6 @@ class LoraPanel:
 
         @guarded
         def export(fmt, name, progress=gr.Progress()):
-            from webui.export import export_model
-
             name = (name or "").strip()
             if not name or "/" in name or name.startswith("."):
                 return "⚠️ give the export a plain name (it is written into the models folder)"
@@ -172,19 +170,13 @@ class LoraPanel:
 
         @guarded
         def fetch(source, adapter_id, progress=gr.Progress()):
-            from webui.hub.download import DownloadError, download
-            from webui.hub.sources import fetch_adapter
-
             adapter_id = (adapter_id or "").strip()
             report = lambda f, msg: progress(f if f is not None else 0, desc=msg)  # noqa: E731
-            try:
-                if source == "local":  # copied into the adapters folder, so it is listed and kept
-                    path = download(adapter_id, lora_dir=self.engine.loras_dir, model_dir=self.models_dir,
-                                    require_lora=True, progress=report)
-                else:
-                    path = fetch_adapter(adapter_id, source, self.engine.loras_dir, report)
-            except DownloadError as e:
-                return f"⚠️ {e}"
+            if source == "local":  # copied into the adapters folder, so it is listed and kept
+                path = download(adapter_id, lora_dir=self.engine.loras_dir, model_dir=self.models_dir,
+                                require_lora=True, progress=report)
+            else:
+                path = fetch_adapter(adapter_id, source, self.engine.loras_dir, report)
             return f"Got **{path.name}**: it is in the list now."
 
         def act(button, fn, inputs=()):

@@ -9,37 +9,30 @@ from pathlib import Path
 
 import gradio as gr
 
-from webui.backends import available_loaders, backend_class
-from webui.backends.base import ModelLoadError
-from webui.config import ModelSpec, choices_of
+from webui import embedded
+from webui.backends import registry
+from webui.config import ModelSpec
 from webui.engine import Engine
+from webui.errors import LoraDeckError, ui_message
+from webui.hub.download import plan
+from webui.hub.fetch import download as fetch
+from webui.ui import forms
 from webui.ui.lora_panel import LoraPanel
 from webui.ui.status import adapters_text
 
-EMBEDDED = "(embedded) SmolLM2-135M-Instruct"
-SETTING_FIELDS = ("dtype", "device", "n_ctx", "n_threads", "n_gpu_layers")
+EMBEDDED = f"(embedded) {embedded.NAME}"
 
 
-def _help(name: str) -> str:
-    return ModelSpec.__dataclass_fields__[name].metadata["help"]
-
-
-def _setting(name: str):
-    f = ModelSpec.__dataclass_fields__[name]
-    choices = choices_of(ModelSpec, name)
-    if choices:
-        return gr.Dropdown(list(choices), value=f.default, label=name, info=_help(name), elem_id=f"setting-{name}")
-    return gr.Number(value=f.default, label=name, info=_help(name), precision=0, elem_id=f"setting-{name}")
+def setting_fields() -> tuple[str, ...]:
+    """Every installed loader's settings, in registry order, each once."""
+    return tuple(dict.fromkeys(s for name in registry.available() for s in registry.backend_class(name).settings))
 
 
 def settings_for(loader: str) -> set[str]:
     """Which settings a loader uses; `auto` shows them all (the loader is picked per model)."""
     if loader == "auto":
-        return set(SETTING_FIELDS)
-    try:
-        return set(backend_class(loader).SETTINGS)
-    except ModelLoadError:
-        return set()
+        return set(setting_fields())
+    return set(registry.backend_class(loader).settings)
 
 
 class ModelTab:
@@ -50,9 +43,10 @@ class ModelTab:
                                      elem_id="model-select", scale=4, allow_custom_value=True)
             self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="model-refresh")
         with gr.Row():
-            self.loader = gr.Dropdown(choices=["auto", *available_loaders()], value="auto", label="Loader",
-                                      info=_help("loader"), elem_id="model-loader")
-            self.settings = {name: _setting(name) for name in SETTING_FIELDS}
+            self.loader = gr.Dropdown(choices=["auto", *registry.available()], value="auto", label="Loader",
+                                      info=ModelSpec.__dataclass_fields__["loader"].metadata["help"],
+                                      elem_id="model-loader")
+            self.settings = {name: forms.control(ModelSpec, name, "setting") for name in setting_fields()}
         with gr.Row():
             self.load = gr.Button("Load", variant="primary", elem_id="model-load")
             self.unload = gr.Button("Unload", elem_id="model-unload")
@@ -89,14 +83,12 @@ class ModelTab:
         settings = list(self.settings.values())
 
         def load(model, loader, *values, progress=gr.Progress()):
-            fields = {name: v for name, v in zip(SETTING_FIELDS, values)}
-            for name in ("n_ctx", "n_threads", "n_gpu_layers"):
-                fields[name] = int(fields[name])
             try:
+                fields = forms.parse(ModelSpec, list(self.settings), values)
                 spec = ModelSpec(model="" if model == EMBEDDED else (model or ""), loader=loader, **fields)
                 result = self.engine.load(spec, progress=lambda f, msg: progress(f if f is not None else 0, desc=msg))
-            except (ModelLoadError, ValueError) as e:
-                return self.describe(f"⚠️ **Load failed:** {e}")
+            except LoraDeckError as e:
+                return self.describe(ui_message(e))
             return self.describe(f"✅ Loaded in {result.seconds:.1f} s.")
 
         def unload():
@@ -105,31 +97,26 @@ class ModelTab:
 
         def show_settings(loader):
             wanted = settings_for(loader)
-            return [gr.update(visible=name in wanted) for name in SETTING_FIELDS]
+            return [gr.update(visible=name in wanted) for name in self.settings]
 
         def list_files(repo, file):
-            from webui.hub.download import DownloadError, plan
-
             try:
                 p = plan(repo.strip(), specific_files=[file.strip()] if file and file.strip() else (),
                          model_dir=self.models_dir, lora_dir=self.engine.loras_dir)
-            except DownloadError as e:
-                return f"⚠️ {e}"
+            except LoraDeckError as e:
+                return ui_message(e)
             rows = "\n".join(f"| `{f.path}` | {f.size / 1e6:.1f} MB |" for f in p.files)
             kind = "LoRA adapter" if p.is_lora else "model"
             notes = "".join(f"\n\n{n}" for n in p.notes)
             return f"**{p.repo}** @ {p.branch} ({kind}) → `{p.dest}`\n\n| file | size |\n|---|---|\n{rows}{notes}"
 
         def download(repo, file, progress=gr.Progress()):
-            from webui.hub.download import DownloadError
-            from webui.hub.download import download as fetch
-
             try:
                 path = fetch(repo.strip(), specific_files=[file.strip()] if file and file.strip() else (),
                              model_dir=self.models_dir, lora_dir=self.engine.loras_dir,
                              progress=lambda f, msg: progress(f if f is not None else 0, desc=msg))
-            except DownloadError as e:
-                return f"⚠️ {e}", gr.update()
+            except LoraDeckError as e:
+                return ui_message(e), gr.update()
             return f"✅ Downloaded to `{path}`.", gr.update(choices=self._choices())
 
         self.refresh.click(lambda: gr.update(choices=self._choices()), outputs=self.model)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from webui.config import ConfigError, GenerationParams
+from webui.config import GenerationParams
+from webui.errors import LoraDeckError, ui_message
 from webui.presets import list_presets, load_preset, save_preset
 
 FIELDS = [f for f in dataclasses.fields(GenerationParams)]
@@ -61,7 +62,7 @@ class ParametersTab:
         if self._initial_name:
             try:
                 return load_preset(self.presets_dir, self._initial_name)
-            except ConfigError:
+            except LoraDeckError:
                 self._initial_name = None
         return GenerationParams()
 
@@ -71,7 +72,7 @@ class ParametersTab:
         return [gr.update(visible=caps is None or f.name in caps.samplers) for f in FIELDS]
 
     def params_from(self, values) -> GenerationParams:
-        """The UI values (in FIELDS order) → GenerationParams; bad values raise ConfigError naming the field."""
+        """The UI values (in FIELDS order) → GenerationParams; bad values raise BadInput naming the field."""
         data = {}
         for f, v in zip(FIELDS, values):
             if f.name == "stop":
@@ -85,15 +86,15 @@ class ParametersTab:
                 return [gr.update()] * len(FIELDS) + [""]
             try:
                 p = load_preset(self.presets_dir, name)
-            except ConfigError as e:
-                return [gr.update()] * len(FIELDS) + [f"⚠️ {e}"]
+            except LoraDeckError as e:
+                return [gr.update()] * len(FIELDS) + [ui_message(e)]
             return [_to_ui(f.name, getattr(p, f.name)) for f in FIELDS] + [f"Loaded preset **{name}**."]
 
         def save(name, *values):
             try:
                 path = save_preset(self.presets_dir, (name or "").strip(), self.params_from(values))
-            except ConfigError as e:
-                return gr.update(), f"⚠️ {e}"
+            except LoraDeckError as e:
+                return gr.update(), ui_message(e)
             return gr.update(choices=list_presets(self.presets_dir), value=path.stem), f"Saved **{path.name}**."
 
         self.preset.change(apply, inputs=self.preset, outputs=[*self.inputs, self.notice])

@@ -1,5 +1,5 @@
 """The Training tab: a short form (base, dataset with a preview, the main LoRA and training options;
-every other option of the seeds one fold away), Start / Stop, live progress (step, ETA, tokens/s), a loss
+every other option one fold away), Start / Stop, live progress (step, ETA, tokens/s), a loss
 chart (train and eval) and the run's log, import/export of the YAML config, and — when the run is done —
 one click to apply the new adapter in the chat (a hot-swap: the base is not reloaded). Runs are child
 processes (webui.training.runner); a reloaded page re-attaches to the run that is going on.
@@ -11,13 +11,18 @@ import shutil
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 import yaml
+from transformers import AutoTokenizer
 
-from webui.config import ConfigError, DatasetConfig, LoraTrainConfig, TrainConfig, TrainingParams
+from webui.config import DatasetConfig, LoraTrainConfig, TrainConfig, TrainingParams
 from webui.engine import Engine
+from webui.errors import BadInput, LoraDeckError, ui_message
+from webui.training.data import load_samples, warnings_for
+from webui.training.data import preview as preview_samples
 from webui.training.runner import TrainingRunner
+from webui.training.trainer import resolve_base
 from webui.ui import forms
-from webui.ui.lora_panel import USER_ERRORS
 
 EMBEDDED = "(embedded) SmolLM2-135M-Instruct"
 LORA_MAIN = ["r", "lora_alpha", "lora_dropout", "target_modules"]
@@ -28,8 +33,6 @@ DATA_FIELDS = ["path", "format", "eval_fraction", "overlap"]
 
 
 def _chart(metrics: list[dict]):
-    import pandas as pd
-
     rows = [{"step": m["step"], "loss": m["loss"], "series": "train"} for m in metrics if "loss" in m]
     rows += [{"step": m["step"], "loss": m["eval_loss"], "series": "eval"} for m in metrics if "eval_loss" in m]
     return pd.DataFrame(rows or [{"step": 0, "loss": None, "series": "train"}])
@@ -123,10 +126,10 @@ class TrainingTab:
             try:
                 cfg = self.config_from(values)
                 if cfg.output in self.engine.active_adapters:
-                    raise ConfigError(f"{cfg.output} is in use in the chat; remove it there or pick another name")
+                    raise BadInput(f"{cfg.output} is in use in the chat; remove it there or pick another name")
                 self.runner.start(cfg)
-            except (*USER_ERRORS, ConfigError, RuntimeError) as e:
-                return gr.update(), f"⚠️ {e}"
+            except LoraDeckError as e:
+                return gr.update(), ui_message(e)
             return cfg.output, f"Started **{cfg.output}**…"
 
         def stop(name):
@@ -136,20 +139,16 @@ class TrainingTab:
             return f"Stopped **{name}** (checkpoint saved): Start again with the same name to resume."
 
         def preview(*values):
-            from webui.training.data import DatasetError, load_samples, preview, warnings_for
-            from webui.training.trainer import resolve_base
-
             try:
                 cfg = self.config_from(values)
-                from transformers import AutoTokenizer
                 base, _ = resolve_base(cfg.base_model, self.engine.models_dir)
                 tok = AutoTokenizer.from_pretrained(str(base))
                 samples = load_samples(Path(cfg.dataset.path), cfg.dataset.format, tok, cfg.training.cutoff_len,
                                        cfg.dataset.overlap)
-            except (*USER_ERRORS, ConfigError, DatasetError) as e:
-                return f"⚠️ {e}"
+            except LoraDeckError as e:
+                return ui_message(e)
             notes = "".join(f"⚠️ {n}\n" for n in warnings_for(samples, cfg.training.cutoff_len))
-            return f"{len(samples)} samples.\n{notes}\n{preview(tok, samples)}"
+            return f"{len(samples)} samples.\n{notes}\n{preview_samples(tok, samples)}"
 
         def upload(path):
             if not path:
@@ -163,14 +162,14 @@ class TrainingTab:
         def to_yaml(*values):
             try:
                 return yaml.safe_dump(self.config_from(values).to_dict(), sort_keys=False)
-            except (ConfigError, ValueError) as e:
-                return f"# ⚠️ {e}"
+            except LoraDeckError as e:
+                return f"# {ui_message(e)}"
 
         def from_yaml(text):
             try:
                 cfg = TrainConfig.from_dict(yaml.safe_load(text or ""))
-            except (ConfigError, yaml.YAMLError) as e:
-                return [gr.update()] * len(self.inputs) + [f"⚠️ {e}"]
+            except (LoraDeckError, yaml.YAMLError) as e:
+                return [gr.update()] * len(self.inputs) + [ui_message(e)]
             return self.form_from(cfg) + ["Form filled from the YAML."]
 
         def apply(name):
@@ -179,8 +178,8 @@ class TrainingTab:
                 return "⚠️ no finished run to apply yet"
             try:
                 active = self.engine.set_adapters({name: 1.0})
-            except USER_ERRORS as e:
-                return f"⚠️ {e}"
+            except LoraDeckError as e:
+                return ui_message(e)
             return f"**{name}** is answering in the Chat tab now ({', '.join(active)})."
 
         def attach(current):

@@ -15,9 +15,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
+from transformers import AutoTokenizer
 
 from webui.adapters.gguf_lora import PERMUTED_ARCHS, NameMap, gguf_module, permute_rows
-from webui.backends.base import UnsupportedOperation
+from webui.errors import Unsupported
 
 # transformers model_type -> GGUF architecture, as llama.cpp's converter writes them (Mistral without a
 # sliding window is a Llama to llama.cpp). q/k rows are permuted for the GGUF archs in PERMUTED_ARCHS.
@@ -34,16 +36,14 @@ def _check_rope(cfg: dict) -> None:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind not in ("default", None):
-        raise UnsupportedOperation(f"rope scaling {kind!r} is not written to GGUF by this converter")
+        raise Unsupported(f"rope scaling {kind!r} is not written to GGUF by this converter")
 
 
 def _weights(folder: Path):
     """(name, float32 numpy array) of every tensor in the folder's safetensors files."""
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise UnsupportedOperation(f"{folder.name}: no safetensors weights to convert")
+        raise Unsupported(f"{folder.name}: no safetensors weights to convert")
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
@@ -54,12 +54,12 @@ def _add_tokenizer(writer, folder: Path, n_vocab: int) -> None:
     gguf = gguf_module()
     tj_file = folder / "tokenizer.json"
     if not tj_file.is_file():
-        raise UnsupportedOperation(f"{folder.name}: no tokenizer.json (only fast byte-level BPE tokenizers convert)")
+        raise Unsupported(f"{folder.name}: no tokenizer.json (only fast byte-level BPE tokenizers convert)")
     tj = json.loads(tj_file.read_text(encoding="utf-8"))
     model, pre = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or (tj.get("decoder") or {}).get("type") != "ByteLevel" \
             or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
-        raise UnsupportedOperation(f"{folder.name}: only GPT-2 style byte-level BPE tokenizers are written to GGUF "
+        raise Unsupported(f"{folder.name}: only GPT-2 style byte-level BPE tokenizers are written to GGUF "
                                    "here")
     # gguf's BpeVocab marks special tokens that are also in the BPE vocab as NORMAL; llama.cpp needs
     # them CONTROL to parse "<|im_start|>" as one token and to hide it in output, so the list is built here.
@@ -85,8 +85,6 @@ def _add_tokenizer(writer, folder: Path, n_vocab: int) -> None:
 
 def _adds_bos(folder: Path) -> bool:
     """Whether the HF tokenizer puts BOS in front of plain text (so llama.cpp does the same)."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     ids = tok("a")["input_ids"]
     return tok.bos_token_id is not None and len(ids) > len(tok("a", add_special_tokens=False)["input_ids"]) \
@@ -101,13 +99,13 @@ def hf_to_gguf(folder: Path, out: Path, ftype: str = "F32", name: str | None = N
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model_type = cfg.get("model_type", "")
     if model_type not in SUPPORTED:
-        raise UnsupportedOperation(f"{folder.name}: writing a {model_type or 'unknown'} model to GGUF is not supported "
+        raise Unsupported(f"{folder.name}: writing a {model_type or 'unknown'} model to GGUF is not supported "
                                    f"(supported: {', '.join(SUPPORTED)})")
     if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
-        raise UnsupportedOperation(f"{folder.name}: sliding-window attention is not written to GGUF by this converter")
+        raise Unsupported(f"{folder.name}: sliding-window attention is not written to GGUF by this converter")
     _check_rope(cfg)
     if ftype not in ("F32", "F16"):
-        raise UnsupportedOperation(f"hf_to_gguf writes F32 or F16, not {ftype}")
+        raise Unsupported(f"hf_to_gguf writes F32 or F16, not {ftype}")
     n_layers, n_head = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
     n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
     hidden = int(cfg["hidden_size"])
@@ -141,7 +139,7 @@ def hf_to_gguf(folder: Path, out: Path, ftype: str = "F32", name: str | None = N
         module, _, suffix = key.rpartition(".")
         gname = names.to_gguf(module)
         if gname is None or suffix not in ("weight", "bias"):
-            raise UnsupportedOperation(f"{folder.name}: tensor {key} has no GGUF name for the {arch} architecture")
+            raise Unsupported(f"{folder.name}: tensor {key} has no GGUF name for the {arch} architecture")
         if arch in PERMUTED_ARCHS and gname.endswith(".attn_q"):
             w = permute_rows(w, n_head, n_head)
         elif arch in PERMUTED_ARCHS and gname.endswith(".attn_k"):

@@ -1,8 +1,8 @@
 """Tiny offline models for tests and benchmarks: random weights, 2 layers, hidden size 32, and a byte-level
 BPE tokenizer trained in-process (well under a second) with a ChatML chat template. One builder per
-architecture of seed 000's table that transformers ships (Qwen v1 needs remote code and is left out).
+architecture of LoRAX's supported-architecture table that transformers ships (Qwen v1 needs remote code and is left out).
 
-    python -m tests.tiny_models OUT_DIR      # writes OUT_DIR/tiny-<arch>/ for every architecture
+    python -m webui.testing.tiny_models OUT_DIR     # writes OUT_DIR/tiny-<arch>/ for every architecture
 """
 from __future__ import annotations
 

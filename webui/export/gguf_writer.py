@@ -1,7 +1,7 @@
 """Export to GGUF: merge adapters into a base and write a GGUF that llama.cpp loads with no adapter.
 
 - A transformers base: the adapters are merged by the safetensors export (PEFT's merge, on a private
-  float copy), the merged folder is written as an F32 GGUF (webui.adapters.gguf_convert), then quantized.
+  float copy), the merged folder is written as an F32 GGUF (webui/export/hf_to_gguf.py), then quantized.
 - A GGUF base (the embedded SmolLM2, any .gguf): each weight is dequantized with `gguf.quants`, the LoRA
   delta sum_i w_i * scale_i * B_i A_i is added (q/k rows permuted as the base's), and a new F32 GGUF is
   written with every metadata key of the base (tokenizer, chat template, hyper-parameters), then quantized.
@@ -25,7 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from webui.backends.base import Progress, UnsupportedOperation, no_progress
+from webui import models
+from webui.adapters.files import load_weights, locate_adapter, read_adapter
+from webui.adapters.gguf_lora import lora_pairs, read_base
+from webui.adapters.inspect import inspect_adapter
+from webui.errors import BadInput, Incompatible, Unsupported
+from webui.export.hf_to_gguf import hf_to_gguf
+from webui.export.merged import export_safetensors
+from webui.progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +48,10 @@ def default_quant(parameters: int) -> str:
 
 def quantize(src: Path, dst: Path, quant: str) -> None:
     """llama.cpp's quantizer, from an F32/F16 GGUF to `quant`."""
-    import llama_cpp
+    import llama_cpp  # optional, compiled: only quantizing needs it
 
     if quant not in QUANTS:
-        raise UnsupportedOperation(f"--quant {quant!r} is not one of: {', '.join(QUANTS)}")
+        raise Unsupported(f"--quant {quant!r} is not one of: {', '.join(QUANTS)}")
     if quant == "F32":
         shutil.copyfile(src, dst)
         return
@@ -54,11 +61,11 @@ def quantize(src: Path, dst: Path, quant: str) -> None:
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
     params.nthread = os.cpu_count() or 1
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
-        raise UnsupportedOperation(f"llama.cpp could not quantize {src.name} to {quant}")
+        raise Unsupported(f"llama.cpp could not quantize {src.name} to {quant}")
 
 
 def _dequantized(t) -> np.ndarray:
-    from gguf import quants
+    from gguf import quants  # heavy: imported when a GGUF is written
 
     shape = tuple(int(n) for n in reversed(t.shape))
     return quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
@@ -67,12 +74,10 @@ def _dequantized(t) -> np.ndarray:
 def adapter_deltas(base, adapters: list[tuple]) -> dict[str, np.ndarray]:
     """{GGUF tensor name: sum_i w_i * scale_i * B_i @ A_i} in the base's GGUF layout.
     `adapters`: (AdapterFiles, state, weight, ignored targets)."""
-    from webui.adapters.gguf_lora import lora_pairs
-
     deltas: dict[str, np.ndarray] = {}
     for files, state, weight, ignored in adapters:
         if files.format == "gguf":
-            raise UnsupportedOperation(f"{files.name}: merging a GGUF LoRA file is not supported; export from its "
+            raise Unsupported(f"{files.name}: merging a GGUF LoRA file is not supported; export from its "
                                        "PEFT folder")
         for gname, a, b, scale in lora_pairs(files, state, base, ignored):
             delta = (weight * scale) * (b.astype(np.float64) @ a.astype(np.float64))
@@ -83,7 +88,7 @@ def adapter_deltas(base, adapters: list[tuple]) -> dict[str, np.ndarray]:
 def merge_into_gguf(reader, deltas: dict[str, np.ndarray], out: Path, progress: Progress = no_progress) -> dict:
     """Write the GGUF `reader` reads as an F32 GGUF with `deltas` added to their weights, keeping all of its
     metadata. Returns the changed tensors' original (dequantized) weights."""
-    import gguf
+    import gguf  # heavy: imported when a GGUF is written
 
     originals = {}
     arch = reader.fields["general.architecture"].contents()
@@ -101,7 +106,7 @@ def merge_into_gguf(reader, deltas: dict[str, np.ndarray], out: Path, progress: 
             originals[gname] = data
             data = data + deltas[gname]
             if not np.isfinite(data).all():
-                raise UnsupportedOperation(f"merge refused: non-finite values in {t.name}")
+                raise Unsupported(f"merge refused: non-finite values in {t.name}")
         writer.add_tensor(t.name, np.ascontiguousarray(data))
         if i % 50 == 0:
             progress(None, f"merged {i}/{len(reader.tensors)} tensors")
@@ -116,7 +121,7 @@ def kept_fraction(exported: Path, originals: dict[str, np.ndarray], deltas: dict
     """How much of the adapter's change the exported file keeps: the projection of (exported weights −
     base quantized the same way) on the intended delta, over all changed tensors (1 = all of it).
     Where numpy cannot quantize that type (k-quants), the float base stands in for its quantized copy."""
-    import gguf
+    import gguf  # heavy: imported when a GGUF is written
 
     num = den = 0.0
     for t in gguf.GGUFReader(str(exported)).tensors:
@@ -135,7 +140,7 @@ def kept_fraction(exported: Path, originals: dict[str, np.ndarray], deltas: dict
 
 def _file_type(reader) -> str:
     """'Q4_1', 'F32', ... from general.file_type ('' when absent or unknown)."""
-    import gguf
+    import gguf  # heavy: imported when a GGUF is written
 
     f = reader.fields.get("general.file_type")
     try:
@@ -151,41 +156,34 @@ def _out_file(out: Path, stem: str, loras: list[str], quant: str) -> Path:
         tag = "+".join(Path(n).name for n in loras)
         target = out / f"{stem}{'+' + tag if tag else ''}.{quant}.gguf"
     if target.exists():
-        raise FileExistsError(f"{target} already exists; choose another --out")
+        raise BadInput(f"{target} already exists; choose another --out")
     return target
 
 
 def _read_adapters(loras, weights, loras_dir: Path, base) -> list[tuple]:
-    from webui.adapters.files import load_weights, read_adapter, resolve_adapter
-    from webui.adapters.inspect import inspect_adapter
-    from webui.engine import AdapterIncompatible
-
     found = []
     for name, weight in zip(loras, weights):
-        path = resolve_adapter(name, loras_dir, allow_paths=True)
+        path = locate_adapter(name, loras_dir, anywhere=True)
         files = read_adapter(path, path.name)
         state = load_weights(files)
         report = inspect_adapter(files, state, base.description)
         if not report.compatible:
-            raise AdapterIncompatible(report)
+            raise Incompatible(report.summary(), report=report)
         found.append((files, state, float(weight), report.ignored_targets))
     return found
 
 
 def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, models_dir: Path, loras_dir: Path,
                 quant: str | None = None, progress: Progress = no_progress) -> Path:
-    import gguf
-
-    from webui import models
-    from webui.adapters.gguf_lora import read_base
+    import gguf  # heavy: imported when a GGUF is written
 
     if quant is not None and quant not in QUANTS:
-        raise UnsupportedOperation(f"--quant {quant!r} is not one of: {', '.join(QUANTS)}")
+        raise Unsupported(f"--quant {quant!r} is not one of: {', '.join(QUANTS)}")
     path, _ = models.resolve(model, "auto", Path(models_dir), progress)
     stem = path.stem.split(".")[0] if path.is_file() else path.name
     out = Path(out)
     if out.suffix == ".gguf" and out.exists():
-        raise FileExistsError(f"{out} already exists; choose another --out")
+        raise BadInput(f"{out} already exists; choose another --out")
     work_dir = out.parent if out.suffix == ".gguf" else out
     work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-export.", dir=work_dir) as tmp:
@@ -198,11 +196,8 @@ def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, m
             progress(0.2, f"merging {', '.join(a[0].name for a in adapters) or 'nothing'} into {path.name}")
             originals = merge_into_gguf(reader, deltas, merged, progress)
         else:
-            from webui.adapters.gguf_convert import hf_to_gguf
-            from webui.export import export_model
-
             folder = Path(tmp) / "merged-hf"
-            export_model(model, loras, weights, "safetensors", folder, Path(models_dir), Path(loras_dir), progress)
+            export_safetensors(model, loras, weights, folder, Path(models_dir), Path(loras_dir), progress)
             progress(0.7, "writing the merged model as GGUF")
             hf_to_gguf(folder, merged, "F32", name=stem)
             reader = gguf.GGUFReader(str(merged))

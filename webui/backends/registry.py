@@ -1,0 +1,86 @@
+"""The loader registry: the one place that lists LoRA Deck's loaders. Everything else about a loader — its
+settings, which model paths it claims, how it provides the embedded model, whether its optional dependency
+is installed, how it trains — is declared on its Backend class (webui/backends/base.py); `models.py`, the
+Model tab, the CLI's choices and the trainer all ask this module. Adding a loader is one module plus one
+line in LOADERS.
+
+LOADERS is ordered like PEFT's dispatcher list: for `--loader auto` the first loader whose dependency is
+installed and that claims a path gets it, so specific loaders (a GGUF file, a GPTQ folder) come before the
+general one (transformers, which reads all three and is the fallback when an optional loader is missing).
+
+This module imports no loader at import time (config.py reads `names()` for the CLI choices); a loader's
+module is imported by `backend_class` on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from webui.errors import LoadFailed, NotFound
+
+# name -> "module:Class", in claim order
+LOADERS: dict[str, str] = {
+    "llamacpp": "webui.backends.llamacpp:LlamaCppBackend",
+    "gptq": "webui.backends.gptq:GptqBackend",
+    "transformers": "webui.backends.transformers:TransformersBackend",
+}
+FALLBACK = "transformers"  # needs only the core dependencies, and reads every format the others claim
+
+
+def names() -> tuple[str, ...]:
+    return tuple(LOADERS)
+
+
+def loader_choices() -> tuple[str, ...]:
+    """What `--loader` and the Model tab offer."""
+    return ("auto", *LOADERS)
+
+
+def backend_class(name: str):
+    """The Backend class registered as `name` (its module is imported now)."""
+    if name not in LOADERS:
+        raise NotFound(f"loader {name!r} does not exist; loaders: {', '.join(LOADERS)}")
+    module, cls = LOADERS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise LoadFailed(f"loader {name!r} cannot start: {e}") from None
+
+
+def available() -> list[str]:
+    """The loaders whose optional dependencies are installed, in claim order."""
+    return [name for name in LOADERS if backend_class(name).available()]
+
+
+def require(name: str) -> None:
+    """Refuse a loader whose optional dependency is missing, naming the package to install."""
+    cls = backend_class(name)
+    if not cls.available():
+        raise LoadFailed(f"the {name} loader needs {', '.join(cls.requires)}, which is not installed "
+                         f"(./start.sh installs it); loaders available: {', '.join(available())}")
+
+
+def detect(path: Path, requested: str = "auto") -> str:
+    """The loader for a model path: `requested` itself (checked to be installed), or for `auto` the first
+    installed loader that claims the path."""
+    if requested != "auto":
+        require(requested)
+        return requested
+    for name in available():
+        if backend_class(name).claims(Path(path)):
+            return name
+    return FALLBACK
+
+
+def embedded(requested: str, models_dir: Path, progress=None) -> tuple[Path, str]:
+    """(path, loader) of the embedded default model for `requested` (auto: the first installed loader that
+    provides one). Each loader provides it in its own format (a GGUF file, a converted folder, ...)."""
+    if requested != "auto":
+        require(requested)
+    candidates = [n for n in available() if backend_class(n).embedded_by_default] if requested == "auto" \
+        else [requested]
+    for name in candidates:
+        path = backend_class(name).embedded(Path(models_dir), progress)
+        if path is not None:
+            return path, name
+    raise LoadFailed(f"no loader provides the embedded model{'' if requested == 'auto' else ' on ' + requested}")

@@ -1,0 +1,20 @@
+"""Paths that come from users, requests and remote listings stay inside their folder. Two checks, used
+everywhere such a path arrives (adapter names and LoRAX `local` ids, extension names, the file names a hub
+lists, the keys under an S3 prefix): `inside` for a path on disk (symlinks resolved), `safe_relative` for a
+relative name before anything is written under it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Does `path` lie strictly inside the folder `root`, after resolving `..` and symlinks?"""
+    root, path = Path(root).resolve(), Path(path).resolve()
+    return root in path.parents
+
+
+def safe_relative(name: str) -> bool:
+    """Is `name` a relative POSIX path that cannot leave the folder it is joined to (no absolute path, no
+    '..', '.' or empty part, no backslash)?"""
+    return bool(name) and "\\" not in name and not name.startswith("/") and \
+        all(part not in ("..", ".", "") for part in name.split("/"))
