@@ -19,7 +19,7 @@ from typing import Iterator
 from webui import models
 from webui.adapters.files import check_adapter_name, list_adapters, load_weights, read_adapter, resolve_adapter
 from webui.adapters.inspect import Report, inspect_adapter
-from webui.backends.base import Backend, Capabilities, LoadedInfo
+from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores
 from webui.backends.registry import backend_class
 from webui.config import GenerationParams, ModelSpec
 from webui.errors import BadInput, Incompatible, LoadFailed, NoModelLoaded, Unsupported, first_line
@@ -140,6 +140,37 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         with self._lock:
             return self._require().count_tokens(text)
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        with self._lock:
+            return self._require().tokenize(text, add_special)
+
+    def score(self, sequences: list[str | list[int]], adapters: dict[str, float] | None = None,
+              top_k: int = 0) -> list[TokenScores]:
+        """Per-token log-probabilities of texts (tokenized as generation does) or token id lists, under
+        `adapters` (a weighted stack; {} = the plain base; None = the active stack). The active stack, merged
+        or not, is the same afterwards."""
+        if adapters is not None:
+            check_weights(adapters)
+        with self._lock:
+            backend = self._require()
+            ids = [backend.tokenize(s) if isinstance(s, str) else list(s) for s in sequences]
+            too_short = [i for i, s in enumerate(ids) if len(s) < 2]
+            if too_short:
+                raise BadInput(f"sequence {too_short[0]} has fewer than 2 tokens: nothing to score")
+            if adapters is None or adapters == backend.active_adapters:
+                return backend.score(ids, top_k)
+            if adapters and not backend.capabilities.adapters:
+                raise Unsupported(f"the {backend.name} loader cannot apply LoRA adapters")
+            previous, was_merged = backend.active_adapters, backend.merged
+            self._load_missing(backend, adapters, None)  # cached afterwards, as set_adapters leaves them
+            try:
+                backend.set_adapters(dict(adapters))
+                return backend.score(ids, top_k)
+            finally:
+                backend.set_adapters({n: w for n, w in previous.items() if n in backend.adapters_loaded})
+                if was_merged and not backend.merged:
+                    backend.merge_adapters()
 
     def generate(self, prompt: str, params: GenerationParams | None = None,
                  cancel: threading.Event | None = None) -> str:

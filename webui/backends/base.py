@@ -47,6 +47,16 @@ class Capabilities:
 
 
 @dataclass
+class TokenScores:
+    """One scored sequence: `logprobs[i]` = log p(ids[i + 1] | ids[:i + 1]) (so one fewer than the ids: the
+    first token has no context), and with top_k, `top[i]` = the k most likely (token id, logprob) there."""
+
+    ids: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass
 class LoadedInfo:
     """Describes the loaded model for status lines and /v1/models."""
 
@@ -124,7 +134,22 @@ class Backend(ABC):
         """Render OpenAI-style messages with the model's own chat template."""
 
     @abstractmethod
-    def count_tokens(self, text: str) -> int: ...
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of `text`. With `add_special`, the model's BOS is added as generation adds it (not twice
+        when the text already starts with it, as a chat-template prompt does)."""
+
+    @abstractmethod
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """The text of each token (what the API reports per token; byte fragments of a character as U+FFFD)."""
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    @abstractmethod
+    def score(self, sequences: list[list[int]], top_k: int = 0) -> list["TokenScores"]:
+        """Log-probabilities of each token of each sequence given the tokens before it, under the loaded model
+        with its active adapters (one forward pass, no sampling): what loss, perplexity, `echo` and prompt
+        logprobs are made of. `top_k` > 0 also returns the k most likely tokens at each position."""
 
     @abstractmethod
     def generate(self, prompt: str, params: GenerationParams, cancel: threading.Event | None = None) -> str:

@@ -19,9 +19,11 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from webui import embedded
 from webui.adapters.gguf_lora import cached_conversion, field_value, gguf_module, read_base
-from webui.backends.base import SAMPLERS, Backend, Capabilities, LoadedInfo, plain_transcript
+from webui.backends.base import SAMPLERS, Backend, Capabilities, LoadedInfo, TokenScores, plain_transcript
 from webui.config import GenerationParams, ModelSpec
 from webui.errors import BadInput, LoadFailed, NotFound, Unsupported, first_line
 from webui.progress import Progress, no_progress
@@ -211,16 +213,49 @@ class LlamaCppBackend(Backend):
             return plain_transcript(messages, add_generation_prompt)
         return formatter(messages=messages).prompt
 
-    def _tokens(self, prompt: str) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         model = self.llm._model
         bos = model.token_bos()
         bos_text = self.llm.detokenize([bos], special=True).decode("utf-8", "replace") if bos >= 0 else ""
         # A chat-template prompt may already start with BOS; adding another would change the output.
-        add_bos = model.add_bos_token() and not (bos_text and prompt.startswith(bos_text))
-        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+        add_bos = add_special and model.add_bos_token() and not (bos_text and text.startswith(bos_text))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokens(text))
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return [self.llm.detokenize([i], special=True).decode("utf-8", "replace") for i in ids]
+
+    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[TokenScores]:
+        """Each sequence decoded from an empty KV cache in n_batch chunks with logits for every position
+        (llama-cpp-python's `Llama.eval` keeps all of them only when the model was opened with logits_all,
+        which costs n_ctx x vocabulary floats for good; its batch and context objects are used directly)."""
+        llm, vocab = self.llm, self.llm.n_vocab()
+        out: list[TokenScores] = []
+        try:
+            for s in sequences:
+                if len(s) > llm.n_ctx():
+                    raise BadInput(f"{len(s)} tokens do not fit the context of {llm.n_ctx()}")
+                llm.reset()
+                llm._ctx.kv_cache_clear()
+                rows = []
+                for start in range(0, len(s), llm.n_batch):
+                    chunk = s[start:start + llm.n_batch]
+                    llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+                    llm._ctx.decode(llm._batch)
+                    rows.append(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk) * vocab,))
+                                .reshape(len(chunk), vocab).copy())
+                logits = np.concatenate(rows)[:-1].astype(np.float64)
+                peak = logits.max(axis=1, keepdims=True)
+                logp = logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
+                picked = logp[np.arange(len(s) - 1), s[1:]].tolist()
+                top = None
+                if top_k:
+                    best = np.argsort(-logp, axis=1)[:, :top_k]
+                    top = [[(int(j), float(row[j])) for j in ix] for ix, row in zip(best, logp)]
+                out.append(TokenScores(list(s), picked, top))
+        finally:  # the next generation starts from an empty cache, not from the last scored sequence
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+        return out
 
     def generate(self, prompt: str, params: GenerationParams, cancel: threading.Event | None = None) -> str:
         return "".join(self.stream(prompt, params, cancel))
@@ -228,7 +263,7 @@ class LlamaCppBackend(Backend):
     def stream(self, prompt: str, params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[str]:
         llama_cpp = _llama_cpp()
-        tokens = self._tokens(prompt)
+        tokens = self.tokenize(prompt)
         budget = min(params.max_new_tokens, self.llm.n_ctx() - len(tokens))
         if budget <= 0:
             raise ValueError(f"the prompt has {len(tokens)} tokens; the context holds {self.llm.n_ctx()}")

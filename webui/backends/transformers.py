@@ -31,7 +31,7 @@ from transformers import (
 from webui import embedded
 from webui.adapters.peft_stack import PeftAdapterStack
 from webui.adapters.targets import describe_base
-from webui.backends.base import SAMPLERS, Backend, Capabilities, LoadedInfo, plain_transcript
+from webui.backends.base import SAMPLERS, Backend, Capabilities, LoadedInfo, TokenScores, plain_transcript
 from webui.backends.hf_batch import stream_batch
 from webui.config import GenerationParams, ModelSpec
 from webui.errors import BadInput, LoadFailed, NotFound, Unsupported, first_line
@@ -39,6 +39,7 @@ from webui.progress import Progress, no_progress
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+SCORE_LOGITS_BYTES = 256 << 20  # float32 logits held at once while scoring: rows x length x vocabulary
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -272,14 +273,49 @@ class TransformersBackend(Backend):
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._encode(text)["input_ids"][0])
-
-    def _encode(self, prompt: str):
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         # A chat-template prompt already starts with BOS; adding another would change the output.
         bos = self.tokenizer.bos_token
-        add_special = not (bos and prompt.startswith(bos))
-        return self.tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special).to(self.device)
+        add_special = add_special and not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def _encode(self, prompt: str) -> dict:
+        ids = torch.tensor([self.tokenize(prompt)], device=self.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    @torch.inference_mode()
+    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[TokenScores]:
+        """Right-padded batches through the model (causal attention: padding after a row changes nothing
+        before it), log-softmax in float32. Rows are batched so the logits stay under SCORE_LOGITS_BYTES."""
+        vocab = self.model.config.get_text_config().vocab_size
+        out: list[TokenScores] = []
+        i = 0
+        while i < len(sequences):
+            width = len(sequences[i])
+            rows = max(1, SCORE_LOGITS_BYTES // max(1, width * vocab * 4))
+            chunk = sequences[i:i + rows]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, s in enumerate(chunk):
+                ids[r, :len(s)] = torch.tensor(s)
+                mask[r, :len(s)] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            for r, s in enumerate(chunk):
+                n = len(s) - 1
+                target = torch.tensor(s[1:], device=logp.device, dtype=torch.long)
+                picked = logp[r, :n].gather(1, target[:, None])[:, 0].tolist()
+                top = None
+                if top_k:
+                    values, indices = logp[r, :n].topk(top_k, dim=-1)
+                    top = [list(zip(ix, v)) for ix, v in zip(indices.tolist(), values.tolist())]
+                out.append(TokenScores(list(s), picked, top))
+            i += len(chunk)
+        return out
 
     def _generate_kwargs(self, prompt_len: int, params: GenerationParams, cancel: threading.Event | None) -> dict:
         kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
@@ -341,7 +377,7 @@ class TransformersBackend(Backend):
         """Several prompts in one pass (left-padded); `adapter_names` gives each row its own adapter
         (None = the plain base) through PEFT's mixed batch. Yields hf_batch events."""
         cancel = cancel or threading.Event()
-        encoded = [self._encode(p)["input_ids"][0].tolist() for p in prompts]
+        encoded = [self.tokenize(p) for p in prompts]
         self.tokenizer.padding_side = "left"  # generation continues at the right end of every row
         inputs = self.tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(self.device)
         kw = self._generate_kwargs(inputs["input_ids"].shape[1], params, cancel)
