@@ -91,6 +91,23 @@ def gptq_dirs(tmp_path_factory):
     return models, loras
 
 
+@pytest.fixture(scope="session")
+def bnb_dirs(tmp_path_factory):
+    """models/{tiny-float (a 128-wide Llama: bitsandbytes' CPU 4-bit kernel works in blocks of 64 inputs, so the
+    32-wide tiny models cannot be quantized), other-float} and loras/{A, B, other} for the bitsandbytes tests."""
+    from webui.testing.tiny_models import write_adapter
+
+    root = tmp_path_factory.mktemp("bnb")
+    models, loras = root / "models", root / "loras"
+    base = write_llama(models / "tiny-float", 128)
+    other = write_llama(models / "other-float", 64, seed=3)
+    # small alpha: each weight change about as large as the base's own weights (see gptq_dirs)
+    write_adapter(base, loras / "A", target_modules=["q_proj", "v_proj"], r=4, alpha=0.25, seed=1)
+    write_adapter(base, loras / "B", target_modules="all-linear", r=8, alpha=0.25, seed=2)
+    write_adapter(other, loras / "other", target_modules=["q_proj", "v_proj"], r=4, alpha=0.25, seed=4)
+    return models, loras
+
+
 @pytest.fixture
 def start_app():
     apps: list[AppProcess] = []

@@ -28,6 +28,21 @@ GPTQ_GROUP = 32
 # weights are off by ~12% (GPTQ on random Gaussian weights); real checkpoints quantize better. The bound
 # leaves room for other CPUs and kernels.
 GPTQ_REL_TOL = 0.25
+# Ours vs plain PEFT on the same bitsandbytes model (relative L2 distance of all logits): transformers' own
+# model runs bitsandbytes' repacked bfloat16 CPU kernel on CPUs with AVX512-BF16 (our loader keeps it off:
+# see webui/backends/bnb.py), measured 0.005 on the 128-wide tiny Llama; on other CPUs both are the same
+# computation. The adapters move the logits by 1.1-1.2.
+BNB_REL_TOL = 0.02
+
+
+def bnb_load_kwargs(quantization: str) -> dict:
+    """from_pretrained arguments that quantize with bitsandbytes, written out as its docs do (not our helper)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                                                      bnb_4bit_compute_dtype=torch.float32)}
 
 
 # -- the real app --------------------------------------------------------------------------------------
@@ -79,11 +94,13 @@ class AppProcess:
 
 
 # -- references from plain transformers / PEFT ----------------------------------------------------------
-def _load(path: Path):
+def _load(path: Path, **load_kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # device_map pins GPTQ folders to the CPU kernels too (float folders load on the CPU anyway)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, device_map={"": "cpu"})
+    # device_map pins GPTQ folders to the CPU kernels too (float folders load on the CPU anyway); load_kwargs:
+    # e.g. a bitsandbytes quantization_config
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, device_map={"": "cpu"},
+                                                 **load_kwargs)
     return AutoTokenizer.from_pretrained(str(path)), model
 
 
@@ -94,9 +111,9 @@ def _greedy(tok, model, prompt: str, max_new_tokens: int, **encode) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def reference_greedy(path: Path, prompt: str, max_new_tokens: int) -> str:
+def reference_greedy(path: Path, prompt: str, max_new_tokens: int, **load_kwargs) -> str:
     """Greedy continuation computed with plain transformers: the yardstick for our Engine."""
-    tok, model = _load(path)
+    tok, model = _load(path, **load_kwargs)
     return _greedy(tok, model, prompt, max_new_tokens)
 
 
@@ -108,12 +125,13 @@ def chat_reference(folder: Path, question: str, max_new_tokens: int) -> str:
     return _greedy(tok, model, prompt, max_new_tokens, add_special_tokens=False)
 
 
-def peft_model(base: Path, adapters: dict, combine: str = "cat"):
+def peft_model(base: Path, adapters: dict, combine: str = "cat", **load_kwargs):
     """(tokenizer, PeftModel) with `adapters` (name -> (path, weight)) active as plain PEFT does it:
-    PeftModel.from_pretrained for one adapter at weight 1, add_weighted_adapter(..., combine) otherwise."""
+    PeftModel.from_pretrained for one adapter at weight 1, add_weighted_adapter(..., combine) otherwise.
+    `load_kwargs` go to the base's from_pretrained (e.g. quantization_config)."""
     from peft import PeftModel
 
-    tok, model = _load(base)
+    tok, model = _load(base, **load_kwargs)
     names = list(adapters)
     peft = PeftModel.from_pretrained(model, str(adapters[names[0]][0]), adapter_name=names[0])
     for n in names[1:]:
@@ -126,9 +144,10 @@ def peft_model(base: Path, adapters: dict, combine: str = "cat"):
     return tok, peft
 
 
-def peft_reference(base: Path, adapters: dict, prompt: str = PROMPT, max_new_tokens: int = 12, combine=None):
+def peft_reference(base: Path, adapters: dict, prompt: str = PROMPT, max_new_tokens: int = 12, combine=None,
+                   **load_kwargs):
     """Plain PEFT's greedy text and the logits of every prompt position (see `peft_model`)."""
-    tok, peft = peft_model(base, adapters, combine or "cat")
+    tok, peft = peft_model(base, adapters, combine or "cat", **load_kwargs)
     text = _greedy(tok, peft, prompt, max_new_tokens)
     with torch.no_grad():
         logits = peft(**tok(prompt, return_tensors="pt")).logits[0]
@@ -205,7 +224,7 @@ def llamacpp_logits(engine, prompt: str = PROMPT):
 
     llm = engine._backend.llm
     llm.reset()
-    llm.eval(engine._backend._tokens(prompt))
+    llm.eval(engine._backend.tokenize(prompt))
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
 
 

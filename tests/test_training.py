@@ -195,7 +195,7 @@ def test_seed_002_example_trains_as_written(dirs):
     ({"rank": 8}, "lora: unknown key(s) rank"),
     ({"r": 0}, "lora.r: 0 is outside the allowed range"),
     ({"task_type": "CLASSIFY"}, "lora.task_type"),
-    ({"layers_pattern": "layers"}, "layers_pattern: only used together with layers_to_transform"),
+    ({"layers_pattern": "h.(\\d+"}, "layers_pattern: 'h.(\\\\d+' is not a regular expression"),
     ({"layers_to_transform": "two"}, "layers_to_transform"),
     ({"target_modules": []}, "target_modules"),
 ])

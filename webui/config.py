@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,13 @@ from typing import Any, Literal, get_args, get_origin
 
 from webui.backends.registry import loader_choices
 from webui.errors import BadInput
+from webui.training import lora_options
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+QuantizationName = Literal["none", "nf4", "fp4", "int8"]
+_QUANTIZATION_HELP = ("bitsandbytes quantization while loading (transformers loader): nf4 (4-bit NormalFloat, "
+                      "QLoRA's choice), fp4 (4-bit float), int8 (LLM.int8); none = the weights as saved.")
 
 def _opt(default, help: str, **meta):
     """A dataclass field carrying its help text and UI hints (min/max/step) in metadata."""
@@ -72,11 +77,21 @@ class GenerationParams:
                                     min=-2.0, max=2.0, step=0.01)
     seed: int = _opt(-1, "Random seed for reproducible sampling (-1 = random).", min=-1, max=2**31 - 1, step=1)
     stop: list = _opt([], "Stop strings: generation ends before the first one that appears.")
+    response_format: str = _opt("", "Structured output: `json` for any JSON object, or a JSON schema the reply must "
+                                    "follow (enforced token by token); empty = free text.")
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop] if self.stop else []
         self.stop = [str(s) for s in (self.stop or [])]
+        self.response_format = (self.response_format or "").strip()
+        if self.response_format not in ("", "json"):
+            try:
+                schema = json.loads(self.response_format)
+            except ValueError as e:
+                raise BadInput(f"response_format: not `json` and not a JSON schema ({e})") from None
+            if not isinstance(schema, dict):
+                raise BadInput("response_format: a JSON schema must be a JSON object")
         for name in ("max_new_tokens", "top_k", "seed"):
             v = getattr(self, name)
             if isinstance(v, float) and v.is_integer():
@@ -115,6 +130,8 @@ class ModelSpec:
     n_ctx: int = _opt(4096, "Context length (llama.cpp).", min=128, max=1 << 20, step=128)
     n_threads: int = _opt(0, "CPU threads (llama.cpp; 0 = all cores).", min=0, max=512, step=1)
     n_gpu_layers: int = _opt(-1, "Layers offloaded to the GPU when one exists (llama.cpp; -1 = all).", min=-1, max=1000, step=1)
+    # loader_option: a loader whose `settings` lack it refuses a non-default value (and `auto` skips that loader)
+    quantization: QuantizationName = _opt("none", _QUANTIZATION_HELP, loader_option=True)
 
     def __post_init__(self):
         _validate(self)
@@ -127,6 +144,7 @@ class ServerConfig:
     model: str = _opt("", "Model to load at start (a models-dir name or a path; default: the embedded SmolLM2).")
     loader: str = _opt("auto", "Loader for --model.", choices=loader_choices)
     dtype: DtypeName = _opt("auto", "Weights dtype (transformers loader).")
+    quantization: QuantizationName = _opt("none", _QUANTIZATION_HELP)
     lora: list = _opt([], "Adapters (names in the loras dir) to apply at start.")
     lora_weights: list = _opt([], "A weight per --lora adapter (default 1.0 each).")
     models_dir: str = _opt("models", "Folder of base models.")
@@ -150,7 +168,7 @@ class ServerConfig:
             raise BadInput(f"lora_weights: {len(self.lora_weights)} weight(s) given for {len(self.lora)} adapter(s)")
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(model=self.model, loader=self.loader, dtype=self.dtype)
+        return ModelSpec(model=self.model, loader=self.loader, dtype=self.dtype, quantization=self.quantization)
 
     @property
     def paths(self) -> dict[str, Path]:
@@ -167,7 +185,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", ""), "default": default}
+        # argparse formats help with %: a literal one (95% interval) is written %%
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "").replace("%", "%%"),
+                                  "default": default}
         hint = hints[f.name]
         if choices_of(cls, f.name) is not None:
             kwargs["choices"] = choices_of(cls, f.name)
@@ -177,6 +197,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kwargs.update(nargs="*", type=_LIST_ITEM_TYPES.get(f.name, str))
         else:
             kwargs["type"] = hint
+        if f.metadata.get("required"):  # the command line must give it (the UI fills it in itself)
+            kwargs["required"] = True
         parser.add_argument(flag, **kwargs)
 
 
@@ -191,6 +213,9 @@ TaskType = Literal["CAUSAL_LM", "SEQ_2_SEQ_LM"]
 BiasName = Literal["none", "all", "lora_only"]
 DatasetFormat = Literal["raw", "instruction", "chat"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+# Trainer optimizers that need nothing beyond our dependencies; the 8-bit and paged ones are bitsandbytes'
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit",
+                    "paged_adamw_32bit"]
 
 
 def _nested(cls, section: str, data) -> object:
@@ -223,12 +248,20 @@ class LoraTrainConfig:
     fan_in_fan_out: bool = _opt(False, "True for layers storing weights as (fan_in, fan_out), e.g. GPT-2's Conv1D.")
     modules_to_save: list | None = _opt(None, "Extra modules trained fully and saved with the adapter (e.g. lm_head).")
     layers_to_transform: list | int | None = _opt(None, "Only these layer indices get LoRA (an int or a list).")
-    layers_pattern: str | list | None = _opt(None, "Name of the layer list for layers_to_transform (e.g. layers, h).")
+    layers_pattern: str | list | None = _opt(
+        None, "With layers_to_transform: the name of the layer list (layers, h). Alone (seed 002's form): a regular "
+              "expression over module names, e.g. transformer\\.h\\.\\d+\\.attn: LoRA on the targets inside them.")
     use_rslora: bool = _opt(False, "Rank-stabilized LoRA: scale by lora_alpha / sqrt(r).")
     use_dora: bool = _opt(False, "Weight-decomposed LoRA (DoRA).")
+    init_lora_weights: bool | str = _opt(
+        True, "How the adapter starts (PEFT): true = B zero, A Kaiming (no change until trained); gaussian; "
+              "orthogonal; pissa / pissa_niter_N (N fast-SVD iterations) / olora start from the base's principal "
+              "directions (faster convergence; the saved adapter is converted to work on the original base, at twice "
+              "the rank); false = random A and B (debugging).")
 
     def __post_init__(self):
         _validate(self)
+        self.init_lora_weights = lora_options.init_lora_weights(self.init_lora_weights)
         if isinstance(self.r, bool) or not isinstance(self.r, int):
             raise BadInput(f"r: {self.r!r} must be a positive integer")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
@@ -240,16 +273,22 @@ class LoraTrainConfig:
         if lt is not None and not (isinstance(lt, int) and not isinstance(lt, bool) and lt >= 0
                                    or isinstance(lt, list) and lt and all(isinstance(i, int) and i >= 0 for i in lt)):
             raise BadInput(f"layers_to_transform: {lt!r} must be a layer index or a list of indices")
-        if self.layers_pattern is not None and lt is None:
-            raise BadInput("layers_pattern: only used together with layers_to_transform")
+        if self.layers_pattern is not None and lt is None:  # seed 002's regex over module names
+            lora_options.check_layers_regex(self.layers_pattern)
         for name in ("fan_in_fan_out", "use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise BadInput(f"{name}: {getattr(self, name)!r} must be true or false")
 
-    def peft_config(self):
+    @property
+    def rewrites_base(self) -> bool:
+        """Does this init change the base weights (PiSSA, OLoRA), so the adapter must be converted when saved?"""
+        return lora_options.rewrites_base(self.init_lora_weights)
+
+    def peft_config(self, **overrides):
+        """PEFT's LoraConfig; `overrides` replace fields (the trainer's PEFT form of a layers_pattern regex)."""
         from peft import LoraConfig  # imports torch: every command reads this module, few train
 
-        kwargs = dataclasses.asdict(self)
+        kwargs = {**dataclasses.asdict(self), **overrides}
         try:
             return LoraConfig(**kwargs)
         except (ValueError, TypeError) as e:
@@ -260,15 +299,22 @@ class LoraTrainConfig:
 class DatasetConfig:
     """The `dataset:` section."""
 
-    path: str = _opt("", "A .txt file (raw), or .json/.jsonl (instruction or chat).")
+    path: str | list = _opt("", "A .txt file (raw), or .json/.jsonl (instruction or chat); or a list of such files "
+                                 "in the same format, mixed into one run.")
     format: DatasetFormat = _opt("raw", "raw text, instruction (instruction/input/output) or chat (messages / ShareGPT).")
     eval_fraction: float = _opt(0.1, "Share of samples held out for evaluation (0 = none).", min=0.0, max=0.5, step=0.01)
     overlap: int = _opt(32, "Raw text: tokens shared by consecutive chunks.", min=0, max=4096, step=1)
 
     def __post_init__(self):
         _validate(self)
-        if not self.path:
-            raise BadInput("path: give the dataset file")
+        if isinstance(self.path, list) and len(self.path) == 1:
+            self.path = self.path[0]
+        if not self.path or isinstance(self.path, list) and not all(isinstance(p, str) and p for p in self.path):
+            raise BadInput("path: give the dataset file (or a list of files)")
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.path) if isinstance(self.path, list) else [self.path]
 
 
 @dataclass
@@ -287,9 +333,26 @@ class TrainingParams:
     warmup_steps: int = _opt(0, "Linear warm-up steps.", min=0, max=1_000_000, step=1)
     lr_scheduler: Scheduler = _opt("linear", "Learning-rate schedule.")
     seed: int = _opt(42, "Random seed.", min=0, max=2**31 - 1, step=1)
+    quantization: QuantizationName = _opt(
+        "none", "QLoRA: train on the base quantized by bitsandbytes while loading (nf4 is QLoRA's choice; fp4, "
+                "int8); the adapter works on the float base too. none = the base as saved (GPTQ: QLoRA anyway).")
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass: much less memory, ~30% "
+                                               "slower (non-reentrant, so the adapter gets its gradients).")
+    optim: Optimizer = _opt("adamw_torch", "Optimizer (transformers' names); adamw_8bit and paged_* are bitsandbytes' "
+                                           "8-bit / paged optimizers, which save GPU memory.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay on the adapter weights.", min=0.0, max=1.0, step=0.01)
+    max_grad_norm: float = _opt(1.0, "Clip the gradient norm to this (0 = no clipping).", min=0.0, max=1000.0,
+                                step=0.1)
+    loraplus_lr_ratio: float = _opt(0.0, "LoRA+: the B matrices learn this many times faster than A (PEFT's "
+                                         "create_loraplus_optimizer; the paper uses 16; 0 = off).",
+                                    min=0.0, max=1000.0, step=1)
+    neftune_noise_alpha: float = _opt(0.0, "NEFTune: noise added to the input embeddings while training (5 is "
+                                           "the paper's choice; 0 = off).", min=0.0, max=100.0, step=1)
 
     def __post_init__(self):
         _validate(self)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise BadInput(f"gradient_checkpointing: {self.gradient_checkpointing!r} must be true or false")
         for name in ("max_steps", "batch_size", "gradient_accumulation", "cutoff_len", "save_steps", "eval_steps",
                      "logging_steps", "warmup_steps", "seed"):
             v = getattr(self, name)
@@ -328,3 +391,89 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return {"base_model": self.base_model, "output": self.output, "dataset": dataclasses.asdict(self.dataset),
                 "lora": dataclasses.asdict(self.lora), "training": dataclasses.asdict(self.training)}
+
+
+# -- evaluation (python -m webui eval; the Evaluate tab) ----------------------------------------------------
+
+PromptFormat = Literal["auto", "chat", "raw"]
+
+
+def parse_stack(text: str) -> dict[str, float]:
+    """`A=1,B=0.5` → {"A": 1.0, "B": 0.5}; a name without `=W` has weight 1."""
+    stack: dict[str, float] = {}
+    for part in str(text).replace(";", ",").split(","):
+        name, _, weight = part.strip().partition("=")
+        name = name.strip()
+        if not name:
+            continue
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise BadInput(f"stack: {part.strip()!r}: the weight must be a number (A=1,B=0.5)") from None
+        if w != w or w in (float("inf"), float("-inf")):
+            raise BadInput(f"stack: {part.strip()!r}: the weight must be a finite number")
+        stack[name] = w
+    if not stack:
+        raise BadInput(f"stack: {text!r} names no adapter (write A=1,B=0.5)")
+    return stack
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation: the base and each adapter or weighted stack scored on one dataset (training's formats
+    and loss masking), and optional prompts answered side by side. The model itself is a ModelSpec."""
+
+    dataset: str = _opt("", "The dataset: a .txt file (raw), or .json/.jsonl (instruction or chat), as for "
+                            "training.", required=True)
+    format: DatasetFormat = _opt("raw", "raw text, instruction (instruction/input/output) or chat (messages / "
+                                        "ShareGPT).", required=True)
+    out: str = _opt("", "The report: REPORT.json, or REPORT.html (a self-contained page; the JSON is written "
+                        "beside it).", required=True)
+    lora: list = _opt([], "Adapters (names in the loras dir) to evaluate, each on its own at weight 1.")
+    stack: list = _opt([], "Weighted stacks to evaluate, each written A=W,B=W.")
+    prompts: str = _opt("", "Prompts answered by the base and each adapter side by side (greedy): a .txt file with "
+                            "one prompt per line, or a .json/.jsonl list of strings.")
+    max_samples: int = _opt(0, "Score only the first N samples (0 = all).", min=0, max=10_000_000, step=1)
+    max_new_tokens: int = _opt(64, "Longest answer to each prompt.", min=1, max=8192, step=1)
+    cutoff_len: int = _opt(256, "Longest sample in tokens, as in training: raw text is cut into chunks of this length "
+                                "and longer records are cut short (0 = no cut; raw text in chunks of the context).",
+                           min=0, max=131072, step=8)
+    overlap: int = _opt(0, "Raw text: tokens shared by consecutive chunks (they are scored in both).",
+                        min=0, max=4096, step=1)
+    prompt_format: PromptFormat = _opt("auto", "Prompts as chat (a user message in the chat template) or raw "
+                                               "(text to continue); auto: chat for instruction/chat data, else raw.")
+    batch_size: int = _opt(8, "Samples scored in one forward pass.", min=1, max=1024, step=1)
+    bootstrap: int = _opt(1000, "Bootstrap resamples for the 95% interval of each difference to the base.",
+                          min=100, max=100_000, step=100)
+    seed: int = _opt(0, "Seed of the bootstrap (the same seed gives the same interval).", min=0, max=2**31 - 1, step=1)
+    models_dir: str = _opt("models", "Folder of base models.")
+    loras_dir: str = _opt("loras", "Folder of LoRA adapters.")
+
+    def __post_init__(self):
+        _validate(self)
+        for name in ("max_samples", "max_new_tokens", "cutoff_len", "overlap", "batch_size", "bootstrap", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, float) and v.is_integer():
+                setattr(self, name, int(v))
+            elif isinstance(v, bool) or not isinstance(v, int):
+                raise BadInput(f"{name}: {v!r} must be an integer")
+        if not self.dataset:
+            raise BadInput("dataset: give the dataset file")
+        if Path(self.out).suffix.lower() not in (".json", ".html"):
+            raise BadInput(f"out: {self.out!r} must end in .json or .html")
+        self.lora = [str(n) for n in self.lora or []]
+        self.stack = [str(s) for s in self.stack or [] if str(s).strip()]
+        for text in self.stack:
+            parse_stack(text)
+
+    def configurations(self) -> list[tuple[str, dict[str, float]]]:
+        """(name, stack) of everything evaluated: the base first, then each adapter, then each stack."""
+        out = [("base", {})]
+        for name in dict.fromkeys(self.lora):
+            out.append((name, {name: 1.0}))
+        for text in self.stack:
+            stack = parse_stack(text)
+            name = ",".join(f"{n}={w:g}" for n, w in stack.items())
+            if name not in (n for n, _ in out):
+                out.append((name, stack))
+        return out

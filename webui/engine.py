@@ -20,7 +20,7 @@ from webui import models
 from webui.adapters.files import check_adapter_name, list_adapters, load_weights, read_adapter, resolve_adapter
 from webui.adapters.inspect import Report, inspect_adapter
 from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores
-from webui.backends.registry import backend_class
+from webui.backends.registry import backend_class, loader_options
 from webui.config import GenerationParams, ModelSpec
 from webui.errors import BadInput, Incompatible, LoadFailed, NoModelLoaded, Unsupported, first_line
 from webui.progress import Progress, no_progress
@@ -77,7 +77,7 @@ class Engine:
         """Load `spec`, replacing the current model. On failure the previous model is loaded again
         (it stays usable) and LoadFailed says why the new one failed."""
         start = time.perf_counter()
-        path, loader = models.resolve(spec.model, spec.loader, self.models_dir, progress)
+        path, loader = models.resolve(spec.model, spec.loader, self.models_dir, progress, loader_options(spec))
         cls = backend_class(loader)
         cls.preflight(path, spec)
         with self._lock:
@@ -100,7 +100,7 @@ class Engine:
         return LoadResult(info, self.last_load_seconds)
 
     def _load_locked(self, spec: ModelSpec) -> None:
-        path, loader = models.resolve(spec.model, spec.loader, self.models_dir)
+        path, loader = models.resolve(spec.model, spec.loader, self.models_dir, wanted=loader_options(spec))
         backend = backend_class(loader)()
         backend.load(path, spec)
         self._backend, self._spec = backend, spec
@@ -141,15 +141,33 @@ class Engine:
         with self._lock:
             return self._require().count_tokens(text)
 
+    def prepare_response_format(self, response_format: str) -> None:
+        """Refuse, before anything is queued, a response format the loaded loader cannot enforce."""
+        with self._lock:
+            self._require().prepare_response_format(response_format)
+
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         with self._lock:
             return self._require().tokenize(text, add_special)
 
+    def token_texts(self, ids: list[int]) -> list[str]:
+        with self._lock:
+            return self._require().token_texts(ids)
+
+    def detokenize(self, ids: list[int]) -> str:
+        with self._lock:
+            return self._require().detokenize(ids)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        with self._lock:
+            return self._require().eos_token_id
+
     def score(self, sequences: list[str | list[int]], adapters: dict[str, float] | None = None,
-              top_k: int = 0) -> list[TokenScores]:
+              top_k: int = 0, paths: dict | None = None) -> list[TokenScores]:
         """Per-token log-probabilities of texts (tokenized as generation does) or token id lists, under
-        `adapters` (a weighted stack; {} = the plain base; None = the active stack). The active stack, merged
-        or not, is the same afterwards."""
+        `adapters` (a weighted stack; {} = the plain base; None = the active stack; `paths` gives folders for
+        names outside the adapters dir). The active stack, merged or not, is the same afterwards."""
         if adapters is not None:
             check_weights(adapters)
         with self._lock:
@@ -163,7 +181,7 @@ class Engine:
             if adapters and not backend.capabilities.adapters:
                 raise Unsupported(f"the {backend.name} loader cannot apply LoRA adapters")
             previous, was_merged = backend.active_adapters, backend.merged
-            self._load_missing(backend, adapters, None)  # cached afterwards, as set_adapters leaves them
+            self._load_missing(backend, adapters, paths)  # cached afterwards, as set_adapters leaves them
             try:
                 backend.set_adapters(dict(adapters))
                 return backend.score(ids, top_k)
@@ -317,9 +335,10 @@ class Engine:
                 self._unload_locked()
 
     def blend_adapters(self, weights: dict[str, float], new_name: str, combination_type: str = "cat",
-                       density: float | None = None) -> Path:
-        """Combine adapters into a new one saved in the adapters folder (PEFT's add_weighted_adapter).
-        The active stack is the same afterwards."""
+                       density: float | None = None, out_dir: Path | None = None, **options) -> Path:
+        """Combine adapters into a new one saved in `out_dir` (default: the adapters folder) with PEFT's
+        add_weighted_adapter (`options`: its other arguments, e.g. majority_sign_method). The active stack is
+        the same afterwards."""
         check_adapter_name(new_name, self.loras_dir)
         with self._lock:
             active = self._require().active_adapters
@@ -327,6 +346,7 @@ class Engine:
         with self._lock:
             backend = self._require()
             try:
-                return backend.blend_adapters(weights, new_name, combination_type, self.loras_dir, density)
+                return backend.blend_adapters(weights, new_name, combination_type, Path(out_dir or self.loras_dir),
+                                              density, **options)
             finally:
                 backend.set_adapters({n: w for n, w in active.items() if n in backend.adapters_loaded})

@@ -47,9 +47,11 @@ def resolve_model_path(model: str, models_dir: Path) -> Path:
     raise NotFound(f"model not found: {model}{hint}")
 
 
-def resolve(model: str, loader: str, models_dir: Path, progress: Progress | None = None) -> tuple[Path, str]:
-    """(path, loader) for a ModelSpec's model and loader."""
+def resolve(model: str, loader: str, models_dir: Path, progress: Progress | None = None,
+            wanted=frozenset()) -> tuple[Path, str]:
+    """(path, loader) for a ModelSpec's model and loader; `wanted`: the loader options it sets
+    (registry.loader_options), which the loader must take."""
     if not model:
-        return registry.embedded(loader, Path(models_dir), progress)
+        return registry.embedded(loader, Path(models_dir), progress, wanted)
     path = resolve_model_path(model, models_dir)
-    return path, registry.detect(path, loader)
+    return path, registry.detect(path, loader, wanted)

@@ -25,6 +25,24 @@ from webui.progress import Progress, no_progress
 SAMPLERS = frozenset(f.name for f in dataclasses.fields(GenerationParams))
 
 
+def incremental_texts(decode, ids: list[int]) -> list[str]:
+    """Per-token text pieces that join to `decode(ids)`, for tokenizers whose tokens are not strings on their
+    own (byte pieces, sentencepiece's leading-space marks): each token's piece is what decoding it in the
+    context of the tokens just before it adds, held back while it ends in a partial character."""
+    pieces, prefix, read = [], 0, 0
+    for i in range(len(ids)):
+        before = decode(ids[prefix:read])
+        now = decode(ids[prefix:i + 1])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            pieces.append(now[len(before):])
+            prefix, read = read, i + 1
+        else:
+            pieces.append("")
+    if pieces and read < len(ids):  # the sequence ends inside a character
+        pieces[-1] += decode(ids[prefix:])[len(decode(ids[prefix:read])):]
+    return pieces
+
+
 def plain_transcript(messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The prompt for a model without a chat template (a base model): a plain transcript, so chat still works."""
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
@@ -100,9 +118,10 @@ class Backend(ABC):
         return None
 
     @classmethod
-    def training_model(cls, path: Path, device: str, dtype):
+    def training_model(cls, path: Path, device: str, dtype, quantization: str = "none"):
         """A model of `path` to train a LoRA on with PEFT (this loader's form of QLoRA where the weights are
-        quantized). Loaders that cannot train refuse."""
+        quantized; `quantization`: bitsandbytes nf4/fp4/int8 while loading, or none). Loaders that cannot train,
+        or cannot quantize that way, refuse."""
         raise Unsupported(f"the {cls.name} loader cannot train adapters; train on the model's transformers folder")
 
     @classmethod
@@ -140,7 +159,22 @@ class Backend(ABC):
 
     @abstractmethod
     def token_texts(self, ids: list[int]) -> list[str]:
-        """The text of each token (what the API reports per token; byte fragments of a character as U+FFFD)."""
+        """The text each token adds to the sequence's text: joined, they are `detokenize(ids)`. A token that
+        holds only part of a character adds "" and the token that completes it adds the whole character (how
+        streaming servers report tokens)."""
+
+    def is_end_of_sequence(self, token: int) -> bool:
+        """Does generating `token` end the reply (any of the model's end tokens, not just the main one)?"""
+        return token == self.eos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The end-of-sequence token (raw training text ends with it), or None when the model has none."""
+        return None
+
+    @abstractmethod
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of a token sequence (special tokens included, as the ids say)."""
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
@@ -161,21 +195,37 @@ class Backend(ABC):
         """Yield the continuation of `prompt` as text deltas. Closing the iterator early, or setting
         `cancel`, stops the generation and frees the model for the next caller."""
 
+    def prepare_response_format(self, response_format: str) -> None:
+        """Check (and compile, once) a GenerationParams.response_format before requests that use it are queued,
+        so a schema this loader cannot enforce is refused up front."""
+        if response_format:
+            raise Unsupported(f"the {self.name} loader cannot enforce a response format")
+
     def stream_batch(self, prompts: list[str], params: GenerationParams, adapter_names: list | None = None,
                      cancel: threading.Event | None = None) -> Iterator[tuple]:
-        """Several prompts; events ("delta", row, text) and ("done", row, finish_reason, tokens). This
-        default runs them one after another; loaders with capabilities.mixed_batch do one pass and honour
-        `adapter_names` (one adapter per row)."""
+        """Several prompts; events ("delta", row, text) and ("done", row, finish_reason, tokens, token_ids or
+        None). This default runs them one after another through `stream_tokens`; loaders with
+        capabilities.mixed_batch do one pass and honour `adapter_names` (one adapter per row)."""
         if adapter_names and any(adapter_names):  # [None, None, ...] = all plain base: fine only without adapters
             raise Unsupported(f"the {self.name} loader cannot mix adapters within one batch")
         for row, prompt in enumerate(prompts):
-            text = ""
-            for delta in self.stream(prompt, params, cancel):
+            text, ids = "", []
+            for delta, delta_ids in self.stream_tokens(prompt, params, cancel):
                 text += delta
-                yield ("delta", row, delta)
-            # re-tokenizing the reply approximates its token count (exact for most tokenizers)
-            n = self.count_tokens(text) if text else 0
-            yield ("done", row, "length" if n >= params.max_new_tokens else "stop", n)
+                ids = None if delta_ids is None or ids is None else ids + delta_ids
+                if delta:
+                    yield ("delta", row, delta)
+            eos = bool(ids) and self.is_end_of_sequence(ids[-1])
+            # without ids, re-tokenizing the reply approximates its token count (exact for most tokenizers)
+            n = len(ids) - eos if ids is not None else self.count_tokens(text) if text else 0
+            yield ("done", row, "length" if n >= params.max_new_tokens else "stop", n, ids)
+
+    def stream_tokens(self, prompt: str, params: GenerationParams,
+                      cancel: threading.Event | None = None) -> Iterator[tuple[str, list[int] | None]]:
+        """`stream` with the token ids behind each text delta ((text, ids); ids None when the loader cannot
+        tell), the last ids ending with the end-of-sequence token the reply stopped on."""
+        for delta in self.stream(prompt, params, cancel):
+            yield delta, None
 
     # -- adapters (loaders without them keep these defaults; capabilities.adapters says which) --------
     def describe_base(self):
@@ -219,5 +269,5 @@ class Backend(ABC):
         raise Unsupported(f"the {self.name} loader cannot export merged models")
 
     def blend_adapters(self, weights: dict[str, float], new_name: str, combination_type: str, out_dir: Path,
-                       density: float | None = None) -> Path:
+                       density: float | None = None, **options) -> Path:
         raise Unsupported(f"the {self.name} loader cannot blend adapters")

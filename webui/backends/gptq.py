@@ -23,7 +23,7 @@ from webui.adapters.targets import Layer, describe_base
 from webui.backends.base import SAMPLERS, Capabilities, LoadedInfo
 from webui.backends.transformers import TransformersBackend
 from webui.config import ModelSpec
-from webui.errors import LoadFailed, Unsupported
+from webui.errors import BadInput, LoadFailed, Unsupported
 from webui.export.gptq_quantize import gptqmodel_env, quantization_config
 from webui.progress import Progress, no_progress
 
@@ -101,9 +101,12 @@ class GptqBackend(TransformersBackend):
         return embedded.ensure_gptq_folder(models_dir, progress)
 
     @classmethod
-    def training_model(cls, path: Path, device: str, dtype):
+    def training_model(cls, path: Path, device: str, dtype, quantization: str = "none"):
         """QLoRA on GPTQ: the 4-bit weights stay frozen behind GPTQModel's trainable kernel; activations in
         float32 (the kernel's CPU path needs it)."""
+        if quantization != "none":
+            raise BadInput(f"training.quantization {quantization}: {path.name} is GPTQ-quantized already and trains "
+                           "as QLoRA on its own 4-bit weights; set training.quantization: none")
         return load_quantized(path, device, torch.float32, trainable=True)
 
     @classmethod

@@ -13,10 +13,11 @@ module is imported by `backend_class` on first use.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 
-from webui.errors import LoadFailed, NotFound
+from webui.errors import BadInput, LoadFailed, NotFound
 
 # name -> "module:Class", in claim order
 LOADERS: dict[str, str] = {
@@ -60,25 +61,49 @@ def require(name: str) -> None:
                          f"(./start.sh installs it); loaders available: {', '.join(available())}")
 
 
-def detect(path: Path, requested: str = "auto") -> str:
-    """The loader for a model path: `requested` itself (checked to be installed), or for `auto` the first
-    installed loader that claims the path."""
+def loader_options(spec) -> frozenset[str]:
+    """The loader-specific settings a ModelSpec asks for: fields marked `loader_option` in their metadata
+    (e.g. quantization) set to something other than their default."""
+    return frozenset(f.name for f in dataclasses.fields(spec)
+                     if f.metadata.get("loader_option") and getattr(spec, f.name) != f.default)
+
+
+def _takes(name: str, wanted) -> bool:
+    return set(wanted) <= set(backend_class(name).settings)
+
+
+def check_options(name: str, wanted) -> None:
+    """Refuse loader-specific settings that loader `name` does not take, naming the loaders that do."""
+    missing = sorted(set(wanted) - set(backend_class(name).settings))
+    if missing:
+        owners = [n for n in LOADERS if _takes(n, missing)] or ["no"]
+        raise BadInput(f"{', '.join(missing)}: the {name} loader does not take this setting; it is an option of "
+                       f"the {' / '.join(owners)} loader (--loader {owners[0]})")
+
+
+def detect(path: Path, requested: str = "auto", wanted=frozenset()) -> str:
+    """The loader for a model path: `requested` itself (checked to be installed and to take the `wanted`
+    loader options), or for `auto` the first installed loader that takes them and claims the path."""
     if requested != "auto":
         require(requested)
+        check_options(requested, wanted)
         return requested
     for name in available():
-        if backend_class(name).claims(Path(path)):
+        if _takes(name, wanted) and backend_class(name).claims(Path(path)):
             return name
+    check_options(FALLBACK, wanted)
     return FALLBACK
 
 
-def embedded(requested: str, models_dir: Path, progress=None) -> tuple[Path, str]:
+def embedded(requested: str, models_dir: Path, progress=None, wanted=frozenset()) -> tuple[Path, str]:
     """(path, loader) of the embedded default model for `requested` (auto: the first installed loader that
-    provides one). Each loader provides it in its own format (a GGUF file, a converted folder, ...)."""
+    takes the `wanted` loader options and provides one). Each loader provides it in its own format (a GGUF
+    file, a converted folder, ...)."""
     if requested != "auto":
         require(requested)
-    candidates = [n for n in available() if backend_class(n).embedded_by_default] if requested == "auto" \
-        else [requested]
+        check_options(requested, wanted)
+    candidates = [n for n in available() if backend_class(n).embedded_by_default and _takes(n, wanted)] \
+        if requested == "auto" else [requested]
     for name in candidates:
         path = backend_class(name).embedded(Path(models_dir), progress)
         if path is not None:

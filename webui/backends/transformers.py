@@ -31,7 +31,17 @@ from transformers import (
 from webui import embedded
 from webui.adapters.peft_stack import PeftAdapterStack
 from webui.adapters.targets import describe_base
-from webui.backends.base import SAMPLERS, Backend, Capabilities, LoadedInfo, TokenScores, plain_transcript
+from webui.backends import bnb
+from webui.backends.base import (
+    SAMPLERS,
+    Backend,
+    Capabilities,
+    LoadedInfo,
+    TokenScores,
+    incremental_texts,
+    plain_transcript,
+)
+from webui.backends.grammar import Grammars
 from webui.backends.hf_batch import stream_batch
 from webui.config import GenerationParams, ModelSpec
 from webui.errors import BadInput, LoadFailed, NotFound, Unsupported, first_line
@@ -97,7 +107,7 @@ def _find_weights(path: Path) -> list[Path]:
 
 class TransformersBackend(Backend):
     name = "transformers"
-    settings = ("dtype", "device")
+    settings = ("dtype", "device", "quantization")
 
     def __init__(self):
         self.model = None
@@ -107,6 +117,8 @@ class TransformersBackend(Backend):
         self.adapters = None  # a PeftAdapterStack once an adapter is loaded
         self._base_description = None
         self.source_dtype = ""  # the dtype the model folder was saved in (exports keep it)
+        self.grammars: Grammars | None = None  # structured output, compiled per schema on first use
+        self.quantization = "none"  # bitsandbytes quantization applied while loading (webui/backends/bnb.py)
 
     # -- what the registry asks ------------------------------------------------------------------
     @classmethod
@@ -118,7 +130,9 @@ class TransformersBackend(Backend):
         return embedded.ensure_transformers_folder(models_dir, progress)
 
     @classmethod
-    def training_model(cls, path: Path, device: str, dtype):
+    def training_model(cls, path: Path, device: str, dtype, quantization: str = "none"):
+        if quantization != "none":  # QLoRA: the base quantized by bitsandbytes, LoRA in `dtype`
+            return bnb.training_model(path, device, dtype, quantization)
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -130,6 +144,7 @@ class TransformersBackend(Backend):
             if path.suffix != ".gguf":
                 raise LoadFailed(f"{path.name}: not a model folder or .gguf file")
             _check_gguf_header(path)
+            bnb.check_quantizable(path, spec.quantization)
             return
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -151,10 +166,12 @@ class TransformersBackend(Backend):
                 _check_safetensors(w)
         if not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise LoadFailed(f"{path.name}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+        bnb.check_quantizable(path, spec.quantization)
 
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
         self.device = pick_device(spec.device)
         dtype = pick_dtype(spec.dtype, self.device)
+        self.quantization = spec.quantization
         where, kwargs = (str(path), {}) if path.is_dir() else (str(path.parent), {"gguf_file": path.name})
         progress(0.1, f"loading tokenizer of {path.name}")
         try:
@@ -176,16 +193,22 @@ class TransformersBackend(Backend):
             dtype=str(dtype).removeprefix("torch."), architecture=(cfg.architectures or [type(self.model).__name__])[0],
             parameters=sum(p.numel() for p in self.model.parameters()),
             context_length=int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 0))
+        if self.quantization != "none":
+            self.info.dtype = bnb.describe(self.quantization, dtype)
+            self.info.parameters = bnb.float_parameter_count(self.model)
         progress(1.0, f"loaded {path.name}")
         return self.info
 
     def _from_pretrained(self, where: str, dtype, **kwargs):
         """The model's weights on self.device (the GPTQ loader overrides this to load 4-bit layers)."""
+        if self.quantization != "none":
+            return bnb.load(where, self.quantization, self.device, dtype, local_files_only=True, **kwargs)
         return AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True, **kwargs).to(self.device)
 
     def unload(self) -> None:
         self.adapters = None
         self._base_description = None
+        self.grammars = None
         self.model = None
         self.tokenizer = None
         self.info = None
@@ -194,8 +217,12 @@ class TransformersBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
+        quantized = self.quantization != "none"  # merging into bitsandbytes weights is refused (bnb.MERGE_REFUSED)
         return Capabilities(loader=self.name, samplers=SAMPLERS, settings=self.settings,
-                            adapters=True, adapter_stack=True, merge=True, mixed_batch=True)
+                            adapters=True, adapter_stack=True, merge=not quantized, mixed_batch=True,
+                            extra={"quantization": self.quantization,
+                                   "merge_instead": "merge on a float copy (--quantization none, or export)"}
+                            if quantized else {})
 
     # -- adapters (PEFT) ------------------------------------------------------------------------------
     def describe_base(self):
@@ -236,6 +263,8 @@ class TransformersBackend(Backend):
             self.adapters.delete(name)
 
     def merge_adapters(self) -> None:
+        if self.quantization != "none":
+            raise Unsupported(bnb.MERGE_REFUSED)
         if not self.adapters:
             raise BadInput("no adapter is active: nothing to merge")
         self.adapters.merge()
@@ -245,6 +274,8 @@ class TransformersBackend(Backend):
             self.adapters.unmerge()
 
     def save_merged(self, out_dir: Path) -> None:
+        if self.quantization != "none":
+            raise Unsupported(bnb.MERGE_REFUSED)
         model = self.model
         if self.adapters is not None and self.adapters.peft is not None:
             if self.adapters.merged:
@@ -261,10 +292,10 @@ class TransformersBackend(Backend):
         self.tokenizer.save_pretrained(str(out_dir))
         self.adapters = None
 
-    def blend_adapters(self, weights, new_name, combination_type, out_dir, density=None):
+    def blend_adapters(self, weights, new_name, combination_type, out_dir, density=None, **options):
         if not self.adapters:
             raise BadInput("load the adapters to blend first")
-        return self.adapters.blend(weights, new_name, combination_type, out_dir, density=density)
+        return self.adapters.blend(weights, new_name, combination_type, out_dir, density=density, **options)
 
     # -- text --------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -273,6 +304,15 @@ class TransformersBackend(Backend):
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
+    def _grammars(self) -> Grammars:
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.model.config.get_text_config().vocab_size)
+        return self.grammars
+
+    def prepare_response_format(self, response_format: str) -> None:
+        if response_format:
+            self._grammars().compile(response_format)
+
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         # A chat-template prompt already starts with BOS; adding another would change the output.
         bos = self.tokenizer.bos_token
@@ -280,7 +320,14 @@ class TransformersBackend(Backend):
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([i]) for i in ids]
+        return incremental_texts(self.tokenizer.decode, ids)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
 
     def _encode(self, prompt: str) -> dict:
         ids = torch.tensor([self.tokenize(prompt)], device=self.device)
@@ -329,6 +376,8 @@ class TransformersBackend(Backend):
         processors = LogitsProcessorList()
         if params.presence_penalty or params.frequency_penalty:
             processors.append(_PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, prompt_len))
+        if params.response_format:
+            processors.append(self._grammars().processor(params.response_format))
         if processors:
             kw["logits_processor"] = processors
         if cancel is not None:

@@ -7,7 +7,12 @@ loss, eval_loss, learning_rate, tokens_per_s), `status.json` (state, step, max_s
 the run to save a checkpoint and stop; running the same output again resumes from the newest complete
 checkpoint (also after kill -9). When the run ends, the adapter is written to `loras/NAME/` (atomically)
 with its training config and the base model's id. A GPTQ base trains as QLoRA through GPTQModel's
-trainable kernel with float32 activations.
+trainable kernel with float32 activations; `training.quantization` trains as QLoRA on a base that bitsandbytes
+quantizes while loading (the loader provides the model: Backend.training_model).
+
+PiSSA and OLoRA initializations rewrite the base weights the adapter trains against; the adapter PEFT built at
+the start is kept in the run folder (`initial-adapter/`) and the finished adapter is converted against it
+(PEFT's `path_initial_model_for_weight_conversion`), so that it works on the original base (at twice the rank).
 """
 from __future__ import annotations
 
@@ -21,7 +26,15 @@ from pathlib import Path
 import torch
 import yaml
 from peft import get_peft_model
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from peft.optimizers import create_loraplus_optimizer
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from webui import embedded
 from webui.adapters.files import check_adapter_name
@@ -29,7 +42,8 @@ from webui.backends.registry import backend_class, detect
 from webui.config import TrainConfig
 from webui.errors import BadInput, NotFound, Unsupported, first_line
 from webui.models import resolve_model_path
-from webui.training.data import load_samples, split, warnings_for
+from webui.training import lora_options
+from webui.training.data import load_files, split, warnings_for
 from webui.training.run_folder import CONFIG, METRICS, STOP, latest_checkpoint, read_status, write_status
 
 
@@ -48,16 +62,19 @@ def resolve_base(base_model: str, models_dir: Path) -> tuple[Path, str]:
     return path, base_model
 
 
-def _load_model(path: Path):
+INITIAL_ADAPTER = "initial-adapter"  # PiSSA/OLoRA: the adapter as initialized, for the conversion when saving
+
+
+def _load_model(path: Path, quantization: str = "none"):
     """The base to train on, as the loader that claims it provides one (a GPTQ folder: QLoRA on GPTQModel's
-    trainable kernel), on CUDA when present; and its tokenizer."""
+    trainable kernel; `quantization`: QLoRA on bitsandbytes), on CUDA when present; and its tokenizer."""
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     loader = backend_class(detect(path))
-    return loader, loader.training_model(path, "cuda" if cuda else "cpu", dtype), tok
+    return loader, loader.training_model(path, "cuda" if cuda else "cpu", dtype, quantization), tok
 
 
 def prepare(cfg: TrainConfig, models_dir: Path, loras_dir: Path, runs_dir: Path):
@@ -77,6 +94,10 @@ def prepare(cfg: TrainConfig, models_dir: Path, loras_dir: Path, runs_dir: Path)
         if previous.lora != cfg.lora or previous.base_model != cfg.base_model:
             raise BadInput(f"runs/{cfg.output} holds a run with other LoRA settings or base; "
                                 "pick another output name or delete that run folder")
+    if cfg.lora.rewrites_base and cfg.training.quantization != "none":
+        raise BadInput(f"lora.init_lora_weights {cfg.lora.init_lora_weights} rewrites the base weights, which "
+                       f"training.quantization {cfg.training.quantization} keeps quantized and frozen; use "
+                       "init_lora_weights true (or gaussian / orthogonal) for QLoRA")
     base_path, base_id = resolve_base(cfg.base_model, models_dir)
     return run_dir, base_path, base_id
 
@@ -131,47 +152,42 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
     if (loras_dir / cfg.output).exists() and read_status(run_dir).get("state") == "done":
         log(f"{cfg.output} is already trained: {loras_dir / cfg.output}")
         return loras_dir / cfg.output
-    loader, model, tok = _load_model(base_path)
+    loader, model, tok = _load_model(base_path, cfg.training.quantization)
     try:
-        samples = load_samples(Path(cfg.dataset.path), cfg.dataset.format, tok, cfg.training.cutoff_len,
-                               cfg.dataset.overlap)
+        samples = load_files(cfg.dataset.paths, cfg.dataset.format, tok, cfg.training.cutoff_len, cfg.dataset.overlap)
     except BadInput as e:
         raise BadInput(f"dataset: {e}") from None
     for note in warnings_for(samples, cfg.training.cutoff_len):
         log(f"warning: {note}")
     train_set, eval_set = split(samples, cfg.dataset.eval_fraction, cfg.training.seed)
     try:
-        lora_config = loader.training_lora_config(cfg.lora.peft_config(), model)
+        lora_config = loader.training_lora_config(lora_options.peft_config(cfg.lora, model, log), model)
+        set_seed(cfg.training.seed)  # the initial adapter (and pissa_niter_N's random SVD) repeats on resume
         peft_model = get_peft_model(model, lora_config)
     except (ValueError, TypeError) as e:  # BadInput is a ValueError too
         raise BadInput(f"lora: {e}") from None
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.lora.rewrites_base and not (run_dir / INITIAL_ADAPTER).is_dir():
+        _save_initial_adapter(peft_model, run_dir / INITIAL_ADAPTER)
     (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (run_dir / STOP).unlink(missing_ok=True)
     resume = latest_checkpoint(run_dir)
     write_status(run_dir, state="running", pid=os.getpid(), step=0, message="", base=base_id,
+                 quantization=cfg.training.quantization,
                  samples=len(train_set), eval_samples=len(eval_set), resumed_from=resume.name if resume else None)
     log(f"training {cfg.output} on {base_id}: {len(train_set)} samples (+{len(eval_set)} eval)"
         + (f", resuming from {resume.name}" if resume else ""))
 
     t = cfg.training
-    cuda = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation,
-        learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
-        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, logging_steps=t.logging_steps,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=3,
-        eval_strategy="steps" if eval_set else "no", eval_steps=t.eval_steps, seed=t.seed,
-        report_to=[], use_cpu=not cuda, bf16=bool(cuda and torch.cuda.is_bf16_supported()),
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
+    args = training_arguments(t, run_dir, bool(eval_set))
     collator = _TokenCountingCollator(tok)
     as_dicts = lambda rows: [{"input_ids": s.input_ids, "labels": s.labels} for s in rows]  # noqa: E731
     try:
         trainer = Trainer(model=peft_model, args=args, train_dataset=as_dicts(train_set),
                           eval_dataset=as_dicts(eval_set) or None, data_collator=collator,
-                          callbacks=[_callback(run_dir, collator)])
+                          callbacks=[_callback(run_dir, collator)],
+                          optimizers=(loraplus_optimizer(peft_model, args, t.loraplus_lr_ratio), None))
     except (ValueError, TypeError) as e:  # e.g. a base whose quantization cannot be trained
         write_status(run_dir, state="failed", message=first_line(e))
         raise Unsupported(first_line(e)) from None
@@ -186,20 +202,65 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
                      message=f"stopped at step {trainer.state.global_step}; start again to resume")
         log(f"stopped at step {trainer.state.global_step} (checkpoint saved)")
         return None
-    out = _save_adapter(peft_model, cfg, base_id, loras_dir, trainer.state.global_step)
+    out = _save_adapter(peft_model, cfg, base_id, loras_dir, trainer.state.global_step,
+                        initial=run_dir / INITIAL_ADAPTER if cfg.lora.rewrites_base else None)
     write_status(run_dir, state="done", step=trainer.state.global_step, adapter=str(out),
                  message=f"done: adapter {cfg.output} is in {loras_dir}")
     log(f"done: {out}")
     return out
 
 
-def _save_adapter(peft_model, cfg: TrainConfig, base_id: str, loras_dir: Path, steps: int) -> Path:
-    """Write loras/NAME atomically, with the training config and the base model's id."""
+def training_arguments(t, run_dir: Path, has_eval: bool) -> TrainingArguments:
+    """transformers' TrainingArguments for the `training:` section `t` (TrainingParams)."""
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, logging_steps=t.logging_steps,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=3,
+        eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps, seed=t.seed,
+        report_to=[], use_cpu=not cuda, bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+        # (transformers 5's name for gradient checkpointing) non-reentrant: gradients reach the adapter without
+        # PEFT's input-grad hook
+        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
+        optim=t.optim, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        neftune_noise_alpha=t.neftune_noise_alpha or None)
+
+
+def loraplus_optimizer(peft_model, args: TrainingArguments, ratio: float):
+    """LoRA+ (PEFT's create_loraplus_optimizer): the optimizer `args.optim` names, with the B matrices' learning
+    rate `ratio` times the A matrices'. None (the Trainer builds its own) when ratio is 0."""
+    if not ratio:
+        return None
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, peft_model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return create_loraplus_optimizer(peft_model, optimizer_cls, lr=args.learning_rate, loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=args.weight_decay, **kwargs)
+
+
+def _save_initial_adapter(peft_model, folder: Path) -> None:
+    """The adapter as PiSSA/OLoRA initialized it, saved the way PEFT's conversion reads it (init_lora_weights
+    true: loading it must not run the initialization again)."""
+    config = peft_model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        peft_model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+
+
+def _save_adapter(peft_model, cfg: TrainConfig, base_id: str, loras_dir: Path, steps: int,
+                  initial: Path | None = None) -> Path:
+    """Write loras/NAME atomically, with the training config and the base model's id; `initial`: the adapter
+    as initialized, to convert a PiSSA/OLoRA adapter into one for the original base."""
     loras_dir.mkdir(parents=True, exist_ok=True)
     target = loras_dir / cfg.output
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.output}.", dir=loras_dir))
     try:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=(
+            str(initial) if initial else None))
         config_file = tmp / "adapter_config.json"
         adapter_cfg = json.loads(config_file.read_text())
         adapter_cfg["base_model_name_or_path"] = base_id

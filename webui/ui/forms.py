@@ -58,6 +58,8 @@ def _parse_text(name: str, text: str):
         return ints[0] if len(ints) == 1 and "," not in text else ints
     if name in ("target_modules", "modules_to_save") and not (name == "target_modules" and text == "all-linear"):
         return parts
+    if name == "path" and len(parts) > 1:  # several dataset files
+        return parts
     return text
 
 

@@ -18,8 +18,9 @@ from transformers import AutoTokenizer
 from webui.config import DatasetConfig, LoraTrainConfig, TrainConfig, TrainingParams
 from webui.engine import Engine
 from webui.errors import BadInput, LoraDeckError, ui_message
-from webui.training.data import load_samples, warnings_for
+from webui.training.data import load_files, warnings_for
 from webui.training.data import preview as preview_samples
+from webui.training.lora_options import yaml_hint
 from webui.training.runner import TrainingRunner
 from webui.training.trainer import resolve_base
 from webui.ui import forms
@@ -143,8 +144,8 @@ class TrainingTab:
                 cfg = self.config_from(values)
                 base, _ = resolve_base(cfg.base_model, self.engine.models_dir)
                 tok = AutoTokenizer.from_pretrained(str(base))
-                samples = load_samples(Path(cfg.dataset.path), cfg.dataset.format, tok, cfg.training.cutoff_len,
-                                       cfg.dataset.overlap)
+                samples = load_files(cfg.dataset.paths, cfg.dataset.format, tok, cfg.training.cutoff_len,
+                                     cfg.dataset.overlap)
             except LoraDeckError as e:
                 return ui_message(e)
             notes = "".join(f"⚠️ {n}\n" for n in warnings_for(samples, cfg.training.cutoff_len))
@@ -169,7 +170,7 @@ class TrainingTab:
             try:
                 cfg = TrainConfig.from_dict(yaml.safe_load(text or ""))
             except (LoraDeckError, yaml.YAMLError) as e:
-                return [gr.update()] * len(self.inputs) + [ui_message(e)]
+                return [gr.update()] * len(self.inputs) + [ui_message(e) + yaml_hint(e)]
             return self.form_from(cfg) + ["Form filled from the YAML."]
 
         def apply(name):
