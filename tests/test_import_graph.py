@@ -11,8 +11,9 @@ from tests.helpers import ROOT
 PACKAGE = ROOT / "webui"
 # The app's core: models, adapters, loaders, downloads, training, export. It must not know the front-ends.
 CORE = ("webui.engine", "webui.scheduler", "webui.backends", "webui.adapters", "webui.hub", "webui.training",
-        "webui.export", "webui.config", "webui.errors", "webui.models", "webui.embedded", "webui.paths",
-        "webui.progress", "webui.stop_strings", "webui.presets", "webui.conversations", "webui.extensions")
+        "webui.export", "webui.evaluate", "webui.config", "webui.errors", "webui.models", "webui.embedded",
+        "webui.paths", "webui.progress", "webui.stop_strings", "webui.presets", "webui.conversations",
+        "webui.extensions")
 FRONT_ENDS = ("webui.ui", "webui.api", "webui.server", "webui.cli")
 WEB_FRAMEWORKS = ("gradio", "fastapi", "starlette", "uvicorn")
 

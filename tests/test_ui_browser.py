@@ -1,4 +1,4 @@
-"""The real app in headless Chromium: the four tabs are there; a chat streams the embedded model's reply
+"""The real app in headless Chromium: the five tabs are there; a chat streams the embedded model's reply
 (greedy, set on the Parameters tab) equal to plain transformers; two browser tabs keep their own
 histories; a broken model picked on the Model tab shows the reason and the chat keeps answering."""
 import shutil
@@ -25,7 +25,8 @@ def test_chat_in_the_browser(browser, start_app, embedded_folder, tiny_models, t
     expected = chat_reference(embedded_folder, QUESTION, MAX_NEW)
 
     page = open_app(browser, app.url)
-    assert [t.inner_text().strip() for t in page.get_by_role("tab").all()] == ["Chat", "Parameters", "Model", "Training"]
+    tabs = [t.inner_text().strip() for t in page.get_by_role("tab").all()]
+    assert tabs == ["Chat", "Parameters", "Model", "Training", "Evaluate"]
     assert "SmolLM2-135M-Instruct" in wait_text(lambda: page.inner_text("#chat-status"), timeout=20)
 
     greedy(page, MAX_NEW)

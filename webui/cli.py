@@ -15,11 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from webui.config import ServerConfig, TrainConfig, add_arguments, from_namespace
+from webui.config import EvalConfig, ModelSpec, ServerConfig, TrainConfig, add_arguments, from_namespace
 from webui.errors import BadInput, LoraDeckError
 from webui.export import FORMATS
 from webui.hub.cli import add_arguments as add_download_arguments
 from webui.hub.cli import run_cli
+from webui.training.lora_options import yaml_hint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="GPTQ: a text file to calibrate on (default: webui/data/calibration.txt)")
     export.add_argument("--models-dir", default="models")
     export.add_argument("--loras-dir", default="loras")
+
+    evaluate = sub.add_parser("eval", help="loss, perplexity and answers of the base and each adapter, side by side",
+                              description="Score the base and each adapter or weighted stack on a dataset (training's "
+                                          "formats and loss masking) and write a JSON or HTML report.")
+    add_arguments(evaluate, ModelSpec)
+    add_arguments(evaluate, EvalConfig)
     return parser
 
 
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return _export(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "download":
         return run_cli(args)
     return 2
@@ -152,11 +161,10 @@ def _train(args) -> int:
         print(f"error: cannot read {path}: {e}", file=sys.stderr)
         return 2
     except (yaml.YAMLError, BadInput) as e:
-        print(f"error: {path.name}: {e}", file=sys.stderr)
+        print(f"error: {path.name}: {e}{yaml_hint(e)}", file=sys.stderr)
         return 2
-    dataset = Path(cfg.dataset.path)
-    if not dataset.is_absolute() and not dataset.exists() and (path.parent / dataset).exists():
-        cfg.dataset.path = str(path.parent / dataset)  # relative to the config file
+    files = [_beside(Path(p), path.parent) for p in cfg.dataset.paths]
+    cfg.dataset.path = files if isinstance(cfg.dataset.path, list) else files[0]
     try:
         train(cfg, Path(args.models_dir), Path(args.loras_dir), Path(args.runs_dir),
               log=lambda msg: print(msg, flush=True))
@@ -164,6 +172,31 @@ def _train(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _eval(args) -> int:
+    from webui.evaluate.run import run_cli  # torch: see the docstring
+
+    try:
+        spec, cfg = from_namespace(ModelSpec, args), from_namespace(EvalConfig, args)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        paths = run_cli(spec, cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except LoraDeckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _beside(dataset: Path, config_dir: Path) -> str:
+    """A dataset path as given, or relative to the config file's folder when only that one exists."""
+    if not dataset.is_absolute() and not dataset.exists() and (config_dir / dataset).exists():
+        return str(config_dir / dataset)
+    return str(dataset)
 
 
 def serve_main() -> int:

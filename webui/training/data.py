@@ -10,6 +10,10 @@ model will see them.
 
 Every problem (empty file, bad JSON, a record missing a field) raises BadInput naming the file, the
 line or record, and the field — before any training starts.
+
+The tokenizer is reached through a `TextCodec` (render a conversation, tokenize text, the end-of-sequence
+token): training wraps a Hugging Face tokenizer in one, and evaluation (webui/evaluate) wraps the loaded
+Engine, so every loader, llama.cpp included, gets the same formats, chunking and loss masking.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from webui.backends.base import plain_transcript
 from webui.errors import BadInput, NotFound
 
 IGNORE = -100  # label of tokens that carry no loss (transformers' convention)
@@ -29,6 +34,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 class Sample:
     input_ids: list[int]
     labels: list[int]
+    record: int = 0  # where it came from (1-based record, or chunk of raw text), for messages that name it
 
     @property
     def trained_tokens(self) -> int:
@@ -97,41 +103,59 @@ def conversations(path: Path, fmt: str) -> list[list[dict]]:
     return out
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-    return text + ("Assistant:" if add_generation_prompt else "")
+class TextCodec:
+    """What turning records into samples needs from a tokenizer, here over a Hugging Face tokenizer. Other
+    sources (the Engine) subclass it and override the three members."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return plain_transcript(messages, add_generation_prompt)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids; BOS is added as generation adds it (not twice when a rendered chat starts with it)."""
+        bos = self.tokenizer.bos_token
+        return list(self.tokenizer(text, add_special_tokens=add_special and not (bos and text.startswith(bos)))
+                    ["input_ids"])
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    bos = tokenizer.bos_token
-    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+def codec_of(tokenizer) -> TextCodec:
+    return tokenizer if isinstance(tokenizer, TextCodec) else TextCodec(tokenizer)
 
 
 def encode_chat(tokenizer, messages: list[dict], cutoff_len: int) -> Sample:
     """Tokens of the whole conversation; labels only on assistant turns. Each assistant turn's tokens are
     found by rendering the conversation up to the turn's start and up to its end (chat templates put
     special tokens at turn boundaries, so these renders tokenize as prefixes of the whole)."""
-    full = _ids(tokenizer, _render(tokenizer, messages, False))
+    codec = codec_of(tokenizer)
+    full = codec.encode(codec.render(messages, False))
     labels = [IGNORE] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_ids(tokenizer, _render(tokenizer, messages[:i], True)))
-        end = len(_ids(tokenizer, _render(tokenizer, messages[:i + 1], False)))
+        start = len(codec.encode(codec.render(messages[:i], True)))
+        end = len(codec.encode(codec.render(messages[:i + 1], False)))
         for j in range(start, min(end, len(full))):
             labels[j] = full[j]
     return Sample(full[:cutoff_len], labels[:cutoff_len])
 
 
 def encode_raw(tokenizer, text: str, cutoff_len: int, overlap: int) -> list[Sample]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
+    codec = codec_of(tokenizer)
+    ids = codec.encode(text, add_special=False)
+    if codec.eos_token_id is not None:
+        ids = ids + [codec.eos_token_id]
     step = max(1, cutoff_len - overlap)
     chunks = [ids[i:i + cutoff_len] for i in range(0, max(1, len(ids) - overlap), step)]
-    return [Sample(c, list(c)) for c in chunks if len(c) > 1]
+    return [Sample(c, list(c), n) for n, c in enumerate(chunks, 1) if len(c) > 1]
 
 
 def load_samples(path: Path, fmt: str, tokenizer, cutoff_len: int, overlap: int = 32) -> list[Sample]:
@@ -147,10 +171,18 @@ def load_samples(path: Path, fmt: str, tokenizer, cutoff_len: int, overlap: int 
         if path.suffix not in (".json", ".jsonl"):
             raise BadInput(f"{path.name}: {fmt} data must be a .json or .jsonl file")
         samples = [encode_chat(tokenizer, c, cutoff_len) for c in conversations(path, fmt)]
+        for n, s in enumerate(samples, 1):
+            s.record = n
     samples = [s for s in samples if s.trained_tokens > 0]
     if not samples:
         raise BadInput(f"{path.name}: no sample has any token to train on (is cutoff_len {cutoff_len} too short?)")
     return samples
+
+
+def load_files(paths: list, fmt: str, tokenizer, cutoff_len: int, overlap: int = 32) -> list[Sample]:
+    """The samples of several files of one format as one list (`dataset.path` may list files to mix; the split
+    shuffles them together)."""
+    return [s for path in paths for s in load_samples(Path(path), fmt, tokenizer, cutoff_len, overlap)]
 
 
 def split(samples: list[Sample], eval_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

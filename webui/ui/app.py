@@ -1,4 +1,4 @@
-"""Assembles the four tabs into one Gradio Blocks app. Tabs are built first and wired after, because
+"""Assembles the five tabs into one Gradio Blocks app. Tabs are built first and wired after, because
 the Chat tab reads the Parameters tab's components and the Model tab updates the Chat tab's status."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from webui.engine import Engine
 from webui.extensions import Extensions
 from webui.training.runner import TrainingRunner
 from webui.ui.chat_tab import ChatTab
+from webui.ui.evaluate_tab import EvaluateTab
 from webui.ui.extensions_area import extensions_area
 from webui.ui.model_tab import ModelTab
 from webui.ui.parameters_tab import ParametersTab
@@ -33,6 +34,8 @@ def build_ui(engine: Engine, cfg: ServerConfig) -> gr.Blocks:
             with gr.Tab("Training", id="training"):
                 training = TrainingTab(engine, TrainingRunner(cfg.paths["runs"], cfg.paths["models"],
                                                               cfg.paths["loras"]), cfg.paths["user"])
+            with gr.Tab("Evaluate", id="evaluate"):
+                EvaluateTab(engine, cfg.paths["user"])
         chat.wire(params)
         model.wire(on_change=chat.status, describe=chat.describe_model)
         model.load.click(lambda: params.visible_for(engine), outputs=params.inputs)

@@ -1,0 +1,201 @@
+"""One evaluation on a loaded Engine: check everything first (adapters, dataset, prompts, output path: a bad
+one stops the run before any work, naming the file, line or adapter), then score every sample under the base
+and each adapter or stack (`Engine.score`, batched; the active stack is left as it was), answer the prompts
+with each of them through the Engine's scheduler (greedy; one batched pass where the loader mixes adapters),
+and build the report: `evaluate` returns it as a dict (None when cancelled), `write_report` writes it as JSON
+and, for a `.html` path, as a self-contained page with the JSON beside it. `run_cli` is `python -m webui eval`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from webui.config import EvalConfig, GenerationParams, ModelSpec
+from webui.engine import Engine
+from webui.errors import BadInput, LoraDeckError, NoModelLoaded, first_line
+from webui.evaluate import page
+from webui.evaluate.inputs import load_dataset, render_prompts
+from webui.evaluate.stats import SampleNll, mean_loss, paired_bootstrap, perplexity, sample_nll, verdict
+from webui.progress import Progress, no_progress
+from webui.training.data import IGNORE, Sample
+
+SNIPPET_CHARS = 160  # of each sample's trained text, kept in the report for the per-sample view
+
+
+def _check_adapters(engine: Engine, configs: list[tuple[str, dict]]) -> None:
+    """Each adapter read, checked against the loaded base and cached (not activated), one by one so that an
+    error names the adapter."""
+    for name in dict.fromkeys(n for _, stack in configs for n in stack):
+        try:
+            engine.prepare_adapters([name])
+        except LoraDeckError as e:
+            if name in str(e):
+                raise
+            raise type(e)(f"adapter {name!r}: {e}") from None
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise BadInput(f"out: {out} is a folder; give a file name ending in .json or .html")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"out: cannot write to {out.parent}: {first_line(e)}") from None
+
+
+def _snippet(engine: Engine, s: Sample) -> str:
+    """The text of a sample's trained tokens (where its loss comes from), shortened."""
+    text = "".join(engine.token_texts([t for t, label in zip(s.input_ids, s.labels) if label != IGNORE]))
+    text = " ".join(text.split())
+    return text if len(text) <= SNIPPET_CHARS else text[:SNIPPET_CHARS - 1] + "…"
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no inf/nan
+
+
+def evaluate(engine: Engine, cfg: EvalConfig, progress: Progress = no_progress,
+             cancel: threading.Event | None = None) -> dict | None:
+    """The report of `cfg` on the loaded model, or None when `cancel` was set (nothing is written either way)."""
+    cancel = cancel or threading.Event()
+    info = engine.loaded
+    if info is None:
+        raise NoModelLoaded()
+    configs = cfg.configurations()
+    _check_adapters(engine, configs)
+    samples = load_dataset(engine, cfg)
+    prompts = render_prompts(engine, cfg)
+    _check_out(Path(cfg.out))
+
+    batches = math.ceil(len(samples) / cfg.batch_size)
+    steps, done = len(configs) * batches + len(prompts) * len(configs), 0
+    scored: dict[str, list[SampleNll]] = {}
+    timing: dict[str, tuple[float, int]] = {}
+    for name, stack in configs:
+        start, fed, nll = time.perf_counter(), 0, []
+        for b in range(0, len(samples), cfg.batch_size):
+            if cancel.is_set():
+                return None
+            batch = samples[b:b + cfg.batch_size]
+            scores = engine.score([s.input_ids for s in batch], adapters=stack)
+            nll += [sample_nll(s.labels, sc.logprobs) for s, sc in zip(batch, scores)]
+            fed += sum(len(s.input_ids) for s in batch)
+            done += 1
+            progress(done / steps, f"scoring {name}: {min(b + cfg.batch_size, len(samples))}/{len(samples)} samples")
+        scored[name], timing[name] = nll, (time.perf_counter() - start, fed)
+
+    generations = _generate(engine, cfg, configs, prompts, cancel,
+                            lambda k, msg: progress((done + k) / steps, msg))
+    if generations is None:
+        return None
+
+    base_loss = mean_loss(scored["base"])
+    results = []
+    for name, stack in configs:
+        loss, (seconds, fed) = mean_loss(scored[name]), timing[name]
+        ci = (0.0, 0.0) if name == "base" else paired_bootstrap(scored["base"], scored[name], cfg.bootstrap, cfg.seed)
+        results.append({
+            "name": name, "adapters": stack, "loss": _finite(loss), "perplexity": _finite(perplexity(loss)),
+            "tokens": sum(s.tokens for s in scored[name]), "delta_loss_vs_base": _finite(loss - base_loss),
+            "ci95": [ci[0], ci[1]], "verdict": "" if name == "base" else verdict(ci),
+            "tokens_per_s": fed / seconds if seconds > 0 else None, "seconds": seconds,
+            "per_sample_loss": [s.loss for s in scored[name]]})
+    progress(1.0, "done")
+    return {
+        "model": info.name, "loader": info.loader,
+        "dataset": {"path": str(cfg.dataset), "format": cfg.format, "samples": len(samples),
+                    "tokens": results[0]["tokens"]},
+        "results": results,
+        "generations": generations,
+        "samples": [{"record": s.record, "tokens": n.tokens, "length": len(s.input_ids), "text": _snippet(engine, s)}
+                    for s, n in zip(samples, scored["base"])],
+        "settings": {**dataclasses.asdict(cfg), "model_spec": dataclasses.asdict(engine.spec) if engine.spec else None,
+                     "context_length": info.context_length, "device": info.device, "dtype": info.dtype},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _generate(engine: Engine, cfg: EvalConfig, configs, prompts, cancel: threading.Event, progress) -> list | None:
+    """Every prompt answered greedily under every configuration. All requests are queued at once, so the
+    scheduler batches them (base and single adapters share a pass on loaders with mixed batches)."""
+    if not prompts:
+        return []
+    params = GenerationParams(temperature=0, max_new_tokens=cfg.max_new_tokens)
+    handles = [[engine.scheduler.submit(text, params, stack) for _, stack in configs] for _, text in prompts]
+    out, k = [], 0
+    try:
+        for (prompt, _), row in zip(prompts, handles):
+            outputs = {}
+            for (name, _), handle in zip(configs, row):
+                text = ""
+                try:
+                    for delta in handle:
+                        text += delta
+                        if cancel.is_set():
+                            return None
+                except LoraDeckError as e:
+                    text = f"[error: {e}]"
+                if cancel.is_set():
+                    return None
+                outputs[name] = text
+                k += 1
+                progress(k, f"answering prompt {len(out) + 1}/{len(prompts)} with {name}")
+            out.append({"prompt": prompt, "outputs": outputs})
+    finally:  # a cancelled run must not leave answers generating for nobody
+        for row in handles:
+            for handle in row:
+                handle.close()
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Written beside its final name, then renamed: a report under its name is always whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_report(report: dict, out: Path) -> list[Path]:
+    """The JSON report, and for a .html path the page too (the JSON beside it). Returns the files written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = out.with_suffix(".json")
+    _write_atomic(json_path, json.dumps(report, indent=2, ensure_ascii=False))
+    if out.suffix.lower() != ".html":
+        return [json_path]
+    _write_atomic(out, page.render(report))
+    return [out, json_path]
+
+
+def summary_text(report: dict) -> str:
+    """The results as a plain-text table (what the CLI prints)."""
+    lines = [f"{'name':<24} {'loss':>8} {'perplexity':>11} {'tokens':>7} {'Δ vs base':>10} {'95% CI':>19}  verdict"]
+    for r in report["results"]:
+        ci = "" if r["name"] == "base" else f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]"
+        delta = "" if r["name"] == "base" else f"{r['delta_loss_vs_base']:+.4f}"
+        ppl = f"{r['perplexity']:.3f}" if r["perplexity"] is not None else "inf"
+        lines.append(f"{r['name']:<24} {r['loss']:>8.4f} {ppl:>11} {r['tokens']:>7} {delta:>10} {ci:>19}  "
+                     f"{r['verdict']}")
+    return "\n".join(lines)
+
+
+def run_cli(spec: ModelSpec, cfg: EvalConfig, log=print) -> list[Path]:
+    """Load the model, evaluate, write the report; what `python -m webui eval` does."""
+    engine = Engine(cfg.models_dir, cfg.loras_dir)
+    engine.load(spec, progress=lambda f, msg: log(f"[load] {msg}"))
+    try:
+        report = evaluate(engine, cfg, progress=lambda f, msg: log(f"[eval] {100 * (f or 0):3.0f}% {msg}"))
+        paths = write_report(report, Path(cfg.out))
+    finally:
+        engine.unload()
+    print(summary_text(report))
+    return paths
