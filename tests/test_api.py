@@ -135,7 +135,7 @@ def _post(app, path, body, **kw):
     ({"model": "tiny-llama", "messages": []}, 400, "messages"),
     ({"model": "tiny-llama", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300}, 400, "context"),
-    ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
     ({"model": "", "messages": [{"role": "user", "content": "hi"}], "adapters": [{"name": "../A"}]}, 400, "not allowed"),
     ({"model": "", "messages": [{"role": "user", "content": "hi"}], "adapters": [{"name": "ghost"}]}, 404, "not found"),
     ({"model": "", "messages": [{"role": "user", "content": "hi"}], "adapter_id": "/etc",

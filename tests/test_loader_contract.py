@@ -1,18 +1,20 @@
 """The adapter contract every loader keeps, checked through the public Engine API, one table for all loaders
 (transformers on the tiny Llama folder, GPTQ on a 4-bit tiny Llama, llama.cpp on an f32 GGUF of the tiny
-Llama), each against plain PEFT:
+Llama, transformers with bitsandbytes nf4 on a 128-wide tiny Llama), each against plain PEFT:
 
 - one adapter gives PEFT's greedy text (`PeftModel.from_pretrained`);
 - a weighted stack of two adapters (different ranks) gives PEFT's `add_weighted_adapter(..., "cat")`;
 - switching A → B → none → A gives each one's output on the same loaded model, and none is the base again;
 - an adapter written for a base of another shape is refused with `Incompatible`, and nothing changes;
-- merge: transformers merges and unmerges (same output, then the base again); GPTQ and llama.cpp refuse
-  with `Unsupported`, pointing to the export that bakes adapters in.
+- merge: transformers merges and unmerges (same output, then the base again); GPTQ, llama.cpp and bitsandbytes
+  refuse with `Unsupported`, pointing to the export that bakes adapters in (or a float copy).
 
 How "equal to PEFT" is measured differs by loader, as the numbers do:
 - transformers: the same text, logits within float32 rounding (FLOAT_TOL);
 - GPTQ: PEFT on the same GPTQ folder (loaded by transformers) gives our text and logits; the float model
   with the same adapter is close (4-bit rounding, GPTQ_REL_TOL) while the adapter's own effect is far larger;
+- bitsandbytes: PEFT on the same folder quantized by transformers directly gives our text, logits within
+  BNB_REL_TOL (its CPU kernel choice differs, see tests/helpers.py); close to the float model as for GPTQ;
 - llama.cpp: PEFT on the float folder the GGUF was written from gives our text; with llama.cpp's KV cache in
   f32 (its default f16 alone moves the tiny model's logits by up to ~0.15 once an adapter makes its keys and
   values large) the logits are within 1e-3.
@@ -20,6 +22,7 @@ How "equal to PEFT" is measured differs by loader, as the numbers do:
 from __future__ import annotations
 
 import ctypes
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +30,11 @@ import pytest
 import torch
 
 from tests.helpers import (
+    BNB_REL_TOL,
     GPTQ_REL_TOL,
     GREEDY,
     PROMPT,
+    bnb_load_kwargs,
     converted_lora,
     hf_logits,
     llamacpp_logits,
@@ -37,11 +42,11 @@ from tests.helpers import (
     reference_greedy,
     rel_err,
 )
-from webui.config import ModelSpec
+from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
-from webui.errors import Incompatible, Unsupported
+from webui.errors import BadInput, Incompatible, Unsupported
 
-LOADERS = ("transformers", "gptq", "llamacpp")
+LOADERS = ("transformers", "gptq", "llamacpp", "bitsandbytes")
 STACKS = ({"A": 1.0, "B": 0.5}, {"A": 0.3, "B": -0.7})
 # Float32 rounding on the tiny Llama (logits up to ~6; the adapters move them by ~1), max |difference| over all
 # positions measured here: a stack (each adapter's output summed) vs PEFT's one concatenated adapter 3e-5;
@@ -54,6 +59,7 @@ class Loader:
     PEFT's. References are computed once per adapter set."""
 
     name = ""
+    quantization = "none"  # ModelSpec.quantization the engine loads with
     merges = False
     merge_hint = ""
     verdict = "ok"  # what the compatibility report says of A and B
@@ -127,6 +133,39 @@ class Gptq(Loader):
         return text
 
 
+class Bitsandbytes(Loader):
+    """The transformers loader with --quantization nf4, against PEFT on the same folder quantized by transformers."""
+
+    name, quantization, merge_hint = "transformers", "nf4", "Merge on a float copy"
+
+    def __init__(self, *args, float_folder: Path):
+        super().__init__(*args)
+        self.float_folder = float_folder
+
+    def peft(self, weights: dict, folder: Path | None = None):
+        key = (folder, tuple(sorted(weights.items())))
+        if key not in self._refs:
+            quantized = {} if folder else bnb_load_kwargs(self.quantization)
+            adapters = {n: (self.loras / n, w) for n, w in weights.items()}
+            self._refs[key] = peft_reference(folder or self.folder, adapters, **quantized)
+        return self._refs[key]
+
+    def base_text(self) -> str:
+        return reference_greedy(self.folder, PROMPT, GREEDY.max_new_tokens, **bnb_load_kwargs(self.quantization))
+
+    def check(self, weights: dict) -> str:
+        ours = self.logits()
+        text, logits = self.peft(weights)
+        assert self.engine.generate(PROMPT, GREEDY) == text
+        assert rel_err(ours, logits) < BNB_REL_TOL
+        float_ref = self.peft(weights, self.float_folder)[1]
+        err, effect = rel_err(ours, float_ref), rel_err(self.base_logits, float_ref)
+        print(f"bitsandbytes {weights}: vs PEFT on nf4 {rel_err(ours, logits):.4f}, vs float {err:.3f}, "
+              f"adapter effect {effect:.3f}")
+        assert err < GPTQ_REL_TOL and effect > 4 * err
+        return text
+
+
 class LlamaCpp(Loader):
     name, merge_hint = "llamacpp", "export --format gguf"
 
@@ -175,14 +214,17 @@ def loader(request) -> Loader:
     elif request.param == "gptq":
         models, loras = request.getfixturevalue("gptq_dirs")
         case = Gptq(models, loras, "tiny-gptq", models / "tiny-gptq", float_folder=models / "tiny-float")
+    elif request.param == "bitsandbytes":
+        models, loras = request.getfixturevalue("bnb_dirs")
+        case = Bitsandbytes(models, loras, "tiny-float", models / "tiny-float", float_folder=models / "tiny-float")
     else:
         pytest.importorskip("llama_cpp")
         models, loras = request.getfixturevalue("gguf_models"), request.getfixturevalue("llama_loras")
         case = LlamaCpp(models, loras, "tiny-llama.gguf", models / "tiny-llama")
     case.engine = Engine(case.models, case.loras)
-    case.engine.load(ModelSpec(model=case.model, loader=case.name))
+    case.engine.load(ModelSpec(model=case.model, loader=case.name, quantization=case.quantization))
     assert case.engine.loaded.loader == case.name
-    if isinstance(case, Gptq):
+    if isinstance(case, (Gptq, Bitsandbytes)):
         case.base_logits = case.logits()
     yield case
     case.engine.unload()
@@ -268,3 +310,19 @@ def test_merge_or_the_way_to_export(loader):
     after = loader.snapshot()  # unmerge subtracts the same delta it added: float rounding only
     assert after[0] == base[0]
     torch.testing.assert_close(after[1], base[1], atol=FLOAT_TOL, rtol=0)
+
+
+def test_structured_output_follows_the_schema(loader):
+    """response_format is enforced token by token on every loader, with an adapter active too: the tiny random
+    model writes schema-valid JSON only because of it."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+              "required": ["ok", "color"], "additionalProperties": False}
+    engine = loader.engine
+    for active in ({}, {"A": 1.0}):
+        engine.set_adapters(active)
+        text = engine.generate(PROMPT, GenerationParams(temperature=0, max_new_tokens=48,
+                                                        response_format=json.dumps(schema)))
+        data = json.loads(text)
+        assert set(data) == {"ok", "color"} and isinstance(data["ok"], bool) and data["color"] in ("red", "green")
+    with pytest.raises(BadInput, match="response_format"):
+        engine.prepare_response_format(json.dumps({"type": "nonsense"}))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import PROMPT, peft_model
+from tests.helpers import GREEDY, PROMPT, peft_model
 from webui.config import ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput
@@ -75,6 +75,7 @@ def test_llamacpp_scores_equal_llama_cpp_python_logits(gguf_models):
     e = Engine(gguf_models, gguf_models / "no-loras")
     e.load(ModelSpec(model=path.name, loader="llamacpp"))
     try:
+        before = e.generate(PROMPT, GREEDY)
         got = e.score(TEXTS)
         llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False)
         for text, scores in zip(TEXTS, got):
@@ -85,6 +86,6 @@ def test_llamacpp_scores_equal_llama_cpp_python_logits(gguf_models):
             logp = torch.log_softmax(logits, -1).numpy()
             assert scores.ids == ids
             np.testing.assert_allclose(scores.logprobs, logp[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
-        assert e.generate(PROMPT)  # generation still works after scoring (the KV cache was cleared)
+        assert e.generate(PROMPT, GREEDY) == before  # scoring left no state behind (the KV cache was cleared)
     finally:
         e.unload()

@@ -43,13 +43,15 @@ class Job:
 
 
 class JobHandle:
-    """Iterate for the reply's text deltas; afterwards `finish_reason` and `completion_tokens` are set.
+    """Iterate for the reply's text deltas; afterwards `finish_reason` and `completion_tokens` are set
+    (`completion_tokens` is None when a stop string ended the reply: the backend's count is of no use then).
     `close()` (or leaving the iteration early) cancels the request."""
 
     def __init__(self, job: Job):
         self.job = job
         self.finish_reason = None
         self.completion_tokens = 0
+        self.token_ids: list[int] | None = None  # the generated ids, when the loader reports them
 
     def __iter__(self):
         try:
@@ -58,7 +60,8 @@ class JobHandle:
                 if kind == "delta":
                     yield payload[0]
                 elif kind == "done":
-                    self.finish_reason, self.completion_tokens = payload
+                    self.finish_reason, self.completion_tokens = payload[:2]
+                    self.token_ids = payload[2] if len(payload) > 2 else None
                     return
                 else:
                     raise payload[0]
@@ -67,6 +70,11 @@ class JobHandle:
 
     def text(self) -> str:
         return "".join(self)
+
+    @property
+    def ended_on_eos(self) -> bool:
+        """The model itself ended the reply with its end-of-sequence token (not a stop string, not the limit)."""
+        return self.finish_reason == "stop" and self.completion_tokens is not None
 
     def close(self) -> None:
         self.job.cancel.set()
@@ -162,7 +170,7 @@ class Scheduler:
                     tail = job.stops.flush()
                     if tail:
                         job.emit("delta", tail)
-                    job.emit("done", event[2], event[3])
+                    job.emit("done", event[2], event[3], event[4] if len(event) > 4 else None)
                 if all(j.finished or j.cancel.is_set() for j in jobs):
                     cancel.set()  # nobody is listening any more: stop generating
         except Exception as e:

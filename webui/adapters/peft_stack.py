@@ -160,7 +160,8 @@ class PeftAdapterStack:
 
     # -- blend ---------------------------------------------------------------------------------------
     def blend(self, weights: dict[str, float], new_name: str, combination_type: str, out_dir: Path,
-              density: float | None = None, svd_rank: int | None = None) -> Path:
+              density: float | None = None, svd_rank: int | None = None,
+              majority_sign_method: str | None = None) -> Path:
         """Combine loaded adapters into `new_name` and save it as a PEFT adapter folder at out_dir/new_name."""
         if combination_type not in COMBINATIONS:
             raise BadInput(f"combination_type {combination_type!r} is not one of: {', '.join(COMBINATIONS)}")
@@ -179,12 +180,14 @@ class PeftAdapterStack:
             kwargs["density"] = density if density is not None else 0.5
         if combination_type.endswith("svd") and svd_rank:
             kwargs["svd_rank"] = svd_rank
+        if combination_type in ("ties", "ties_svd", "dare_ties") and majority_sign_method:
+            kwargs["majority_sign_method"] = majority_sign_method
         try:
             self.peft.add_weighted_adapter(list(weights), [float(w) for w in weights.values()], new_name,
                                            combination_type=combination_type, **kwargs)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, KeyError) as e:  # KeyError: a name PEFT cannot use as a module name
             self._apply(previous)
-            raise BadInput(f"blend failed: {e}") from None
+            raise BadInput(f"blend failed: {first_line(e)}") from None
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         try:
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=".blend-", ignore_cleanup_errors=True) as tmp:

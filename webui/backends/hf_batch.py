@@ -4,7 +4,8 @@
 small piece on top: it splits each step's tokens by row and detokenizes every row incrementally.
 
 Events yielded by `stream_batch`: ("delta", row, text) and, once per row, ("done", row, finish_reason,
-completion_tokens) with finish_reason "stop" (end of sequence) or "length" (max_new_tokens reached).
+completion_tokens, token_ids) with finish_reason "stop" (end of sequence) or "length" (max_new_tokens
+reached); token_ids are the generated ids, ending with the end-of-sequence token the row stopped on.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class RowStreamer(BaseStreamer):
             if self.done[row]:
                 continue
             if token in self.eos_ids:
-                self._finish(row, "stop")
+                self._finish(row, "stop", eos=token)
                 continue
             self.tokens[row].append(token)
             self._emit(row, final=False)
@@ -46,10 +47,11 @@ class RowStreamer(BaseStreamer):
         if delta:
             self.events.put(("delta", row, delta))
 
-    def _finish(self, row: int, reason: str) -> None:
+    def _finish(self, row: int, reason: str, eos: int | None = None) -> None:
         self._emit(row, final=True)
         self.done[row] = True
-        self.events.put(("done", row, reason, len(self.tokens[row])))
+        ids = self.tokens[row] + ([eos] if eos is not None else [])
+        self.events.put(("done", row, reason, len(self.tokens[row]), ids))
 
     def end(self):
         for row in range(len(self.done)):

@@ -63,6 +63,7 @@ class LlamaCppBackend(Backend):
         self._active: dict[str, float] = {}
         self._formatters: dict[bool, object] = {}
         self._stack_changed = False
+        self._grammars: dict[str, object] = {}  # response_format -> LlamaGrammar (GBNF made once per schema)
 
     # -- what the registry asks ------------------------------------------------------------------
     @classmethod
@@ -119,6 +120,7 @@ class LlamaCppBackend(Backend):
         self._adapters.clear()
         self._active = {}
         self._formatters.clear()
+        self._grammars.clear()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -213,6 +215,24 @@ class LlamaCppBackend(Backend):
             return plain_transcript(messages, add_generation_prompt)
         return formatter(messages=messages).prompt
 
+    def prepare_response_format(self, response_format: str):
+        """llama.cpp's own grammars: llama-cpp-python turns a JSON schema into GBNF (and ships a grammar for
+        any JSON), and the sampler enforces it token by token."""
+        if not response_format:
+            return None
+        if response_format not in self._grammars:
+            from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar  # optional dependency (see _llama_cpp)
+
+            try:
+                self._grammars[response_format] = LlamaGrammar.from_string(JSON_GBNF) if response_format == "json" \
+                    else LlamaGrammar.from_json_schema(response_format, verbose=False)
+            except Exception as e:  # the converter raises plain exceptions for schemas it cannot express
+                raise BadInput(f"response_format: the schema cannot be enforced: {first_line(e)}") from None
+        return self._grammars[response_format]
+
+    def is_end_of_sequence(self, token: int) -> bool:
+        return bool(_llama_cpp().llama_vocab_is_eog(self.llm._model.vocab, token))
+
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         model = self.llm._model
         bos = model.token_bos()
@@ -222,7 +242,19 @@ class LlamaCppBackend(Backend):
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        return [self.llm.detokenize([i], special=True).decode("utf-8", "replace") for i in ids]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+        pieces = [decoder.decode(self.llm.detokenize([i], special=True)) for i in ids]
+        if pieces:
+            pieces[-1] += decoder.decode(b"", final=True)
+        return pieces
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids, special=True).decode("utf-8", "replace")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.llm._model.token_eos()
+        return eos if eos >= 0 else None
 
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[TokenScores]:
         """Each sequence decoded from an empty KV cache in n_batch chunks with logits for every position
@@ -262,6 +294,12 @@ class LlamaCppBackend(Backend):
 
     def stream(self, prompt: str, params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[str]:
+        for text, _ in self.stream_tokens(prompt, params, cancel):
+            if text:
+                yield text
+
+    def stream_tokens(self, prompt: str, params: GenerationParams,
+                      cancel: threading.Event | None = None) -> Iterator[tuple[str, list[int]]]:
         llama_cpp = _llama_cpp()
         tokens = self.tokenize(prompt)
         budget = min(params.max_new_tokens, self.llm.n_ctx() - len(tokens))
@@ -280,19 +318,20 @@ class LlamaCppBackend(Backend):
             self.llm.reset()  # else llama-cpp-python reuses the KV cache of a shared prompt prefix
             self._stack_changed = False
         steps = self.llm.generate(tokens, reset=True, repeat_penalty=params.repetition_penalty,
-                                  presence_penalty=params.presence_penalty,
-                                  frequency_penalty=params.frequency_penalty, **sampling)
+                                  presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                                  grammar=self.prepare_response_format(params.response_format), **sampling)
         try:
             for i, token in enumerate(steps):
-                if llama_cpp.llama_vocab_is_eog(vocab, token) or (cancel is not None and cancel.is_set()):
+                if cancel is not None and cancel.is_set():
                     break
-                text = decoder.decode(self.llm.detokenize([token]))
-                if text:
-                    yield text
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    yield "", [token]  # the end-of-sequence token the reply stopped on: no text
+                    break
+                yield decoder.decode(self.llm.detokenize([token])), [token]
                 if i + 1 >= budget:
                     break
             tail = decoder.decode(b"", final=True)
             if tail:
-                yield tail
+                yield tail, []
         finally:
             steps.close()

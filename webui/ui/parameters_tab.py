@@ -25,6 +25,9 @@ def _component(f: dataclasses.Field, default) -> gr.components.Component:
     if f.name == "stop":
         return gr.Textbox(value="", label="stop strings", info=help_text + " One per line.", lines=2,
                           elem_id="param-stop")
+    if f.name == "response_format":
+        return gr.Textbox(value=default, label="response format", info=help_text, lines=2,
+                          elem_id="param-response_format")
     if f.name in ("max_new_tokens", "seed"):
         return gr.Number(value=default, label=_label(f.name), info=help_text, precision=0,
                          minimum=f.metadata.get("min"), maximum=f.metadata.get("max"), elem_id=f"param-{f.name}")

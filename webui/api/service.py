@@ -1,0 +1,246 @@
+"""What every API dialect shares (OpenAI, LoRAX, vLLM, llama-server, SGLang): the API key, which adapters a
+request asks for, its sampling settings and context check, running it through the Engine's scheduler (so
+requests of every dialect batch together, each with its own adapters), and the token log-probabilities
+some requests want. A dialect module only maps its request and response shapes onto these.
+
+Log-probabilities come from scoring after generation (`Engine.score` on the prompt and the reply's
+generated token ids, under the same adapters): one extra forward pass, and the streaming, batched
+generation path stays as it is. Where the ids are not known (a reply cut at a stop string) the reply's text
+is tokenized again, which gives the same tokens for ordinary text.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from webui.adapters.files import locate_adapter
+from webui.adapters.peft_stack import COMBINATIONS
+from webui.config import GenerationParams
+from webui.engine import Engine, check_weights
+from webui.errors import BadInput, LoraDeckError, NoModelLoaded, NotFound, Unauthorized, first_line
+from webui.hub.fetch import fetch_adapter
+from webui.scheduler import JobHandle
+
+MERGE_CACHE = ".merged"  # blends made for LoRAX `merged_adapters` requests live in loras/.merged/ (hidden)
+
+
+@dataclass
+class Scored:
+    """Tokens with their log-probabilities: `logprobs[i]` is None for a first prompt token (no context)."""
+
+    ids: list[int]
+    texts: list[str]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, str, float]] | None] = field(default_factory=list)  # (id, text, logprob) each
+
+
+@dataclass
+class Output:
+    """One finished choice: the reply, why it ended, its token count; `prompt`/`reply` scores when asked."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    eos: bool = False  # the model ended the reply with its end-of-sequence token
+    ids: list[int] | None = None  # the generated token ids (ending with that token), when known
+    prompt: Scored | None = None
+    reply: Scored | None = None
+
+
+class Service:
+    def __init__(self, engine: Engine, api_key: str = ""):
+        self.engine = engine
+        self.api_key = api_key
+        # adapters loaded at run time under a name of the client's choosing (vLLM's load_lora_adapter)
+        self.runtime: dict[str, Path] = {}
+
+    # -- access ------------------------------------------------------------------------------------------
+    def check_key(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise Unauthorized("invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    def base_name(self) -> str:
+        info = self.engine.loaded
+        if info is None:
+            raise NoModelLoaded("no model is loaded")
+        return info.name
+
+    def adapter_names(self) -> list[str]:
+        """The adapters a request may name: the adapters folder, then those loaded at run time."""
+        return [*self.engine.list_adapters(), *(n for n in self.runtime if n not in self.engine.list_adapters())]
+
+    # -- which adapters ------------------------------------------------------------------------------------
+    def stack(self, *, model: str | None = None, adapters: dict | None = None, adapter_id: str | None = None,
+              adapter_source: str | None = None, lora: list | None = None, merged: dict | None = None) -> dict | None:
+        """The adapter stack a request asks for, in any dialect's words; None = the app's active stack.
+
+        `adapters` {name: weight} (ours); `lora` [{id, scale}] (llama-server: ids index GET /lora-adapters);
+        `adapter_id` + `adapter_source` (LoRAX); `merged` (LoRAX merged_adapters); `model`: "" or the base's
+        name = the plain base, an adapter name (vLLM, OpenAI), or "BASE:ADAPTER" (SGLang)."""
+        base = self.base_name()
+        given = [k for k, v in (("adapters", adapters), ("lora", lora), ("adapter_id", adapter_id),
+                                ("merged_adapters", merged)) if v is not None]
+        if len(given) > 1:
+            raise BadInput(f"give one of {', '.join(given)}, not several", param=given[1])
+        if given and model not in (None, "", base):
+            raise BadInput(f"with `{given[0]}`, `model` must be \"\" or the base model's name", param="model")
+        if adapters is not None:
+            stack = dict(adapters)
+        elif lora is not None:
+            stack = self.lora_stack(lora)
+        elif adapter_id:
+            stack = {Path(fetch_adapter(adapter_id, adapter_source or "hub", self.engine.loras_dir)).name: 1.0}
+        elif merged is not None:
+            stack = self._merged(merged)
+        elif model is None:
+            return None  # no model named: what the app is using (the adapters active in the UI / --lora)
+        elif model in ("", base):
+            return {}
+        elif model in self.adapter_names():
+            stack = {model: 1.0}
+        elif model.startswith(base + ":") and model[len(base) + 1:] in self.adapter_names():
+            stack = {model[len(base) + 1:]: 1.0}  # SGLang's BASE:ADAPTER
+        else:
+            raise NotFound(f"model {model!r} not found: use {base!r}, an adapter of GET /v1/models or "
+                           f"{base}:ADAPTER", code="model_not_found", param="model")
+        check_weights(stack)
+        self.engine.prepare_adapters(list(stack), self.runtime)
+        return stack
+
+    def lora_table(self) -> list[dict]:
+        """llama-server's adapter list: [{id, path, scale}] over the adapters folder (ids stable while the folder
+        is unchanged), scale = the adapter's weight in the app's active stack (0 when inactive)."""
+        active = self.engine.active_adapters
+        return [{"id": i, "path": str(self.engine.loras_dir / name), "scale": active.get(name, 0.0)}
+                for i, name in enumerate(self.engine.list_adapters())]
+
+    def lora_stack(self, lora: list) -> dict:
+        names = self.engine.list_adapters()
+        stack = {}
+        for entry in lora:
+            if not 0 <= entry.id < len(names):
+                raise NotFound(f"lora id {entry.id} does not exist: GET /lora-adapters lists ids 0..{len(names) - 1}",
+                               param="lora")
+            if entry.scale:
+                stack[names[entry.id]] = float(entry.scale)
+        return stack
+
+    def _merged(self, merged) -> dict:
+        """LoRAX's merged_adapters: `linear` is the weighted stack itself (the same sum of the adapters'
+        updates, computed unmerged); ties / dare_* are PEFT's add_weighted_adapter, saved once per set of
+        parameters under loras/.merged/ and reused after."""
+        if len(merged.ids) != len(merged.weights) or not merged.ids:
+            raise BadInput("merged_adapters: ids and weights must be non-empty and of the same length",
+                           param="merged_adapters")
+        names = [Path(locate_adapter(i, self.engine.loras_dir)).name for i in merged.ids]
+        weights = dict(zip(names, merged.weights))
+        strategy = merged.merge_strategy or "linear"
+        if strategy == "linear":
+            return weights
+        if strategy not in COMBINATIONS:
+            raise BadInput(f"merge_strategy {strategy!r} is not one of: linear, ties, dare_linear, dare_ties",
+                           param="merge_strategy")
+        key = "-".join([strategy, f"density{merged.density:g}", merged.majority_sign_method or "total",
+                        *(f"{n}x{w:g}" for n, w in sorted(weights.items()))])
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", key)[:120]  # PEFT refuses '.' in adapter names
+        folder = self.engine.loras_dir / MERGE_CACHE
+        if not (folder / name).is_dir():
+            check_weights(weights)
+            self.engine.blend_adapters(weights, name, strategy, merged.density, out_dir=folder)
+        self.runtime[name] = folder / name
+        return {name: 1.0}
+
+    # -- settings ----------------------------------------------------------------------------------------
+    def params(self, sampling: dict) -> GenerationParams:
+        try:
+            params = GenerationParams.from_dict(sampling)
+        except (TypeError, ValueError) as e:  # BadInput is a ValueError; others: a value of the wrong type
+            raise BadInput(first_line(e), param=getattr(e, "param", None)) from None
+        self.engine.prepare_response_format(params.response_format)  # a schema it cannot enforce: 400 now
+        return params
+
+    def check_context(self, prompt: str, new_tokens: int) -> int:
+        """The prompt's token count; a prompt plus `new_tokens` longer than the model's context is refused."""
+        prompt_tokens = self.engine.count_tokens(prompt)
+        limit = self.engine.loaded.context_length
+        if limit and prompt_tokens + new_tokens > limit:
+            raise BadInput(f"this request needs {prompt_tokens} prompt + {new_tokens} new tokens, "
+                           f"more than the model's context of {limit}; shorten the prompt or lower max_tokens",
+                           code="context_length_exceeded", param="max_tokens")
+        return prompt_tokens
+
+    # -- running -----------------------------------------------------------------------------------------
+    def submit(self, prompts: list[str], params: GenerationParams, stack: dict | None, n: int = 1) -> list[JobHandle]:
+        """One scheduler job per prompt and choice (prompt-major), all queued at once so they batch. With a
+        seed, choice i samples with seed + i (the same seed would give n copies)."""
+        handles = []
+        for prompt in prompts:
+            for i in range(n):
+                p = params if i == 0 or params.seed < 0 else GenerationParams.from_dict(
+                    {**params.to_dict(), "seed": params.seed + i})
+                handles.append(self.engine.scheduler.submit(prompt, p, stack))
+        return handles
+
+    async def finish(self, handle: JobHandle) -> Output:
+        """Wait for a job; a failure becomes one error line, and the job is freed either way."""
+        try:
+            text = await run_in_threadpool(handle.text)
+        except LoraDeckError:
+            raise
+        except Exception as e:
+            raise LoraDeckError(f"generation failed: {first_line(e)}") from e
+        finally:
+            handle.close()
+        tokens = handle.completion_tokens
+        if tokens is None:
+            tokens = await run_in_threadpool(self.engine.count_tokens, text)
+        return Output(text, handle.finish_reason, tokens, eos=handle.ended_on_eos, ids=handle.token_ids)
+
+    def scores(self, prompt: str, reply: str, stack: dict | None, top_k: int = 0, eos: bool = False,
+               reply_ids: list[int] | None = None) -> tuple[Scored, Scored]:
+        """(prompt tokens, reply tokens) with their log-probabilities under `stack`. The prompt's tokens are
+        its own (no BOS, as clients such as lm-eval count them), the first has none; BOS, when the model adds
+        one, is still the context the model scores the prompt in. With `eos` the reply's last token is the
+        end-of-sequence token the model stopped on (its text is not part of the reply, but clients count
+        one token per generated token: lm-eval drops the last entry of an echoed one-token reply).
+        `reply_ids`, when known, are the generated ids themselves (then `eos` is in them already)."""
+        engine = self.engine
+        own = engine.tokenize(prompt, add_special=False)
+        full = engine.tokenize(prompt)
+        lead = full[:len(full) - len(own)] if own and full[len(full) - len(own):] == own else []
+        if reply_ids is not None:
+            answer = list(reply_ids)
+        else:
+            answer = engine.tokenize(reply, add_special=False) if reply else []
+            if eos and engine.eos_token_id is not None:
+                answer.append(engine.eos_token_id)
+        ids = lead + own + answer
+        if len(ids) < 2:
+            values, top = [], []
+        else:
+            scored = engine.score([ids], adapters=stack, top_k=top_k, paths=self.runtime)[0]
+            values, top = scored.logprobs, scored.top or []
+        skip = len(lead) - 1  # scores[i] is for ids[i + 1]
+        texts = engine.token_texts(own + answer)
+        top_texts = [self._top_texts(t) for t in top] if top_k else []
+
+        def part(start: int, stop: int, first_none: bool) -> Scored:
+            lps = [values[skip + i] if skip + i >= 0 else None for i in range(start, stop)]
+            tops = [top_texts[skip + i] if top_k and skip + i >= 0 else None for i in range(start, stop)]
+            if first_none and lps:
+                lps[0], tops[0] = None, None
+            return Scored((own + answer)[start:stop], texts[start:stop], lps, tops if top_k else [])
+
+        return part(0, len(own), True), part(len(own), len(own) + len(answer), False)
+
+    def _top_texts(self, alternatives: list[tuple[int, float]]) -> list[tuple[int, str, float]]:
+        texts = self.engine.token_texts([i for i, _ in alternatives])
+        return [(i, t, lp) for t, (i, lp) in zip(texts, alternatives)]
