@@ -111,7 +111,7 @@ def test_stop_then_resume_continues_from_the_checkpoint(dirs):
     _wait(lambda: runner.view("stoppable").state in ("done", "failed"))
     assert runner.view("stoppable").state == "done", runner.view("stoppable").log_tail
     status = json.loads((dirs["runs"] / "stoppable" / "status.json").read_text())
-    assert status["resumed_from"] == f"checkpoint-{stopped_at}"
+    assert status["resumed_from"] == f"checkpoint-{stopped_at}" and status["num_processes"] == 1
     steps = [m["step"] for m in metrics(dirs["runs"] / "stoppable") if "loss" in m]
     assert steps[-5:] == list(range(stopped_at + 1, stopped_at + 6))  # continued, not restarted
     assert (dirs["loras"] / "stoppable" / "adapter_model.safetensors").is_file()

@@ -173,8 +173,9 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
     (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (run_dir / STOP).unlink(missing_ok=True)
     resume = latest_checkpoint(run_dir)
+    # WORLD_SIZE is set by a multi-process launcher (torchrun / accelerate launch); one process otherwise
     write_status(run_dir, state="running", pid=os.getpid(), step=0, message="", base=base_id,
-                 quantization=cfg.training.quantization,
+                 quantization=cfg.training.quantization, num_processes=int(os.environ.get("WORLD_SIZE", "1")),
                  samples=len(train_set), eval_samples=len(eval_set), resumed_from=resume.name if resume else None)
     log(f"training {cfg.output} on {base_id}: {len(train_set)} samples (+{len(eval_set)} eval)"
         + (f", resuming from {resume.name}" if resume else ""))
