@@ -93,6 +93,26 @@ def test_blend_into_new_adapter(two_adapters):
         assert engine.generate(PROMPT, GREEDY)
 
 
+def test_adapter_folders_with_dots_in_their_names(two_adapters):
+    """Folder names such as "llama-3.1-style" are common; PEFT cannot take '.' in an adapter name, so the stack
+    spells it out: applying, mixed batches and blending work under the folder's own name."""
+    import shutil
+
+    engine, base, loras = two_adapters
+    engine.set_adapters({"A": 1.0})
+    expected = engine.generate(PROMPT, GREEDY)
+    shutil.copytree(loras / "A", loras / "style-v1.2")
+    assert engine.set_adapters({"style-v1.2": 1.0}) == {"style-v1.2": 1.0}
+    assert engine.generate(PROMPT, GREEDY) == expected
+    engine.set_adapters({})
+    batch = [engine.scheduler.submit(PROMPT, GREEDY, {"style-v1.2": 1.0}), engine.scheduler.submit(PROMPT, GREEDY, {})]
+    assert batch[0].text() == expected and batch[1].text() == engine.generate(PROMPT, GREEDY)
+    path = engine.blend_adapters({"style-v1.2": 1.0, "B": 0.5}, "mix.v2", combination_type="cat")
+    assert path == loras / "mix.v2" and (path / "adapter_config.json").is_file()
+    engine.set_adapters({"mix.v2": 1.0})
+    assert engine.generate(PROMPT, GREEDY)
+
+
 def test_export_safetensors_then_reload_without_adapters(two_adapters, tmp_path):
     engine, base, loras = two_adapters
     engine.set_adapters({"A": 1.0, "B": 0.5})

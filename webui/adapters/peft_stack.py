@@ -23,6 +23,12 @@ from webui.errors import BadInput, first_line
 COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
 
 
+def peft_key(name: str) -> str:
+    """The name PEFT knows an adapter by. PEFT keeps adapters in torch ModuleDicts, whose keys cannot hold '.',
+    and adapter folders often do ("llama-3.1-style", "v0.2"): the dots are spelled out."""
+    return name.replace(".", "_dot_")
+
+
 class PeftAdapterStack:
     def __init__(self, model):
         self.base = model        # the transformers model; PEFT modifies it in place
@@ -53,12 +59,12 @@ class PeftAdapterStack:
             self.unmerge()
         try:
             if self.peft is None:
-                self.peft = get_peft_model(self.base, lora_config, adapter_name=name)
+                self.peft = get_peft_model(self.base, lora_config, adapter_name=peft_key(name))
                 self._enabled = True
             else:
-                self.peft.add_adapter(name, lora_config)
+                self.peft.add_adapter(peft_key(name), lora_config)
             self.peft.eval()  # get_peft_model leaves the model in training mode (dropout on, no mixed batches)
-            result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
+            result = set_peft_model_state_dict(self.peft, state, adapter_name=peft_key(name))
             unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
             if unexpected:
                 raise BadInput(f"{name}: {len(unexpected)} weight(s) match no layer of the base, e.g. {unexpected[0]}")
@@ -74,13 +80,13 @@ class PeftAdapterStack:
             self.merge()
 
     def _drop(self, name: str) -> None:
-        if self.peft is not None and name in self.peft.peft_config:
+        if self.peft is not None and peft_key(name) in self.peft.peft_config:
             if len(self.peft.peft_config) == 1:
                 # PEFT cannot delete the last adapter; unwrap to the plain base instead.
                 self.base = self.peft.unload()
                 self.peft = None
             else:
-                self.peft.delete_adapter(name)
+                self.peft.delete_adapter(peft_key(name))
         self.loaded.pop(name, None)
 
     def delete(self, name: str) -> None:
@@ -111,16 +117,17 @@ class PeftAdapterStack:
         if not self._enabled:  # each toggle walks every module; skip it when nothing changes
             tuner.enable_adapter_layers()
             self._enabled = True
-        tuner.set_adapter(list(weights), inference_mode=True)
+        tuner.set_adapter([peft_key(n) for n in weights], inference_mode=True)
         for module in self.peft.modules():
             if isinstance(module, LoraLayer):
                 for name, w in weights.items():
-                    module.set_scale(name, float(w))
+                    module.set_scale(peft_key(name), float(w))
 
     @contextmanager
     def mixed(self, names: list[str]):
         """Prepare a PEFT mixed batch where row i uses adapter names[i] ("__base__" = none), each at
-        weight 1; the active stack (and a merge) is restored afterwards."""
+        weight 1; yields the names as PEFT knows them (generate's `adapter_names`). The active stack (and a
+        merge) is restored afterwards."""
         needed = {n for n in names if n != "__base__"}
         missing = needed - set(self.loaded)
         if missing:
@@ -133,9 +140,9 @@ class PeftAdapterStack:
         for module in self.peft.modules():
             if isinstance(module, LoraLayer):
                 for name in needed:
-                    module.set_scale(name, 1.0)
+                    module.set_scale(peft_key(name), 1.0)
         try:
-            yield self.peft
+            yield [n if n == "__base__" else peft_key(n) for n in names]
         finally:
             self._apply(previous)
             if was_merged:
@@ -183,7 +190,8 @@ class PeftAdapterStack:
         if combination_type in ("ties", "ties_svd", "dare_ties") and majority_sign_method:
             kwargs["majority_sign_method"] = majority_sign_method
         try:
-            self.peft.add_weighted_adapter(list(weights), [float(w) for w in weights.values()], new_name,
+            self.peft.add_weighted_adapter([peft_key(n) for n in weights], [float(w) for w in weights.values()],
+                                           peft_key(new_name),
                                            combination_type=combination_type, **kwargs)
         except (ValueError, TypeError, KeyError) as e:  # KeyError: a name PEFT cannot use as a module name
             self._apply(previous)
@@ -191,10 +199,11 @@ class PeftAdapterStack:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         try:
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=".blend-", ignore_cleanup_errors=True) as tmp:
-                self.peft.save_pretrained(tmp, selected_adapters=[new_name])
-                saved = Path(tmp) / new_name if (Path(tmp) / new_name).is_dir() else Path(tmp)
+                self.peft.save_pretrained(tmp, selected_adapters=[peft_key(new_name)])
+                saved = Path(tmp) / peft_key(new_name)
+                saved = saved if saved.is_dir() else Path(tmp)
                 shutil.move(str(saved), str(target))
         finally:
-            self.peft.delete_adapter(new_name)
+            self.peft.delete_adapter(peft_key(new_name))
             self._apply(previous)
         return target

@@ -436,8 +436,8 @@ class TransformersBackend(Backend):
             raise BadInput("adapters named for the batch are not loaded")
         # without any adapter loaded, "__base__" rows are simply the model itself
         context = self.adapters.mixed(names) if use_mixed else nullcontext()
-        with context:
-            generate_fn = partial(self.adapters.peft.generate, adapter_names=names) if use_mixed else None
+        with context as peft_names:
+            generate_fn = partial(self.adapters.peft.generate, adapter_names=peft_names) if use_mixed else None
             yield from stream_batch(self.model, self.tokenizer, inputs, kw, generate_fn, cancel)
 
 
