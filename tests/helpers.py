@@ -104,6 +104,12 @@ def _load(path: Path, **load_kwargs):
     return AutoTokenizer.from_pretrained(str(path)), model
 
 
+def api_app(model_folder: Path, loras: Path) -> AppProcess:
+    """The real app serving the API alone (--nowebui) for the model in `model_folder`, with `loras`, ready."""
+    return AppProcess("--model", model_folder.name, "--models-dir", str(model_folder.parent), "--loras-dir",
+                      str(loras), "--nowebui").wait_ready()
+
+
 def _greedy(tok, model, prompt: str, max_new_tokens: int, **encode) -> str:
     ids = tok(prompt, return_tensors="pt", **encode)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import AppProcess, peft_reference, reference_greedy
+from tests.helpers import api_app, peft_reference, reference_greedy
 from webui.testing.tiny_models import CHAT_TEMPLATE, write_adapter  # noqa: F401  (template documents the prompt)
 
 MAX = 12
@@ -28,8 +28,7 @@ def setup(tiny_models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def app(setup, tiny_models):
     base, loras = setup
-    proc = AppProcess("--model", "tiny-llama", "--models-dir", str(base.parent), "--loras-dir", str(loras),
-                      "--nowebui").wait_ready()
+    proc = api_app(base, loras)
     yield proc
     proc.stop()
 

@@ -16,7 +16,7 @@ import torch
 from lorax import Client as LoraxClient
 from lorax.errors import ValidationError as LoraxValidationError
 
-from tests.helpers import AppProcess, peft_model, peft_reference, reference_greedy
+from tests.helpers import api_app, peft_model, peft_reference, reference_greedy
 
 MAX = 12
 PROMPT = "The quick brown fox"
@@ -37,8 +37,7 @@ def loras(llama_loras, tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(tiny_models, loras):
-    proc = AppProcess("--model", "tiny-llama", "--models-dir", str(tiny_models["llama"].parent),
-                      "--loras-dir", str(loras), "--nowebui").wait_ready()
+    proc = api_app(tiny_models["llama"], loras)
     yield proc
     proc.stop()
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import AppProcess, peft_model
+from tests.helpers import api_app, peft_model
 
 CONTEXTS = ["The quick brown fox", "Hello! How can I", "One, two, three", "LoRA adapters change",
             "The capital of France", "Models, tokens, layers", "Tell me a story about", "The lazy dog"]
@@ -29,6 +29,14 @@ def _logliks(model, tok, context: str) -> list[float]:
     return out
 
 
+def write_task(folder, name: str, rows: list[dict], body: str):
+    """An lm-eval task `name` over `rows` (written as the task's local JSONL data file) in `folder`."""
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                         f"    test: {folder / 'data.jsonl'}\ntest_split: test\n" + body)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def task(tiny_models, llama_loras, tmp_path_factory):
     from transformers import AutoModelForCausalLM
@@ -43,18 +51,10 @@ def task(tiny_models, llama_loras, tmp_path_factory):
         rows.append({"context": context, "choices": WORDS, "label": label})
         base_right += b.index(max(b)) == label
     assert base_right < len(rows), "the base must disagree with A somewhere for the task to mean anything"
-    d = tmp_path_factory.mktemp("lm-eval-task")
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "adapter_style.yaml").write_text(f"""task: adapter_style
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {d / 'data.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
+    d = write_task(tmp_path_factory.mktemp("lm-eval-task"), "adapter_style", rows, """output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{label}}"
 target_delimiter: ""
 metric_list:
   - metric: acc
@@ -64,8 +64,7 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def app(tiny_models, llama_loras):
-    proc = AppProcess("--model", "tiny-llama", "--models-dir", str(tiny_models["llama"].parent),
-                      "--loras-dir", str(llama_loras), "--nowebui").wait_ready()
+    proc = api_app(tiny_models["llama"], llama_loras)
     yield proc
     proc.stop()
 
@@ -103,15 +102,8 @@ def chat_task(tiny_models, llama_loras, tmp_path_factory):
             out = with_a.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS,
                                   pad_token_id=tok.pad_token_id)
         rows.append({"question": q, "answer": tok.decode(out[0, len(ids):], skip_special_tokens=True)})
-    d = tmp_path_factory.mktemp("lm-eval-chat-task")
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "adapter_answers.yaml").write_text(f"""task: adapter_answers
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {d / 'data.jsonl'}
-test_split: test
-output_type: generate_until
+    folder = tmp_path_factory.mktemp("lm-eval-chat-task")
+    return write_task(folder, "adapter_answers", rows, f"""output_type: generate_until
 doc_to_text: "{{{{question}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
@@ -121,7 +113,6 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
 """)
-    return d
 
 
 def test_lm_eval_chat_generation_task(app, chat_task):

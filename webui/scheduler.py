@@ -71,11 +71,6 @@ class JobHandle:
     def text(self) -> str:
         return "".join(self)
 
-    @property
-    def ended_on_eos(self) -> bool:
-        """The model itself ended the reply with its end-of-sequence token (not a stop string, not the limit)."""
-        return self.finish_reason == "stop" and self.completion_tokens is not None
-
     def close(self) -> None:
         self.job.cancel.set()
 

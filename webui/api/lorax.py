@@ -11,7 +11,6 @@ batch with every other request in the scheduler.
 from __future__ import annotations
 
 import json
-import time
 
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -145,14 +144,13 @@ class LoRAX:
             model=None if p.adapter_id or merged else ""))
         params = service.params(p.sampling())
         prompt_tokens = await run_in_threadpool(service.check_context, req.inputs, params.max_new_tokens)
-        start = time.time()
         out = await service.finish(service.submit([req.inputs], params, stack)[0])
         details = {"finish_reason": FINISH.get(out.finish_reason, "length"), "prompt_tokens": prompt_tokens,
                    "generated_tokens": out.completion_tokens, "seed": p.seed if p.seed is not None else None,
                    "prefill": [], "tokens": []}
         if p.details or p.decoder_input_details or always_scores:
             k = p.return_k_alternatives or 0
-            prompt, reply = await run_in_threadpool(service.scores, req.inputs, out.text, stack, k, out.eos,
+            prompt, reply = await run_in_threadpool(service.scores, req.inputs, out.text, stack, k,
                                                     out.ids)
             if p.decoder_input_details:
                 details["prefill"] = [{"id": i, "text": t, "logprob": lp}
@@ -160,7 +158,6 @@ class LoRAX:
             details["tokens"] = [self._token(i, t, lp, top, k) for i, t, lp, top in
                                  zip(reply.ids, reply.texts, reply.logprobs, reply.top or [None] * len(reply.ids))]
             details["generated_tokens"] = len(reply.ids)
-        details["seconds"] = round(time.time() - start, 3)
         return out, details
 
     @staticmethod

@@ -93,7 +93,7 @@ class OpenAI:
             prompt = prompts[index // req.n]
             if top_k is not None or echo:
                 out.prompt, out.reply = await run_in_threadpool(service.scores, prompt, out.text, stack, top_k or 0,
-                                                                out.eos, out.ids)
+                                                                out.ids)
             choices.append(self._chat_choice(index, out) if chat else
                            self._text_choice(index, out, prompt if echo else None, top_k))
         completion_tokens = sum(o.completion_tokens for o in outputs)
@@ -108,7 +108,8 @@ class OpenAI:
         if out.reply is not None:
             content = [s.TokenLogprob(token=t, logprob=lp, bytes=_bytes(t), top_logprobs=[
                 s.TopLogprob(token=a, logprob=alp, bytes=_bytes(a)) for _, a, alp in (top or [])])
-                for t, lp, top in zip(out.reply.texts, out.reply.logprobs, out.reply.top or [None] * len(out.reply.ids))]
+                for t, lp, top in zip(out.reply.texts, out.reply.logprobs,
+                                      out.reply.top or [None] * len(out.reply.ids))]
             logprobs = s.ChoiceLogprobs(content=content)
         return s.ChatChoice(index=index, message=s.ChatChoiceMessage(content=out.text), finish_reason=out.finish_reason,
                             logprobs=logprobs)

@@ -70,7 +70,8 @@ def install(app: FastAPI, engine: Engine, api_key: str = "") -> Service:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'body'}: {err['msg']}"
+                             for err in e.errors())
         return await _error(request, BadInput(f"malformed request: {problems}"))
 
     @app.exception_handler(StarletteHTTPException)

@@ -46,8 +46,7 @@ class Output:
     text: str
     finish_reason: str
     completion_tokens: int
-    eos: bool = False  # the model ended the reply with its end-of-sequence token
-    ids: list[int] | None = None  # the generated token ids (ending with that token), when known
+    ids: list[int] | None = None  # the generated token ids (ending with the EOS token it stopped on), when known
     prompt: Scored | None = None
     reply: Scored | None = None
 
@@ -202,16 +201,16 @@ class Service:
         tokens = handle.completion_tokens
         if tokens is None:
             tokens = await run_in_threadpool(self.engine.count_tokens, text)
-        return Output(text, handle.finish_reason, tokens, eos=handle.ended_on_eos, ids=handle.token_ids)
+        return Output(text, handle.finish_reason, tokens, ids=handle.token_ids)
 
-    def scores(self, prompt: str, reply: str, stack: dict | None, top_k: int = 0, eos: bool = False,
+    def scores(self, prompt: str, reply: str, stack: dict | None, top_k: int = 0,
                reply_ids: list[int] | None = None) -> tuple[Scored, Scored]:
         """(prompt tokens, reply tokens) with their log-probabilities under `stack`. The prompt's tokens are
         its own (no BOS, as clients such as lm-eval count them), the first has none; BOS, when the model adds
-        one, is still the context the model scores the prompt in. With `eos` the reply's last token is the
-        end-of-sequence token the model stopped on (its text is not part of the reply, but clients count
-        one token per generated token: lm-eval drops the last entry of an echoed one-token reply).
-        `reply_ids`, when known, are the generated ids themselves (then `eos` is in them already)."""
+        one, is still the context the model scores the prompt in. `reply_ids` are the generated ids (ending
+        with the end-of-sequence token the reply stopped on: clients count one entry per generated token, and
+        lm-eval drops the last entry of an echoed one-token reply); without them (a reply cut at a stop
+        string) the reply's text is tokenized again."""
         engine = self.engine
         own = engine.tokenize(prompt, add_special=False)
         full = engine.tokenize(prompt)
@@ -220,8 +219,6 @@ class Service:
             answer = list(reply_ids)
         else:
             answer = engine.tokenize(reply, add_special=False) if reply else []
-            if eos and engine.eos_token_id is not None:
-                answer.append(engine.eos_token_id)
         ids = lead + own + answer
         if len(ids) < 2:
             values, top = [], []
