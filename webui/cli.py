@@ -20,6 +20,7 @@ from webui.errors import BadInput, LoraDeckError
 from webui.export import FORMATS
 from webui.hub.cli import add_arguments as add_download_arguments
 from webui.hub.cli import run_cli
+from webui.training import launch
 from webui.training.lora_options import yaml_hint
 
 
@@ -47,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--models-dir", default="models")
     train.add_argument("--loras-dir", default="loras")
     train.add_argument("--runs-dir", default="runs")
+    train.add_argument("--num-processes", type=int, default=0,
+                       help="train in N processes (one per GPU; on CPU, N processes sharing the cores) through "
+                            "`accelerate launch` (DDP); default: training.num_processes in the YAML, else 1")
+    train.add_argument("--accelerate-config", default=None,
+                       help="an Accelerate config file (accelerate config), passed to `accelerate launch` unchanged: "
+                            "FSDP, DeepSpeed, several machines")
 
     export = sub.add_parser("export", help="merge adapters into a base and write a model")
     export.add_argument("--model", default="", help="base (default: the embedded SmolLM2)")
@@ -165,6 +172,13 @@ def _train(args) -> int:
         return 2
     files = [_beside(Path(p), path.parent) for p in cfg.dataset.paths]
     cfg.dataset.path = files if isinstance(cfg.dataset.path, list) else files[0]
+    num_processes = args.num_processes or cfg.training.num_processes
+    if num_processes < 1:
+        print("error: --num-processes must be at least 1", file=sys.stderr)
+        return 2
+    if launch.wanted(num_processes, args.accelerate_config):
+        return _launch(args, cfg, num_processes)
+    launch.die_with_launcher()
     try:
         train(cfg, Path(args.models_dir), Path(args.loras_dir), Path(args.runs_dir),
               log=lambda msg: print(msg, flush=True))
@@ -172,6 +186,22 @@ def _train(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _launch(args, cfg: TrainConfig, num_processes: int) -> int:
+    """Check the run here (fast errors, one copy of the embedded model), then run the same command in
+    `num_processes` processes under accelerate launch."""
+    from webui.training.trainer import launched  # torch: see the docstring
+
+    dirs = [Path(args.models_dir), Path(args.loras_dir), Path(args.runs_dir)]
+    train_args = ["--config", args.config, "--models-dir", args.models_dir, "--loras-dir", args.loras_dir,
+                  "--runs-dir", args.runs_dir]
+    try:
+        return launched(cfg, *dirs, lambda: launch.run(train_args, num_processes, args.accelerate_config),
+                        num_processes, log=lambda msg: print(msg, flush=True))
+    except LoraDeckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def _eval(args) -> int:

@@ -348,13 +348,15 @@ class TrainingParams:
                                     min=0.0, max=1000.0, step=1)
     neftune_noise_alpha: float = _opt(0.0, "NEFTune: noise added to the input embeddings while training (5 is "
                                            "the paper's choice; 0 = off).", min=0.0, max=100.0, step=1)
+    num_processes: int = _opt(1, "Train in this many processes through Accelerate (DDP): one per GPU; on CPU they "
+                                 "share the cores. batch_size is per process.", min=1, max=1024, step=1)
 
     def __post_init__(self):
         _validate(self)
         if not isinstance(self.gradient_checkpointing, bool):
             raise BadInput(f"gradient_checkpointing: {self.gradient_checkpointing!r} must be true or false")
-        for name in ("max_steps", "batch_size", "gradient_accumulation", "cutoff_len", "save_steps", "eval_steps",
-                     "logging_steps", "warmup_steps", "seed"):
+        for name in ("max_steps", "batch_size", "gradient_accumulation", "num_processes", "cutoff_len", "save_steps",
+                     "eval_steps", "logging_steps", "warmup_steps", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise BadInput(f"{name}: {v!r} must be an integer")

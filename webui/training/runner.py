@@ -39,6 +39,15 @@ def pid_alive(pid) -> bool:
         return True
 
 
+def _kill_group(pid: int) -> None:
+    """SIGKILL the run and everything it started (a multi-process run's launcher and ranks): the run is a
+    session leader (start_new_session), so its process group has its pid."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
 @dataclass
 class RunView:
     name: str
@@ -93,7 +102,7 @@ class TrainingRunner:
         while pid_alive(pid) and time.time() < deadline:
             time.sleep(0.2)
         if pid_alive(pid):
-            os.kill(int(pid), signal.SIGKILL)
+            _kill_group(int(pid))
             write_status(run, state="stopped", message="killed; start again to resume from the last checkpoint")
 
     def view(self, name: str) -> RunView:

@@ -102,26 +102,33 @@ def prepare(cfg: TrainConfig, models_dir: Path, loras_dir: Path, runs_dir: Path)
     return run_dir, base_path, base_id
 
 
-class _TokenCountingCollator:
-    """Pads batches (labels with -100) and counts the real tokens, for the tokens/s metric."""
-
-    def __init__(self, tokenizer):
-        self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        self.tokens = 0
-
-    def __call__(self, features):
-        self.tokens += sum(len(f["input_ids"]) for f in features)
-        return self.inner(features)
+def _any_rank(flag: bool) -> bool:
+    """`flag` from every process of a multi-process run OR-ed, so that all of them act on it together (a rank
+    that stopped alone would leave the others waiting in the next all-reduce)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
-def _callback(run_dir: Path, collator: _TokenCountingCollator):
+def _callback(run_dir: Path):
+    """Status, metrics and the STOP request; in a multi-process run only the main process writes, and every
+    process sees the same stop decision."""
+
     class Progress(TrainerCallback):
         def __init__(self):
             self.last_time, self.last_tokens = time.time(), 0
+            self.stopped = False
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen  # a resumed run's count
 
         def on_step_end(self, args, state, control, **kw):
-            write_status(run_dir, state="running", step=state.global_step, max_steps=state.max_steps)
-            if (run_dir / STOP).exists():
+            if state.is_world_process_zero:
+                write_status(run_dir, state="running", step=state.global_step, max_steps=state.max_steps)
+            if _any_rank((run_dir / STOP).exists()):
+                self.stopped = True
                 control.should_save = True  # stop = checkpoint, then end
                 control.should_training_stop = True
 
@@ -129,19 +136,43 @@ def _callback(run_dir: Path, collator: _TokenCountingCollator):
             logs = logs or {}
             if "loss" not in logs and "eval_loss" not in logs:
                 return
+            if not state.is_world_process_zero:
+                return
             now = time.time()
             row = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": now}
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if key in logs:
                     row[key] = float(logs[key])
             if "loss" in logs:
-                row["tokens"] = collator.tokens  # seen so far (this process), for throughput over any span
-                row["tokens_per_s"] = (collator.tokens - self.last_tokens) / max(now - self.last_time, 1e-6)
-                self.last_time, self.last_tokens = now, collator.tokens
+                # trained so far by all processes (the Trainer's count of non-padding input tokens, gathered)
+                tokens = state.num_input_tokens_seen
+                row["tokens"] = tokens
+                row["tokens_per_s"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-6)
+                self.last_time, self.last_tokens = now, tokens
             with open(run_dir / METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     return Progress()
+
+
+def launched(cfg: TrainConfig, models_dir: Path, loras_dir: Path, runs_dir: Path, run_launcher, num_processes: int,
+             log=print) -> int:
+    """A multi-process run (webui.training.launch): checks the config here first (fast errors; the embedded
+    model is prepared once, not by every process), then runs `run_launcher()`; its exit status. The run's pid
+    is this process (the launcher's parent), which a stop request kills with its whole process group."""
+    run_dir, _, base_id = prepare(cfg, Path(models_dir), Path(loras_dir), Path(runs_dir))
+    if (Path(loras_dir) / cfg.output).exists() and read_status(run_dir).get("state") == "done":
+        log(f"{cfg.output} is already trained: {Path(loras_dir) / cfg.output}")
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_status(run_dir, state="starting", pid=os.getpid(), num_processes=num_processes, base=base_id,
+                 message=f"starting {num_processes} processes…")
+    log(f"training {cfg.output} in {num_processes} processes (accelerate launch)")
+    rc = run_launcher()
+    if rc and read_status(run_dir).get("state") in ("starting", "running"):
+        write_status(run_dir, state="failed", message=f"error: a training process failed (exit status {rc}); "
+                                                      "see the log above; start again to resume")
+    return 1 if rc else 0
 
 
 def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path = Path("loras"),
@@ -167,37 +198,44 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
     except (ValueError, TypeError) as e:  # BadInput is a ValueError too
         raise BadInput(f"lora: {e}") from None
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.lora.rewrites_base and not (run_dir / INITIAL_ADAPTER).is_dir():
-        _save_initial_adapter(peft_model, run_dir / INITIAL_ADAPTER)
-    (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (run_dir / STOP).unlink(missing_ok=True)
+    # WORLD_SIZE and RANK are set by a multi-process launcher (webui.training.launch); only rank 0 writes files
+    world, main = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")) == 0
     resume = latest_checkpoint(run_dir)
-    # WORLD_SIZE is set by a multi-process launcher (torchrun / accelerate launch); one process otherwise
-    write_status(run_dir, state="running", pid=os.getpid(), step=0, message="", base=base_id,
-                 quantization=cfg.training.quantization, num_processes=int(os.environ.get("WORLD_SIZE", "1")),
-                 samples=len(train_set), eval_samples=len(eval_set), resumed_from=resume.name if resume else None)
-    log(f"training {cfg.output} on {base_id}: {len(train_set)} samples (+{len(eval_set)} eval)"
-        + (f", resuming from {resume.name}" if resume else ""))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.lora.rewrites_base and not (run_dir / INITIAL_ADAPTER).is_dir():
+            _save_initial_adapter(peft_model, run_dir / INITIAL_ADAPTER)
+        (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run_dir / STOP).unlink(missing_ok=True)
+        write_status(run_dir, state="running", step=0, message="", base=base_id, num_processes=world,
+                     quantization=cfg.training.quantization, samples=len(train_set), eval_samples=len(eval_set),
+                     resumed_from=resume.name if resume else None, **({"pid": os.getpid()} if world == 1 else {}))
+        log(f"training {cfg.output} on {base_id}: {len(train_set)} samples (+{len(eval_set)} eval)"
+            + (f" in {world} processes" if world > 1 else "") + (f", resuming from {resume.name}" if resume else ""))
 
     t = cfg.training
     args = training_arguments(t, run_dir, bool(eval_set))
-    collator = _TokenCountingCollator(tok)
+    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    progress = _callback(run_dir)
     as_dicts = lambda rows: [{"input_ids": s.input_ids, "labels": s.labels} for s in rows]  # noqa: E731
     try:
         trainer = Trainer(model=peft_model, args=args, train_dataset=as_dicts(train_set),
                           eval_dataset=as_dicts(eval_set) or None, data_collator=collator,
-                          callbacks=[_callback(run_dir, collator)],
+                          callbacks=[progress],
                           optimizers=(loraplus_optimizer(peft_model, args, t.loraplus_lr_ratio), None))
     except (ValueError, TypeError) as e:  # e.g. a base whose quantization cannot be trained
-        write_status(run_dir, state="failed", message=first_line(e))
+        if main:
+            write_status(run_dir, state="failed", message=first_line(e))
         raise Unsupported(first_line(e)) from None
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as e:
-        write_status(run_dir, state="failed", message=first_line(e))
+        if main:
+            write_status(run_dir, state="failed", message=first_line(e))
         raise
-    if (run_dir / STOP).exists():
+    if not main:
+        return None if progress.stopped else loras_dir / cfg.output
+    if progress.stopped:
         (run_dir / STOP).unlink(missing_ok=True)
         write_status(run_dir, state="stopped", step=trainer.state.global_step,
                      message=f"stopped at step {trainer.state.global_step}; start again to resume")
@@ -227,6 +265,7 @@ def training_arguments(t, run_dir: Path, has_eval: bool) -> TrainingArguments:
         # PEFT's input-grad hook
         activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         optim=t.optim, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        include_num_input_tokens_seen="non_padding",
         neftune_noise_alpha=t.neftune_noise_alpha or None)
 
 
