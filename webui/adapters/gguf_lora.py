@@ -5,7 +5,8 @@ to Hugging Face module names with the `gguf` package's tensor-name map, so the E
 check (`webui.adapters.inspect`) runs unchanged on it. A PEFT adapter is converted to a GGUF LoRA
 (`convert_peft`: tensors `blk.N.attn_q.weight.lora_a/.lora_b`, `general.type=adapter`, `adapter.type=lora`,
 `adapter.lora.alpha`) once and cached beside the adapter as `adapter.<base>.<source>.gguf`, reused while the
-adapter's files are unchanged. GGUF LoRA files found in the loras folder are read as they are
+adapter's files are unchanged; `write_gguf_lora` / `stack_pairs` also serve the gguf-lora export (a weighted
+stack as one adapter, f32/f16/q8_0). GGUF LoRA files found in the loras folder are read as they are
 (`read_gguf_adapter`/`load_gguf_state` present them as PEFT-shaped tensors for the report).
 
 llama.cpp's HF→GGUF converter permutes the q/k projection rows of llama-architecture models (its rotary
@@ -150,12 +151,13 @@ def read_base(path: Path, name: str | None = None, reader=None) -> GgufBase:
 
 # -- PEFT → GGUF LoRA ------------------------------------------------------------------------------------
 def _peft_scale(config: dict, module: str, rank: int) -> float:
-    """PEFT's scaling of one module: alpha/r (alpha/sqrt(r) with rsLoRA); alpha_pattern picks per module."""
-    alpha = config.get("lora_alpha", config["r"])
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-            break
+    """PEFT's scaling of one module: alpha/r (alpha/sqrt(r) with rsLoRA); alpha_pattern picks per module, matched
+    by PEFT's own pattern rule. `rank` is the module's real rank (the tensor's, which rank_pattern set)."""
+    from peft.utils.other import get_pattern_key  # heavy (torch): only converting or merging needs it
+
+    patterns = config.get("alpha_pattern") or {}
+    key = get_pattern_key(list(patterns), module)
+    alpha = patterns.get(key, config.get("lora_alpha", config["r"]))
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
@@ -176,6 +178,9 @@ def lora_pairs(files: AdapterFiles, state: dict, base: GgufBase, ignored=()) -> 
         if not part:
             raise BadInput(f"{files.name}: saves whole module {module} (modules_to_save), which llama.cpp "
                                "adapters cannot carry")
+        if key.endswith(".bias"):
+            raise BadInput(f"{files.name}: has LoRA biases (lora_bias=True, {module}), which llama.cpp adapters "
+                           "cannot carry; use it on the transformers loader or merge it there (export safetensors)")
         groups.setdefault(module, {})[part] = tensor
     pairs = []
     for module, parts in sorted(groups.items()):
@@ -190,30 +195,71 @@ def lora_pairs(files: AdapterFiles, state: dict, base: GgufBase, ignored=()) -> 
     return pairs
 
 
-def convert_peft(files: AdapterFiles, state: dict, base: GgufBase, out: Path, ignored=()) -> Path:
-    """Write a GGUF LoRA of a PEFT adapter for `base` (f32 tensors: adapters are small, and it keeps the
-    result equal to PEFT's)."""
+OUTTYPES = ("f32", "f16", "q8_0")  # what a GGUF LoRA's tensors may be stored as (llama.cpp's converter's choices)
+
+
+def stack_pairs(stack: list[tuple[list[tuple], float]]) -> list[tuple]:
+    """One adapter's (GGUF name, A, B, scale) pairs for a weighted stack [(pairs, weight), ...]: per tensor, the
+    factors are concatenated along the rank with each weight*scale folded into its B, so B_cat @ A_cat equals
+    sum_i w_i * scale_i * B_i @ A_i exactly (PEFT's `cat` combination); the pair's own scale is 1."""
+    merged: dict[str, tuple[list, list]] = {}
+    for pairs, weight in stack:
+        for gname, a, b, scale in pairs:
+            a_list, b_list = merged.setdefault(gname, ([], []))
+            a_list.append(a)
+            b_list.append(b * (weight * scale))
+    return [(g, np.concatenate(a_list, axis=0), np.concatenate(b_list, axis=1), 1.0)
+            for g, (a_list, b_list) in merged.items()]
+
+
+def _stored(gguf, data: np.ndarray, outtype: str):
+    """(array, tensor type) of a LoRA factor in `outtype`. Q8_0 packs rows in blocks of 32 values: a factor
+    whose rows are not a multiple of that (B of a small rank) falls back to F16, as llama.cpp's converter does."""
+    if outtype == "q8_0":
+        try:
+            return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        except gguf.QuantError:
+            outtype = "f16"
+    if outtype == "f16":
+        return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+    return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+
+
+def write_gguf_lora(pairs: list[tuple], base: GgufBase, out: Path, name: str, alpha: float,
+                    base_model: str = "", outtype: str = "f32") -> Path:
+    """Write (GGUF name, A (r, in), B (out, r), scale) pairs as a GGUF LoRA for `base`. llama.cpp scales each
+    pair by adapter.lora.alpha / its rank, one alpha for the whole file; where a pair's intended scale differs
+    (rsLoRA, alpha_pattern, rank_pattern, folded stack weights) the difference is folded into its B."""
     gguf = gguf_module()
-    alpha = float(files.config.get("lora_alpha", files.config["r"]))
+    if outtype not in OUTTYPES:
+        raise BadInput(f"--outtype {outtype!r} is not one of: {', '.join(OUTTYPES)}")
     writer = gguf.GGUFWriter(str(out), base.arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    writer.add_name(files.name)
-    if files.config.get("base_model_name_or_path"):
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    writer.add_name(name)
+    if base_model:
         writer.add_base_model_count(1)
-        writer.add_base_model_name(0, str(files.config["base_model_name_or_path"]))
-    for gname, a, b, scale in lora_pairs(files, state, base, ignored):
-        # llama.cpp scales each pair by adapter.lora.alpha / rank (rank = this pair's r); fold any
-        # difference from PEFT's own scale (rsLoRA, alpha_pattern) into B.
+        writer.add_base_model_name(0, str(base_model))
+    for gname, a, b, scale in pairs:
         b = b * (scale / (alpha / a.shape[0]))
-        writer.add_tensor(f"{gname}.weight.lora_a", np.ascontiguousarray(a, dtype=np.float32))
-        writer.add_tensor(f"{gname}.weight.lora_b", np.ascontiguousarray(b, dtype=np.float32))
+        for part, data in (("lora_a", a), ("lora_b", b)):
+            data, kind = _stored(gguf, np.ascontiguousarray(data, dtype=np.float32), outtype)
+            writer.add_tensor(f"{gname}.weight.{part}", data, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def convert_peft(files: AdapterFiles, state: dict, base: GgufBase, out: Path, ignored=(),
+                 outtype: str = "f32") -> Path:
+    """Write a GGUF LoRA of a PEFT adapter for `base` (f32 by default: adapters are small, and it keeps the
+    result equal to PEFT's)."""
+    return write_gguf_lora(lora_pairs(files, state, base, ignored), base, out, files.name,
+                           float(files.config.get("lora_alpha", files.config["r"])),
+                           files.config.get("base_model_name_or_path") or "", outtype)
 
 
 def cached_conversion(files: AdapterFiles, state: dict, base: GgufBase, ignored=()) -> Path:

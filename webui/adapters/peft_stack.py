@@ -2,7 +2,8 @@
 activate any weighted set of them (a stack: several active at once, each with its own scale — ranks
 may differ), switch sets without reloading the base, disable them all (the base computes exactly as
 before), merge the active set into the base weights and unmerge it, and blend several into a new
-adapter with PEFT's `add_weighted_adapter`.
+adapter with PEFT's `add_weighted_adapter`, corrected and checked by webui/adapters/exact_blend.py (its
+scale is right for rsLoRA sources, DoRA / LoRA-bias sources are refused, a `cat` blend equals the stack).
 
 PEFT injects LoRA layers into the base model in place, so the model object the backend generates with
 is unchanged; a stack is PEFT's multi-adapter activation with `LoraLayer.set_scale` per adapter, which
@@ -10,17 +11,23 @@ computes sum_i w_i * (alpha_i/r_i) * B_i A_i x — the same function as PEFT's `
 """
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 
+from webui.adapters.exact_blend import EXACT, RECORD, deviation, fix_scale, refuse_unblendable, tolerance
+from webui.adapters.types import COMBINATIONS
 from webui.errors import BadInput, first_line
 
-COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
+log = logging.getLogger(__name__)
+
 
 
 def peft_key(name: str) -> str:
@@ -180,6 +187,7 @@ class PeftAdapterStack:
             raise BadInput(f"{target} already exists; pick another name")
         if self.merged:
             self.unmerge()
+        refuse_unblendable({n: self.peft.peft_config[peft_key(n)] for n in weights})
         previous = dict(self.active)
         self._apply({n: 1.0 for n in weights})  # add_weighted_adapter reads each layer's current scaling
         kwargs = {}
@@ -189,21 +197,38 @@ class PeftAdapterStack:
             kwargs["svd_rank"] = svd_rank
         if combination_type in ("ties", "ties_svd", "dare_ties") and majority_sign_method:
             kwargs["majority_sign_method"] = majority_sign_method
+        key = peft_key(new_name)
         try:
             self.peft.add_weighted_adapter([peft_key(n) for n in weights], [float(w) for w in weights.values()],
-                                           peft_key(new_name),
-                                           combination_type=combination_type, **kwargs)
-        except (ValueError, TypeError, KeyError) as e:  # KeyError: a name PEFT cannot use as a module name
+                                           key, combination_type=combination_type, **kwargs)
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:  # KeyError: a name PEFT cannot use
             self._apply(previous)
             raise BadInput(f"blend failed: {first_line(e)}") from None
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         try:
+            fix_scale(self.peft, key)
+            off, where = deviation(self.peft, {peft_key(n): w for n, w in weights.items()}, key)
+            dtype = next((p.dtype for n, p in self.peft.named_parameters() if n.endswith(f".{key}.weight")),
+                         torch.float32)
+            exact = off <= tolerance(dtype)
+            if combination_type in EXACT and not exact:
+                raise BadInput(f"blend refused: the {combination_type} blend would differ from the weighted stack "
+                               f"by {off:.2%} in {where} (the sources' configs cannot be expressed as one adapter, "
+                               "e.g. different layers_to_transform); use the stack itself")
+            note = "equals the weighted stack" if exact else (
+                f"an approximation ({combination_type}): its weight change differs from the weighted stack's by up "
+                f"to {off:.1%} (in {where}); 'cat' is the exact combination")
+            if not exact:
+                log.warning("blend %s is %s", new_name, note)
             with tempfile.TemporaryDirectory(dir=out_dir, prefix=".blend-", ignore_cleanup_errors=True) as tmp:
-                self.peft.save_pretrained(tmp, selected_adapters=[peft_key(new_name)])
-                saved = Path(tmp) / peft_key(new_name)
+                self.peft.save_pretrained(tmp, selected_adapters=[key])
+                saved = Path(tmp) / key
                 saved = saved if saved.is_dir() else Path(tmp)
+                (saved / RECORD).write_text(json.dumps(
+                    {"sources": dict(weights), "combination": combination_type, "density": kwargs.get("density"),
+                     "exact": exact, "max_relative_deviation": off, "note": note}, indent=2))
                 shutil.move(str(saved), str(target))
         finally:
-            self.peft.delete_adapter(peft_key(new_name))
+            self.peft.delete_adapter(key)
             self._apply(previous)
         return target

@@ -160,7 +160,7 @@ def _out_file(out: Path, stem: str, loras: list[str], quant: str) -> Path:
     return target
 
 
-def _read_adapters(loras, weights, loras_dir: Path, base) -> list[tuple]:
+def read_adapters(loras, weights, loras_dir: Path, base) -> list[tuple]:
     found = []
     for name, weight in zip(loras, weights):
         path = locate_adapter(name, loras_dir, anywhere=True)
@@ -191,7 +191,7 @@ def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, m
         if path.is_file() and path.suffix == ".gguf":
             reader = gguf.GGUFReader(str(path))
             base = read_base(path, reader=reader)
-            adapters = _read_adapters(loras, weights, Path(loras_dir), base)
+            adapters = read_adapters(loras, weights, Path(loras_dir), base)
             deltas = adapter_deltas(base, adapters)
             progress(0.2, f"merging {', '.join(a[0].name for a in adapters) or 'nothing'} into {path.name}")
             originals = merge_into_gguf(reader, deltas, merged, progress)
@@ -202,7 +202,7 @@ def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, m
             hf_to_gguf(folder, merged, "F32", name=stem)
             reader = gguf.GGUFReader(str(merged))
             base = read_base(merged, reader=reader)
-            deltas = adapter_deltas(base, _read_adapters(loras, weights, Path(loras_dir), base)) if loras else {}
+            deltas = adapter_deltas(base, read_adapters(loras, weights, Path(loras_dir), base)) if loras else {}
             changed = {f"{g}.weight": g for g in deltas}
             originals = {changed[t.name]: _dequantized(t) - deltas[changed[t.name]]
                          for t in reader.tensors if t.name in changed}
