@@ -47,3 +47,19 @@ def test_train_from_the_training_tab(browser, start_app, tiny_models, tmp_path):
                      key=lambda t: "ui-trained × 1" if "ui-trained × 1" in t else t) == "ui-trained × 1"
     tab(page, "Model")  # listed in the LoRA panel, checked, without a reload of anything
     assert page.locator("#lora-on-ui-trained input[type=checkbox]").is_checked()
+
+
+def test_training_tab_upload_box_and_empty_chart_read_cleanly(browser, start_app, tiny_models, tmp_path):
+    """Before any run: the upload box shows its whole text (nothing cut by a fixed height) and the empty loss
+    chart shows no "null" (it used to draw a placeholder row of None)."""
+    models = tiny_models["llama"].parent
+    app = start_app("--model", "tiny-llama", "--models-dir", str(models), "--loras-dir", str(tmp_path / "loras"),
+                    "--runs-dir", str(tmp_path / "runs"), "--user-dir", str(tmp_path / "user"))
+    page = open_app(browser, app.url)
+    tab(page, "Training")
+    page.wait_for_selector("#train-chart svg", timeout=30_000)
+    box = page.locator("#train-upload .upload-container").first
+    assert "Click to Upload" in box.inner_text()
+    assert box.evaluate("e => e.scrollHeight <= e.clientHeight"), "the upload box cuts its text"
+    assert "null" not in page.inner_text("#train-chart")
+    assert "No training run yet" in page.inner_text("#train-status")

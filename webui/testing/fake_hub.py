@@ -2,12 +2,17 @@
 huggingface_hub calls (model_info, list_repo_tree, HEAD/GET /resolve with the hub's X-Repo-Commit, ETag,
 X-Linked-Etag/X-Linked-Size headers and X-Error-Code errors), redirects LFS files to a second origin
 (`localhost` instead of `127.0.0.1`, as the hub redirects to its CDN) that honours `Range`, and can cut
-or stall a transfer to imitate a broken connection or a killed download.
+or stall a transfer to imitate a broken connection or a killed download. It also takes uploads the way
+huggingface_hub's `create_repo` + `upload_folder` send them (POST /api/repos/create, /api/validate-yaml,
+/api/models/ORG/NAME/preupload/REV answering "regular" for every file so no LFS/Xet storage is needed, and
+/api/models/ORG/NAME/commit/REV with the ndjson body and base64 contents), with the write token required;
+a repo created private answers only to the token.
 
     hub = FakeHub(); hub.add("org/name", {"config.json": b"{}"}); os.environ["HF_ENDPOINT"] = hub.url
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -29,6 +34,8 @@ class FakeHub:
     def __init__(self):
         self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
         self.gated: set[str] = set()
+        self.private: set[str] = set()
+        self.commits: list[list[str]] = []  # the paths each upload commit added or changed
         self.token = "hf_fake_token"
         self.log: list[tuple[str, str, str]] = []  # (method, path, Range header)
         self.drop_after: dict[str, int] = {}
@@ -80,6 +87,61 @@ class FakeHub:
             def do_GET(self):
                 self._route(body=True)
 
+            def do_POST(self):
+                url = urlsplit(self.path)
+                hub.log.append(("POST", unquote(url.path), ""))
+                data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                segs = [unquote(s) for s in url.path.strip("/").split("/")]
+                if self.headers.get("Authorization") != f"Bearer {hub.token}":
+                    return self._error(401, "Unauthorized", {"X-Error-Message": "Invalid credentials in Authorization header"})
+                try:
+                    if segs == ["api", "repos", "create"]:
+                        return self._create(json.loads(data))
+                    if segs == ["api", "validate-yaml"]:
+                        return self._json({"errors": [], "warnings": []})
+                    if len(segs) == 6 and segs[:2] == ["api", "models"] and segs[4] in ("preupload", "commit"):
+                        repo, rev = "/".join(segs[2:4]), segs[5]
+                        files, _ = hub._find(repo, rev)
+                        if segs[4] == "preupload":
+                            return self._json({"files": [
+                                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                 "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None}
+                                for f in json.loads(data)["files"]]})
+                        return self._commit(repo, rev, files, data)
+                except KeyError as e:
+                    return self._error(404, e.args[0])
+                self._error(404, "NotFound")
+
+            def _json(self, obj, status=200):
+                self._send(status, {"Content-Type": "application/json"}, json.dumps(obj).encode())
+
+            def _create(self, body):
+                repo = "/".join(p for p in (body.get("organization"), body["name"]) if p)
+                if repo in hub.repos:
+                    return self._json({"error": "You already created this model repo", "url": f"{hub.url}/{repo}"}, 409)
+                hub.add(repo, {})
+                if body.get("visibility") == "private" or body.get("private"):
+                    hub.private.add(repo)
+                self._json({"url": f"{hub.url}/{repo}", "name": repo, "id": repo})
+
+            def _commit(self, repo, rev, files, data):
+                hub.commits.append([])
+                for line in data.splitlines():
+                    op = json.loads(line)
+                    if op["key"] == "file":
+                        files[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
+                        hub.commits[-1].append(op["value"]["path"])
+                    elif op["key"] in ("deletedFile", "deletedFolder"):
+                        path = op["value"]["path"].rstrip("/")
+                        for p in [p for p in files if p == path or p.startswith(path + "/")]:
+                            del files[p]
+                    elif op["key"] != "header":  # lfsFile: preupload never asks for LFS here
+                        return self._error(422, "UnsupportedOperation")
+                branch = next(b for b, f in hub.repos[repo].items() if f is files)
+                commit = hub.commit(repo, branch)
+                self._json({"commitOid": commit, "commitUrl": f"{hub.url}/{repo}/commit/{commit}",
+                            "pullRequestUrl": None})
+
             def _send(self, status, headers=None, data=b"", body=True):
                 self.send_response(status)
                 for k, v in (headers or {}).items():
@@ -108,9 +170,15 @@ class FakeHub:
                     return self._error(404, e.args[0])
                 self._error(404, "NotFound")
 
+            def _hidden(self, repo):
+                """A private repo is invisible without the token (the hub answers 401 RepoNotFound)."""
+                return repo in hub.private and self.headers.get("Authorization") != f"Bearer {hub.token}"
+
             def _api(self, segs, query):
                 repo = "/".join(segs[:2])
                 rev = segs[3] if len(segs) > 3 else "main"
+                if self._hidden(repo):
+                    return self._error(401, "RepoNotFound")
                 files, commit = hub._find(repo, rev)
                 if len(segs) > 2 and segs[2] == "tree":
                     entries = []
@@ -120,7 +188,7 @@ class FakeHub:
                             e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
                         entries.append(e)
                     return self._send(200, {"Content-Type": "application/json"}, json.dumps(entries).encode())
-                info = {"_id": repo, "id": repo, "modelId": repo, "sha": commit, "private": False,
+                info = {"_id": repo, "id": repo, "modelId": repo, "sha": commit, "private": repo in hub.private,
                         "gated": "auto" if repo in hub.gated else False, "disabled": False,
                         "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []}
                 self._send(200, {"Content-Type": "application/json"}, json.dumps(info).encode())
@@ -129,6 +197,8 @@ class FakeHub:
                 if hub.fail.get(path, 0) > 0:
                     hub.fail[path] -= 1
                     return self._error(503, "ServiceUnavailable")
+                if self._hidden(repo):
+                    return self._error(401, "RepoNotFound")
                 files, commit = hub._find(repo, rev)
                 if repo in hub.gated and self.headers.get("Authorization") != f"Bearer {hub.token}":
                     return self._error(401, "GatedRepo", {"X-Error-Message": "Access to this repo is restricted"})

@@ -38,6 +38,7 @@ from transformers import (
 
 from webui import embedded
 from webui.adapters.files import check_adapter_name
+from webui.adapters.model_card import write_adapter_card
 from webui.backends.registry import backend_class, detect
 from webui.config import TrainConfig
 from webui.errors import BadInput, NotFound, Unsupported, first_line
@@ -243,6 +244,7 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
         return None
     out = _save_adapter(peft_model, cfg, base_id, loras_dir, trainer.state.global_step,
                         initial=run_dir / INITIAL_ADAPTER if cfg.lora.rewrites_base else None)
+    write_adapter_card(out, run_dir, train_set, eval_set)  # README.md: the hub's card format (webui/adapters/model_card.py)
     write_status(run_dir, state="done", step=trainer.state.global_step, adapter=str(out),
                  message=f"done: adapter {cfg.output} is in {loras_dir}")
     log(f"done: {out}")

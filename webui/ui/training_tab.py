@@ -36,7 +36,10 @@ DATA_FIELDS = ["path", "format", "eval_fraction", "overlap"]
 def _chart(metrics: list[dict]):
     rows = [{"step": m["step"], "loss": m["loss"], "series": "train"} for m in metrics if "loss" in m]
     rows += [{"step": m["step"], "loss": m["eval_loss"], "series": "eval"} for m in metrics if "eval_loss" in m]
-    return pd.DataFrame(rows or [{"step": 0, "loss": None, "series": "train"}])
+    if not rows:  # typed empty columns: an empty chart (a placeholder row of None was drawn as a "null" label)
+        return pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
+                             "series": pd.Series(dtype="object")})
+    return pd.DataFrame(rows)
 
 
 class TrainingTab:
@@ -51,7 +54,7 @@ class TrainingTab:
             self.data = {n: forms.control(DatasetConfig, n, "train-data",
                                           value="" if n == "path" else None) for n in DATA_FIELDS}
             self.upload = gr.File(label="or upload a dataset", file_types=[".txt", ".json", ".jsonl"],
-                                  type="filepath", height=90)
+                                  type="filepath", elem_id="train-upload")  # Gradio's own height: 90 px cut its text
         self.preview_go = gr.Button("Preview the first samples", size="sm", elem_id="train-preview-go")
         self.preview = gr.Textbox(label="as the model sees them (trained part in ⟦ ⟧)", lines=6, max_lines=14,
                                   interactive=False, elem_id="train-preview")
