@@ -3,6 +3,7 @@ embedded SmolLM2 and two adapters: apply an adapter on the Model tab and get its
 (equal to plain PEFT's), change its weight, remove it, a broken adapter shows its error while chatting
 goes on, compare mode shows the base and each adapter side by side, and a conversation is saved and
 loaded again. A screenshot of each tab is kept in test-artifacts/."""
+import json
 import shutil
 
 import pytest
@@ -56,7 +57,9 @@ def test_lora_workflow(browser, start_app, world):
     tab(page, "Model")
     page.locator("#lora-on-A input[type=checkbox]").check()
     assert wait_text(lambda: page.inner_text("#lora-message"), "Active: A × 1", timeout=60) == "Active: A × 1"
-    assert "broken" in page.inner_text("#lora-badge-broken")
+    # reports arrive in the background: the broken adapter's badge says so once its report is in
+    assert wait_text(lambda: page.inner_text("#lora-badge-broken"), "broken", timeout=60,
+                     key=lambda t: "broken" if "broken" in t else t) == "broken"
     screenshot(page, "tab-model")
     tab(page, "Chat")
     # the status line refreshes every few seconds: wait for it to show the adapter
@@ -126,3 +129,51 @@ def test_lora_workflow(browser, start_app, world):
     screenshot(page, "tab-chat-compare")
     tab(page, "Training")
     screenshot(page, "tab-training")
+
+
+# Records every text the LoRA list's count line shows, from the first paint on (a poll inside the page,
+# so a state that lasts only until the first report arrives is still seen).
+RECORD_COUNT = """window.__counts = [];
+setInterval(() => { const el = document.querySelector('#lora-count');
+  if (el) { const t = el.innerText; if (window.__counts[window.__counts.length - 1] !== t) window.__counts.push(t); }
+}, 20);"""
+
+
+def test_big_library(browser, start_app, world, tmp_path):
+    """30 adapters: the list appears with every report pending, the reports then arrive (ok for the copies of A,
+    broken for the truncated one), and search, the status filter and the library's rename work in the page."""
+    _, models, loras, _ = world
+    lib = tmp_path / "loras"
+    for i in range(28):
+        shutil.copytree(loras / "A", lib / f"style-{i:02d}")
+    shutil.copytree(loras / "B", lib / "special-B")
+    shutil.copytree(loras / "broken", lib / "broken")
+    app = start_app("--model", "SmolLM2-135M-Instruct", "--loader", "transformers", "--models-dir", str(models),
+                    "--loras-dir", str(lib), "--user-dir", str(tmp_path / "user"))
+    context = browser.new_context(viewport={"width": 1280, "height": 1100})
+    context.add_init_script(RECORD_COUNT)
+    page = context.new_page()
+    page.goto(app.url)
+    page.wait_for_selector("#chat-input textarea", timeout=60_000)
+    tab(page, "Model")
+    page.locator(".lora-row").first.wait_for(state="visible", timeout=30_000)
+    first = page.evaluate("window.__counts")[0]
+    assert "30 of 30 adapters" in first and "30 being checked" in first, first  # drawn before any report
+    assert wait_text(lambda: page.inner_text("#lora-count"), "all checked", timeout=120,
+                     key=lambda t: "all checked" if "all checked" in t else t) == "all checked"
+    assert "ok" in page.inner_text("#lora-badge-style-00")
+    # reports of rows beyond the first page arrive too, and are on disk for the next start
+    cached = json.loads((lib / ".cache" / "reports.json").read_text())["reports"]
+    assert len(cached) == 30
+    screenshot(page, "lora-big-library")
+
+    page.fill("#lora-search textarea, #lora-search input", "special")
+    assert wait_text(lambda: str(page.locator(".lora-row").count()), "1", timeout=30) == "1"
+    assert page.locator("#lora-on-special-B").is_visible()
+    page.fill("#lora-search textarea, #lora-search input", "")
+    assert wait_text(lambda: str(page.locator(".lora-row").count()), "25", timeout=30) == "25"  # one page of 30
+    status = page.locator("#lora-filter-status input")
+    status.fill("incompatible")
+    status.press("Enter")
+    page.locator("#lora-on-broken").wait_for(state="visible", timeout=30_000)
+    assert wait_text(lambda: str(page.locator(".lora-row").count()), "1", timeout=30) == "1"
