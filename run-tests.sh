@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup-env.sh
+# llama.cpp's llama-server for the remote-loader tests: built once (~10 min on 2 cores), cached under ~/.cache/loradeck
+bash scripts/build-llama-server.sh >/dev/null || echo "[setup] llama-server could not be built: its tests will skip"
 if [ ! -x /usr/bin/chromium ]; then
   echo "[setup] installing Debian's chromium for the browser tests"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

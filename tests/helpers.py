@@ -55,8 +55,8 @@ def free_port() -> int:
 class AppProcess:
     """`python app.py ...` on a free loopback port; stopped when the test ends."""
 
-    def __init__(self, *args: str, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict | None = None, port: int | None = None):
+        self.port = port or free_port()  # a port of its own: a restarted server gets the same one back
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"lora-deck-app-{self.port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(self.port), *args],

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from webui.adapters.library_cli import add_arguments as add_library_arguments
+from webui.adapters.library_cli import run as run_library_cli
+from webui.adapters.types import COMBINATIONS
 from webui.config import EvalConfig, ModelSpec, ServerConfig, TrainConfig, add_arguments, from_namespace
 from webui.errors import BadInput, LoraDeckError
 from webui.export import FORMATS
@@ -43,6 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--models-dir", default="models")
     inspect.add_argument("--loras-dir", default="loras")
 
+    publish = sub.add_parser("publish", help="upload an adapter (or an exported model folder) to the hub or S3",
+                             description="Upload loras/NAME (or any folder) to a Hugging Face repo (HF_TOKEN or "
+                                         "--token; HF_ENDPOINT) or to s3://bucket/prefix (AWS_* variables). An "
+                                         "adapter without a model card (README.md) gets one first.")
+    publish.add_argument("source", metavar="NAME_OR_PATH", help="an adapter name in the loras dir, or a folder path")
+    publish.add_argument("--to", required=True, metavar="DEST", help="hf:ORG/NAME or s3://bucket/prefix")
+    publish.add_argument("--private", action="store_true", help="create the hub repo private (an existing repo "
+                         "keeps its visibility)")
+    publish.add_argument("--token", default=None, help="a hub token with write access (default: HF_TOKEN, or the "
+                         "login saved by `hf auth login`)")
+    publish.add_argument("--loras-dir", default="loras")
+    publish.add_argument("--runs-dir", default="runs", help="training runs (the model card's losses come from here)")
+
     train = sub.add_parser("train", help="train a LoRA from a YAML config (resumes a run of the same output)")
     train.add_argument("--config", required=True, help="YAML with base_model, dataset, lora, training, output")
     train.add_argument("--models-dir", default="models")
@@ -70,14 +86,46 @@ def _parser() -> argparse.ArgumentParser:
                              "the model's layer sizes; -1 = one per column)")
     export.add_argument("--calibration", default=None,
                         help="GPTQ: a text file to calibrate on (default: webui/data/calibration.txt)")
+    export.add_argument("--outtype", default=None, choices=("f32", "f16", "q8_0"),
+                        help="gguf-lora / ollama: how the LoRA's tensors are stored (default f32, exact)")
     export.add_argument("--models-dir", default="models")
     export.add_argument("--loras-dir", default="loras")
+
+    blend = sub.add_parser("blend", help="combine adapters into a new one (exact for cat; refused where it cannot be)",
+                           description="Write loras/NAME, an adapter whose output equals the weighted stack of the "
+                                       "--lora adapters ('cat', the default; any ranks, rsLoRA included), or an "
+                                       "approximation of it you ask for (linear, svd, ties, dare_*: the deviation is "
+                                       "printed). DoRA and lora_bias adapters are refused with the reason.")
+    blend.add_argument("--lora", action="extend", nargs="+", default=[], required=True,
+                       help="adapter name(s) in the loras dir, or path(s)")
+    blend.add_argument("--weights", action="extend", nargs="+", type=float, default=[],
+                       help="a weight per adapter (default 1.0 each)")
+    blend.add_argument("--combination", default="cat", choices=COMBINATIONS)
+    blend.add_argument("--density", type=float, default=None, help="ties / dare: the fraction of values kept "
+                       "(default 0.5)")
+    blend.add_argument("--model", default="", help="the base the adapters were trained for (default: the embedded "
+                       "SmolLM2); blending runs on the transformers loader")
+    blend.add_argument("--models-dir", default="models")
+    blend.add_argument("--loras-dir", default="loras")
+    blend.add_argument("--out", required=True, help="the new adapter's name (written to the loras dir)")
+
+    loras = sub.add_parser("loras", help="the adapter library: list, rename, duplicate, delete, restore, note, tag")
+    add_library_arguments(loras)
 
     evaluate = sub.add_parser("eval", help="loss, perplexity and answers of the base and each adapter, side by side",
                               description="Score the base and each adapter or weighted stack on a dataset (training's "
                                           "formats and loss masking) and write a JSON or HTML report.")
     add_arguments(evaluate, ModelSpec)
     add_arguments(evaluate, EvalConfig)
+
+    llama = sub.add_parser("llama-server-command", help="print the llama-server command that serves a GGUF base "
+                           "with our adapters (for --loader remote); converts the adapters to GGUF LoRAs")
+    llama.add_argument("--model", required=True, help="the GGUF base (a models-dir name or a path)")
+    llama.add_argument("--lora", nargs="*", default=[], help="adapter names in the loras dir, or paths")
+    llama.add_argument("--binary", default="llama-server", help="the llama-server executable")
+    llama.add_argument("--port", type=int, default=8080)
+    llama.add_argument("--models-dir", default="models")
+    llama.add_argument("--loras-dir", default="loras")
     return parser
 
 
@@ -99,13 +147,37 @@ def main(argv: list[str] | None = None) -> int:
         return _inspect(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "blend":
+        return _blend(args)
     if args.command == "train":
         return _train(args)
     if args.command == "eval":
         return _eval(args)
     if args.command == "download":
         return run_cli(args)
+    if args.command == "publish":
+        return _publish(args)
+    if args.command == "loras":
+        return run_library_cli(args)
+    if args.command == "llama-server-command":
+        return _llama_server_command(args)
     return 2
+
+
+def _llama_server_command(args) -> int:
+    from webui.adapters.files import locate_adapter  # torch: see the docstring
+    from webui.backends.llama_server_cmd import command, convert_for_llama_server, printable
+    from webui.models import resolve_model_path
+
+    try:
+        base = resolve_model_path(args.model, Path(args.models_dir))
+        folders = [locate_adapter(a, Path(args.loras_dir), anywhere=True) for a in args.lora]
+        loras = convert_for_llama_server(base, folders)
+    except LoraDeckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(printable(command(args.binary, base, loras, args.port)))
+    return 0
 
 
 def _inspect(args) -> int:
@@ -149,10 +221,36 @@ def _export(args) -> int:
                            Path(args.models_dir), Path(args.loras_dir),
                            progress=lambda f, msg: print(f"[export] {msg}", file=sys.stderr), quant=args.quant,
                            bits=args.bits, group_size=args.group_size,
-                           calibration=Path(args.calibration) if args.calibration else None)
+                           calibration=Path(args.calibration) if args.calibration else None, outtype=args.outtype)
     except LoraDeckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print(out)
+    return 0
+
+
+def _blend(args) -> int:
+    from webui.adapters.exact_blend import RECORD  # torch: see the docstring
+    from webui.adapters.files import locate_adapter
+    from webui.engine import Engine
+
+    weights = args.weights or [1.0] * len(args.lora)
+    if len(weights) != len(args.lora):
+        print(f"error: {len(weights)} weight(s) given for {len(args.lora)} adapter(s)", file=sys.stderr)
+        return 2
+    engine = Engine(Path(args.models_dir), Path(args.loras_dir))
+    try:
+        paths = {Path(n).name: locate_adapter(n, Path(args.loras_dir), anywhere=True) for n in args.lora}
+        engine.load(ModelSpec(model=args.model, loader="transformers"))
+        out = engine.blend_adapters(dict(zip(paths, weights)), args.out, args.combination, args.density, paths=paths)
+    except LoraDeckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        engine.unload()
+    record = json.loads((out / RECORD).read_text()) if (out / RECORD).is_file() else {}
+    if record.get("note"):
+        print(f"[blend] {args.out} {record['note']}", file=sys.stderr)
     print(out)
     return 0
 
@@ -202,6 +300,20 @@ def _launch(args, cfg: TrainConfig, num_processes: int) -> int:
     except LoraDeckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _publish(args) -> int:
+    from webui.hub.publish import publish  # huggingface_hub, boto3: see the docstring
+
+    try:
+        url = publish(args.source, args.to, loras_dir=Path(args.loras_dir), runs_dir=Path(args.runs_dir),
+                      token=args.token, private=args.private, anywhere=True,
+                      progress=lambda f, msg: print(f"[publish] {msg}", file=sys.stderr, flush=True))
+    except LoraDeckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(url)
+    return 0
 
 
 def _eval(args) -> int:

@@ -24,6 +24,11 @@ QuantizationName = Literal["none", "nf4", "fp4", "int8"]
 _QUANTIZATION_HELP = ("bitsandbytes quantization while loading (transformers loader): nf4 (4-bit NormalFloat, "
                       "QLoRA's choice), fp4 (4-bit float), int8 (LLM.int8); none = the weights as saved.")
 
+RemoteEngineName = Literal["auto", "vllm", "sglang", "lorax", "llama-server", "loradeck", "openai"]
+_REMOTE_ENGINE_HELP = ("Which serving engine is at the remote URL (auto: detected from the routes it answers): vLLM, "
+                       "SGLang, LoRAX, llama.cpp's llama-server, another LoRA Deck, or any OpenAI-compatible server.")
+
+
 def _opt(default, help: str, **meta):
     """A dataclass field carrying its help text and UI hints (min/max/step) in metadata."""
     if isinstance(default, (list, dict)):
@@ -132,6 +137,16 @@ class ModelSpec:
     n_gpu_layers: int = _opt(-1, "Layers offloaded to the GPU when one exists (llama.cpp; -1 = all).", min=-1, max=1000, step=1)
     # loader_option: a loader whose `settings` lack it refuses a non-default value (and `auto` skips that loader)
     quantization: QuantizationName = _opt("none", _QUANTIZATION_HELP, loader_option=True)
+    # the remote loader (--loader remote --model URL): a serving engine driven over HTTP
+    remote_engine: RemoteEngineName = _opt("auto", _REMOTE_ENGINE_HELP, loader_option=True)
+    remote_api_key: str = _opt("", "API key the remote engine wants (sent as Authorization: Bearer KEY).",
+                               loader_option=True)
+    remote_adapter_root: str = _opt("", "Where the remote engine sees our adapters folder (shared storage): "
+                                        "loras/NAME is given to it as ROOT/NAME (vLLM, SGLang, LoRAX). "
+                                        "Empty = the same paths as here.", loader_option=True)
+    remote_timeout: float = _opt(120.0, "Seconds to wait for the remote engine to answer (and between streamed "
+                                        "tokens) before giving up with an error.", min=1.0, max=3600.0, step=1,
+                                 loader_option=True)
 
     def __post_init__(self):
         _validate(self)
@@ -145,6 +160,12 @@ class ServerConfig:
     loader: str = _opt("auto", "Loader for --model.", choices=loader_choices)
     dtype: DtypeName = _opt("auto", "Weights dtype (transformers loader).")
     quantization: QuantizationName = _opt("none", _QUANTIZATION_HELP)
+    remote_engine: RemoteEngineName = _opt("auto", _REMOTE_ENGINE_HELP)
+    remote_api_key: str = _opt("", "API key of the remote engine (--loader remote).")
+    remote_adapter_root: str = _opt("", "Where the remote engine sees our adapters folder (--loader remote; vLLM, "
+                                        "SGLang, LoRAX): loras/NAME is given to it as ROOT/NAME.")
+    remote_timeout: float = _opt(120.0, "Seconds to wait for the remote engine (--loader remote).", min=1.0,
+                                 max=3600.0)
     lora: list = _opt([], "Adapters (names in the loras dir) to apply at start.")
     lora_weights: list = _opt([], "A weight per --lora adapter (default 1.0 each).")
     models_dir: str = _opt("models", "Folder of base models.")
@@ -168,7 +189,9 @@ class ServerConfig:
             raise BadInput(f"lora_weights: {len(self.lora_weights)} weight(s) given for {len(self.lora)} adapter(s)")
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(model=self.model, loader=self.loader, dtype=self.dtype, quantization=self.quantization)
+        return ModelSpec(model=self.model, loader=self.loader, dtype=self.dtype, quantization=self.quantization,
+                         remote_engine=self.remote_engine, remote_api_key=self.remote_api_key,
+                         remote_adapter_root=self.remote_adapter_root, remote_timeout=self.remote_timeout)
 
     @property
     def paths(self) -> dict[str, Path]:

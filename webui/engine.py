@@ -8,11 +8,13 @@ if the real load still fails, the previous model is loaded again and the error n
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -259,6 +261,34 @@ class Engine:
             self._reports[key] = inspect_adapter(files, load_weights(files), base)
         return self._reports[key]
 
+    def base_key(self) -> str:
+        """Names what adapter reports are checked against: a digest of the loaded base's name and adaptable
+        layers ("files-only" with no base, or a loader that takes no adapters). Keys the on-disk report cache."""
+        backend = self._backend  # no lock: the LoRA list asks while a generation holds the model
+        if backend is None or not backend.capabilities.adapters:
+            return "files-only"
+        base = backend.describe_base()  # read-only and cached by the backends: hashing it takes about a ms
+        if base is None:  # a remote engine: its base's layers are not visible from here
+            return "files-only"
+        text = json.dumps([base.name, base.model_type, base.num_layers, sorted(base.params),
+                           sorted((k, *asdict(v).values()) for k, v in base.layers.items())])
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    @contextmanager
+    def adapter_released(self, name: str):
+        """Hold the model while an adapter's files are renamed or moved to the trash (the library's file
+        operations): refused while the adapter is active (the loaded model uses it); a cached, inactive copy
+        is dropped first, so the model never refers to files that are gone."""
+        with self._lock:
+            backend = self._backend
+            if backend is not None and name in backend.active_adapters:
+                raise BadInput(f"{name} is active in the loaded model: remove it from the active adapters "
+                               "(untick it) first, then rename or delete it")
+            if backend is not None and name in backend.adapters_loaded:
+                backend.delete_adapter(name)
+            self._reports = {k: v for k, v in self._reports.items() if k[0] != name}
+            yield
+
     def _load_missing(self, backend: Backend, names, paths: dict | None) -> list[str]:
         """Read, check and cache adapters the backend does not hold yet (or whose files changed). All are
         checked before any is loaded, so a bad one changes nothing. Returns the names newly loaded."""
@@ -335,14 +365,16 @@ class Engine:
                 self._unload_locked()
 
     def blend_adapters(self, weights: dict[str, float], new_name: str, combination_type: str = "cat",
-                       density: float | None = None, out_dir: Path | None = None, **options) -> Path:
+                       density: float | None = None, out_dir: Path | None = None, paths: dict | None = None,
+                       **options) -> Path:
         """Combine adapters into a new one saved in `out_dir` (default: the adapters folder) with PEFT's
-        add_weighted_adapter (`options`: its other arguments, e.g. majority_sign_method). The active stack is
-        the same afterwards."""
+        add_weighted_adapter, checked against the stack (webui/adapters/exact_blend.py; `options`: its other
+        arguments, e.g. majority_sign_method; `paths`: folders for names outside the adapters dir). The active
+        stack is the same afterwards."""
         check_adapter_name(new_name, self.loras_dir)
         with self._lock:
             active = self._require().active_adapters
-        self.set_adapters(weights)  # reads and checks any that are not cached yet
+        self.set_adapters(weights, paths)  # reads and checks any that are not cached yet
         with self._lock:
             backend = self._require()
             try:

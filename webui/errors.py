@@ -63,6 +63,13 @@ class DownloadFailed(LoraDeckError, RuntimeError):
     status, error_type, heading = 502, "server_error", "Download failed"
 
 
+class UploadFailed(LoraDeckError, RuntimeError):
+    """Publishing to the hub or S3 failed (unreachable, refused, or the token has no write access); the local
+    folder is unchanged, and publishing again is safe (it overwrites the same files)."""
+
+    status, error_type, heading = 502, "server_error", "Publish failed"
+
+
 class NoModelLoaded(LoraDeckError, RuntimeError):
     """Nothing is loaded to answer with."""
 
@@ -71,6 +78,19 @@ class NoModelLoaded(LoraDeckError, RuntimeError):
     def __init__(self, message: str = "no model is loaded: pick one on the Model tab", *,
                  code: str | None = "model_not_loaded", param: str | None = None):
         super().__init__(message, code=code, param=param)
+
+
+class EngineUnavailable(LoraDeckError, RuntimeError):
+    """A remote serving engine (the remote loader) could not be reached, timed out, or broke off a reply: 503
+    while it is down or slow, 502 when it answered with something unusable. The app keeps running and the next
+    request tries the engine again."""
+
+    status, error_type, heading = 503, "server_error", "Engine unavailable"
+
+    def __init__(self, message: str = "", *, status: int = 503, code: str | None = "engine_unavailable",
+                 param: str | None = None):
+        super().__init__(message, code=code, param=param)
+        self.status = status
 
 
 class Unauthorized(LoraDeckError):

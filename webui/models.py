@@ -53,5 +53,8 @@ def resolve(model: str, loader: str, models_dir: Path, progress: Progress | None
     (registry.loader_options), which the loader must take."""
     if not model:
         return registry.embedded(loader, Path(models_dir), progress, wanted)
+    address_loader = registry.detect_address(model, loader, wanted)  # a remote engine's URL, not a path
+    if address_loader is not None:
+        return Path(model), address_loader
     path = resolve_model_path(model, models_dir)
     return path, registry.detect(path, loader, wanted)

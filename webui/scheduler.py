@@ -4,7 +4,9 @@ own adapters, are gathered for a short window and run together.
 On loaders with `mixed_batch` (transformers, GPTQ) requests for the plain base or for single adapters
 at weight 1 share one forward pass (PEFT's `adapter_names`, one adapter per row); requests with a
 weighted stack are batched with others of the same stack while that stack is active. On other loaders
-(llama.cpp) requests run in turn, each with its own adapters set just before it. A request that names no
+(llama.cpp) requests run in turn, each with its own adapters set just before it. A remote engine
+(`concurrent`) batches by itself: each request goes to it at once, in its own thread, with its own stack,
+and requests that arrive meanwhile are sent at once too. A request that names no
 adapters gets the stack active in the UI at the time it runs; no request ever changes what another one
 uses, and the UI's active stack is restored after every group. A consumer that goes away (a closed HTTP
 stream) cancels its request; a batch stops early once none of its requests is listening.
@@ -117,6 +119,8 @@ class Scheduler:
 
     def _run(self, jobs: list[Job]) -> None:
         with self.engine.locked_backend() as backend:
+            if getattr(backend.capabilities, "concurrent", False):  # stand-in capabilities may lack it
+                return self._run_concurrent(backend, jobs)
             default, was_merged = backend.active_adapters, backend.merged
             mixed = backend.capabilities.mixed_batch
             groups: dict[tuple, list[tuple[Job, dict]]] = {}
@@ -138,11 +142,33 @@ class Scheduler:
                 if was_merged and not backend.merged:
                     backend.merge_adapters()
 
+    def _run_concurrent(self, backend, jobs: list[Job]) -> None:
+        """Every request to the engine at once, each in its own thread with its own stack; requests that arrive
+        while some are running join at once (the model is held until none is left, so a model change waits)."""
+        default = backend.active_adapters
+        threads: list[threading.Thread] = []
+        while True:
+            for job in jobs:
+                spec = default if job.adapters is None else job.adapters
+                thread = threading.Thread(target=self._run_group, args=(backend, ("own",), [(job, spec)]),
+                                          name="scheduler-request", daemon=True)
+                thread.start()
+                threads.append(thread)
+            threads = [t for t in threads if t.is_alive()]
+            with self._cond:
+                if not self._pending:
+                    if not threads:
+                        return
+                    self._cond.wait(timeout=0.05)  # a new request, or time to see which threads ended
+                jobs, self._pending = self._pending, []
+
     def _run_group(self, backend, kind: tuple, members: list[tuple[Job, dict]]) -> None:
         jobs = [job for job, _ in members]
         if kind[0] == "mixed":
             # one adapter per row; None = the plain base (even while the UI has adapters active)
             adapter_names = [next(iter(spec), None) for _, spec in members]
+        elif kind[0] == "own":  # a concurrent backend: each row's whole stack
+            adapter_names = [spec for _, spec in members]
         else:
             adapter_names = None
             if backend.active_adapters != members[0][1]:

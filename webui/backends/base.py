@@ -61,6 +61,8 @@ class Capabilities:
     adapter_stack: bool = False   # several at once, each with a weight
     merge: bool = False           # merge adapters into the base weights in memory
     mixed_batch: bool = False     # one forward pass for requests with different adapters
+    concurrent: bool = False      # serves many requests at once itself (a remote engine): the scheduler
+                                  # hands each request over as it arrives, with its own adapter stack
     extra: dict = field(default_factory=dict)
 
 
@@ -110,6 +112,12 @@ class Backend(ABC):
     @classmethod
     def claims(cls, path: Path) -> bool:
         """Is `path` a model in this loader's own format (what `--loader auto` picks it for)?"""
+        return False
+
+    @classmethod
+    def claims_address(cls, model: str) -> bool:
+        """Is the model string, as the user typed it, an address this loader serves rather than a file (a
+        remote engine's URL)? Checked before the string is looked up as a path."""
         return False
 
     @classmethod
@@ -205,7 +213,8 @@ class Backend(ABC):
                      cancel: threading.Event | None = None) -> Iterator[tuple]:
         """Several prompts; events ("delta", row, text) and ("done", row, finish_reason, tokens, token_ids or
         None). This default runs them one after another through `stream_tokens`; loaders with
-        capabilities.mixed_batch do one pass and honour `adapter_names` (one adapter per row)."""
+        capabilities.mixed_batch do one pass and honour `adapter_names` (one adapter per row); loaders
+        with capabilities.concurrent also take a row's whole {name: weight} stack as its entry."""
         if adapter_names and any(adapter_names):  # [None, None, ...] = all plain base: fine only without adapters
             raise Unsupported(f"the {self.name} loader cannot mix adapters within one batch")
         for row, prompt in enumerate(prompts):

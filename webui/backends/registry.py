@@ -24,6 +24,7 @@ LOADERS: dict[str, str] = {
     "llamacpp": "webui.backends.llamacpp:LlamaCppBackend",
     "gptq": "webui.backends.gptq:GptqBackend",
     "transformers": "webui.backends.transformers:TransformersBackend",
+    "remote": "webui.backends.remote:RemoteBackend",  # an engine's URL (claims_address), never a path
 }
 FALLBACK = "transformers"  # needs only the core dependencies, and reads every format the others claim
 
@@ -93,6 +94,31 @@ def detect(path: Path, requested: str = "auto", wanted=frozenset()) -> str:
             return name
     check_options(FALLBACK, wanted)
     return FALLBACK
+
+
+def _claims_address(name: str, model: str) -> bool:
+    try:
+        return backend_class(name).claims_address(model)
+    except LoadFailed:  # a loader whose module cannot import claims nothing
+        return False
+
+
+def detect_address(model: str, requested: str = "auto", wanted=frozenset()) -> str | None:
+    """The loader for a model string that is an address rather than a path (a remote engine's URL), or None
+    when no loader claims it. A loader asked for by name must be the one that claims it."""
+    owners = [name for name in LOADERS if _claims_address(name, model)]
+    if not owners:
+        if requested != "auto" and _claims_address(requested, "http://"):
+            raise BadInput(f"the {requested} loader needs an engine's URL (http://HOST:PORT) as the model, "
+                           f"not {model!r}")
+        return None
+    if requested == "auto":
+        requested = owners[0]
+    elif requested not in owners:
+        raise BadInput(f"{model} is an address, not a model file: load it with --loader {owners[0]}")
+    require(requested)
+    check_options(requested, wanted)
+    return requested
 
 
 def embedded(requested: str, models_dir: Path, progress=None, wanted=frozenset()) -> tuple[Path, str]:

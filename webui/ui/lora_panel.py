@@ -6,40 +6,23 @@ and leaves the model and the active adapters as they were (the Engine guarantees
 """
 from __future__ import annotations
 
+import json
 import logging
-import re
 from pathlib import Path
 
 import gradio as gr
 
+from webui.adapters.exact_blend import RECORD
 from webui.adapters.peft_stack import COMBINATIONS
 from webui.engine import Engine
 from webui.errors import LoraDeckError, NoModelLoaded, ui_message
+from webui.export import FORMATS
 from webui.export.run import export_model
 from webui.hub.fetch import download, fetch_adapter
+from webui.hub.publish import publish
+from webui.ui.lora_list import LoraList, slug  # noqa: F401  (slug: the rows' element ids)
 
 log = logging.getLogger(__name__)
-BADGES = {"ok": '<b style="color:#15803d">● ok</b>', "warnings": '<b style="color:#b45309">● warnings</b>',
-          "incompatible": '<b style="color:#b91c1c">● incompatible</b>'}
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "-", name)
-
-
-def _summary(engine: Engine, name: str) -> tuple[str, str]:
-    """(badge line, details markdown) for one adapter."""
-    try:
-        r = engine.adapter_report(name)
-    except LoraDeckError as e:
-        return f"{BADGES['incompatible']} (broken) — {e}", f"`{e}`"
-    leaves = sorted({t.rsplit(".", 1)[-1] for t in r.targets})  # PEFT may save full module paths
-    line = f"{BADGES[r.verdict]} · r={r.rank} α={r.alpha:g} · {', '.join(leaves)} · {r.size_bytes / 1e6:.2f} MB"
-    if r.verdict == "incompatible":
-        line += f" — {r.reasons[0]}"
-    elif r.warnings:
-        line += f" — {r.warnings[0]}"
-    return line, f"```\n{r.text()}\n```"
 
 
 class LoraPanel:
@@ -54,19 +37,22 @@ class LoraPanel:
             self.merge = gr.Button("Merge into base", size="sm", elem_id="lora-merge")
             self.unmerge = gr.Button("Unmerge", size="sm", elem_id="lora-unmerge")
 
-        @gr.render(inputs=self.version)
-        def adapter_list(_version):
-            self._render_list()
+        # the list (filters, rows, reports arriving in the background) and the library's management
+        self.list = LoraList(engine, self.version, self.message)
+        self.list.manage_area()
 
-        with gr.Accordion("Export merged model", open=False):
+        with gr.Accordion("Export merged model, or the adapters for llama.cpp / Ollama", open=False):
             with gr.Row():
-                self.export_format = gr.Dropdown(["safetensors", "gguf", "gptq"], value="safetensors", label="format")
+                self.export_format = gr.Dropdown(list(FORMATS), value="safetensors", label="format",
+                                                 info="gguf-lora: the active stack as one GGUF LoRA (into the loras "
+                                                      "folder); ollama: a folder for `ollama create`")
                 self.export_name = gr.Textbox(label="output name (in the models folder)", elem_id="export-name")
                 self.export_go = gr.Button("Export", elem_id="export-go")
         with gr.Accordion("Blend active adapters into a new adapter", open=False):
             with gr.Row():
                 self.blend_type = gr.Dropdown(list(COMBINATIONS), value="cat", label="combination",
-                                              info="cat is exact for any ranks; linear/ties/dare need equal ranks")
+                                              info="cat equals the stack for any ranks; the others approximate it "
+                                                   "(linear/ties/dare need equal ranks)")
                 self.blend_density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="density (ties/dare)")
                 self.blend_name = gr.Textbox(label="new adapter name", elem_id="blend-name")
                 self.blend_go = gr.Button("Blend", elem_id="blend-go")
@@ -76,46 +62,28 @@ class LoraPanel:
                 self.source_id = gr.Textbox(label="id", placeholder="org/name · /path/to/adapter · s3://bucket/prefix",
                                             elem_id="lora-source-id")
                 self.fetch = gr.Button("Get", elem_id="lora-fetch")
+        self._publish_area()
         self._wire()
 
-    # -- the list ---------------------------------------------------------------------------------------
-    def _render_list(self) -> None:
-        names = self.engine.list_adapters()
-        if not names:
-            gr.Markdown(f"No adapters in `{self.engine.loras_dir}` yet: put PEFT adapter folders there, "
-                        "or get one below.")
-            return
-        active = self.engine.active_adapters
-        boxes, sliders = [], []
-        for name in names:
-            badge, details = _summary(self.engine, name)
-            with gr.Row(equal_height=True):
-                boxes.append(gr.Checkbox(value=name in active, label=name, elem_id=f"lora-on-{slug(name)}",
-                                         key=f"on-{name}", scale=2, min_width=120, interactive=True))
-                sliders.append(gr.Slider(-2.0, 2.0, value=active.get(name, 1.0), step=0.05, label="weight",
-                                         elem_id=f"lora-weight-{slug(name)}", key=f"w-{name}", scale=3,
-                                         interactive=True))
-                with gr.Column(scale=5):
-                    gr.Markdown(badge, elem_id=f"lora-badge-{slug(name)}")
-                    with gr.Accordion("details", open=False):
-                        gr.Markdown(details)
+    def _publish_area(self) -> None:
+        """Publish an adapter of the folder to a hub repo or S3, with its model card (webui/hub/publish.py)."""
+        with gr.Accordion("Publish an adapter (Hugging Face hub, S3)", open=False), gr.Row():
+            name = gr.Textbox(label="adapter name", elem_id="publish-name")
+            dest = gr.Textbox(label="to", placeholder="hf:org/name · s3://bucket/prefix", elem_id="publish-to")
+            token = gr.Textbox(label="hub token (empty: HF_TOKEN)", type="password", elem_id="publish-token")
+            private = gr.Checkbox(label="private (a new hub repo)", elem_id="publish-private")
+            go = gr.Button("Publish", elem_id="publish-go")
 
-        def apply(*values):
-            n = len(names)
-            wanted = {nm: float(w) for nm, on, w in zip(names, values[:n], values[n:]) if on}
+        def run(name, dest, token, private, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
             try:
-                active = self.engine.set_adapters(wanted)
-                msg = "Active: " + (", ".join(f"**{k}** × {v:g}" for k, v in active.items()) or "none (plain base)")
+                url = publish((name or "").strip(), (dest or "").strip(), loras_dir=self.engine.loras_dir,
+                              token=(token or "").strip() or None, private=bool(private),
+                              progress=lambda f, msg: progress(f if f is not None else 0, desc=msg))
             except LoraDeckError as e:
-                active = self.engine.active_adapters
-                msg = ui_message(e)
-            return [msg, *[gr.update(value=nm in active) for nm in names]]
+                return ui_message(e)
+            return f"Published **{name.strip()}** to {url} (with its model card, README.md)."
 
-        io = dict(inputs=[*boxes, *sliders], outputs=[self.message, *boxes])
-        for box in boxes:
-            box.input(apply, **io)
-        for slider in sliders:
-            slider.input(apply, **io)
+        go.click(run, inputs=[name, dest, token, private], outputs=self.message)
 
     # -- actions ----------------------------------------------------------------------------------------
     def _wire(self) -> None:
@@ -155,9 +123,14 @@ class LoraPanel:
             spec, active = self.engine.spec, self.engine.active_adapters
             if spec is None:
                 raise NoModelLoaded()
-            out = export_model(spec.model, list(active), list(active.values()), fmt, self.models_dir / name,
+            folder = self.engine.loras_dir if fmt == "gguf-lora" else self.models_dir  # a GGUF LoRA is an adapter
+            out = export_model(spec.model, list(active), list(active.values()), fmt, folder / name,
                                self.models_dir, self.engine.loras_dir,
                                progress=lambda f, msg: progress(f if f is not None else 0, desc=msg))
+            if fmt == "gguf-lora":
+                return f"Exported `{out}`: load it next to the GGUF base (llama.cpp `--lora`, LM Studio, Ollama)."
+            if fmt == "ollama":
+                return f"Exported `{out}`: `ollama create NAME -f {out / 'Modelfile'}`."
             return f"Exported to `{out}` ({fmt}); it loads without adapters."
 
         @guarded
@@ -166,7 +139,9 @@ class LoraPanel:
             if not active:
                 return "⚠️ activate the adapters to blend (with their weights) first"
             path = self.engine.blend_adapters(active, (name or "").strip(), kind, density)
-            return f"Saved the blend as **{path.name}**."
+            record = path / RECORD
+            note = json.loads(record.read_text()).get("note", "") if record.is_file() else ""
+            return f"Saved the blend as **{path.name}**{': ' + note if note else ''}."
 
         @guarded
         def fetch(source, adapter_id, progress=gr.Progress()):
@@ -185,7 +160,9 @@ class LoraPanel:
         # Redraw when the adapters folder or the active stack changes elsewhere (a training run that
         # finished, another browser tab, the API's --lora), so every page shows the current state.
         def watch(seen, version):
-            sig = f"{self.engine.list_adapters()}|{self.engine.active_adapters}|{self.engine.merged}"
+            sig = f"{self.list.signature()}|{self.engine.active_adapters}|{self.engine.merged}"
+            if not seen:  # the page was just drawn from this state: remember it, do not redraw
+                return sig, gr.update()
             return (gr.update(), gr.update()) if sig == seen else (sig, version + 1)
 
         self.seen = gr.State("")

@@ -1,0 +1,249 @@
+"""The remote loader: a serving engine on another machine (vLLM, SGLang, LoRAX, llama.cpp's llama-server, another
+LoRA Deck, any OpenAI-compatible server) driven over HTTP as if it were a loaded model, so the Chat tab, the
+LoRA panel and the API work the same whether the model runs here or on a GPU server.
+
+`--loader remote --model http://HOST:PORT` (or any http(s) URL with `--loader auto`). The engine batches:
+the scheduler hands every request over at once (`Capabilities.concurrent`), each with its own adapter
+stack, and `stream_batch` runs its rows in threads, one HTTP stream each. Adapters are the engine's, in its
+own terms (webui/backends/remote_engines.py). What an engine cannot do — merge into its base, train on it,
+score tokens — is refused with the reason. An engine that is down, slow or broke off gives EngineUnavailable
+(503/502); the next request tries again, and after a failure the engine's adapter state is read again (a
+restarted engine has forgotten runtime registrations).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores, incremental_texts
+from webui.backends.remote_engines import ENGINES, Dialect, Http, detect
+from webui.config import GenerationParams, ModelSpec
+from webui.errors import BadInput, EngineUnavailable, LoadFailed, Unsupported
+from webui.progress import Progress, no_progress
+
+
+class RemoteBackend(Backend):
+    name = "remote"
+    settings = ("remote_engine", "remote_api_key", "remote_adapter_root", "remote_timeout")
+    requires = ("httpx",)
+    embedded_by_default = False
+
+    def __init__(self):
+        self.http: Http | None = None
+        self.dialect: Dialect | None = None
+        self.info: LoadedInfo | None = None
+        self._loaded: dict[str, tuple] = {}   # adapter name -> file signature
+        self._active: dict[str, float] = {}
+        self._lock = threading.Lock()         # re-reading the engine's adapter state after a failure
+        self._stale = False
+
+    @classmethod
+    def claims_address(cls, model: str) -> bool:
+        return model.strip().lower().startswith(("http://", "https://"))
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
+        url = spec.model.strip()
+        if not self.claims_address(url):
+            raise LoadFailed(f"the remote loader needs the engine's URL (http://HOST:PORT), not {url!r}")
+        progress(0.1, f"connecting to {url}")
+        self.http = Http(url, spec.remote_api_key, spec.remote_timeout)
+        try:
+            cls = detect(self.http) if spec.remote_engine == "auto" else ENGINES[spec.remote_engine]
+            self.dialect = cls(self.http, spec.remote_adapter_root)
+            self.dialect.describe()
+        except Exception as e:
+            self.http.close()
+            raise LoadFailed(f"cannot use the engine at {url}: {e}") from None
+        self.info = LoadedInfo(name=self.dialect.base, path=url, loader=self.name, device=f"{cls.name} at {url}",
+                               architecture=cls.name, context_length=self.dialect.context_length)
+        progress(1.0, f"{cls.name} at {url} serves {self.dialect.base}")
+        return self.info
+
+    def unload(self) -> None:
+        if self.http is not None:
+            self.http.close()
+        self.http = self.dialect = None
+        self._loaded, self._active = {}, {}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        d = self.dialect
+        return Capabilities(loader=self.name, samplers=d.samplers(), settings=self.settings, adapters=True,
+                            adapter_stack=d.adapter_stack, merge=False, mixed_batch=False, concurrent=True,
+                            extra={"engine": d.name, "url": self.http.url})
+
+    def engine_status(self) -> dict:
+        """What the Model tab shows: the engine, its base model and context, and which of our adapters it serves."""
+        d = self.dialect
+        try:
+            served = d.served()
+        except Exception as e:  # a status line must not fail: say why the list is missing
+            served = [f"(unknown: {e})"]
+        return {"engine": d.name, "url": self.http.url, "base": d.base, "context_length": d.context_length,
+                "served": served}
+
+    # -- text ----------------------------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.dialect.chat_prompt(messages, add_generation_prompt)
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.dialect.tokenize(text, add_special)
+
+    def count_tokens(self, text: str) -> int:
+        # engines without a tokenizer route (OpenAI-style, LoRAX): the count is unknown, reported as 0
+        return len(self.tokenize(text)) if self.dialect.tokenizes else 0
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return incremental_texts(self.detokenize, ids)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.dialect.detokenize(ids)
+
+    def score(self, sequences: list[list[int]], top_k: int = 0) -> list[TokenScores]:
+        raise Unsupported("the remote loader cannot score tokens (logprobs, echo, perplexity): the model runs on the "
+                          f"engine; ask {self.http.url} for logprobs directly")
+
+    def prepare_response_format(self, response_format: str) -> None:
+        if response_format and not self.dialect.response_format:
+            raise Unsupported(f"the {self.dialect.name} engine is not sent response formats by LoRA Deck")
+
+    def generate(self, prompt: str, params: GenerationParams, cancel: threading.Event | None = None) -> str:
+        return "".join(self.stream(prompt, params, cancel))
+
+    def stream(self, prompt: str, params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[str]:
+        for text, _, _ in self._events(prompt, params, dict(self._active), cancel):
+            if text:
+                yield text
+
+    def stream_batch(self, prompts: list[str], params: GenerationParams, adapter_names: list | None = None,
+                     cancel: threading.Event | None = None) -> Iterator[tuple]:
+        """Every row as its own request to the engine, all at once (threads): the engine batches them. A row's
+        entry in `adapter_names` is a whole stack ({name: weight}), one adapter name, or None (the plain base);
+        without `adapter_names` every row uses the active stack."""
+        cancel = cancel or threading.Event()
+        events: queue.Queue = queue.Queue()
+
+        def stack_of(row: int) -> dict:
+            if adapter_names is None:
+                return dict(self._active)
+            entry = adapter_names[row]
+            return dict(entry) if isinstance(entry, dict) else {} if entry is None else {entry: 1.0}
+
+        def run(row: int) -> None:
+            text, finish, tokens = "", "stop", None
+            try:
+                for delta, reason, count in self._events(prompts[row], params, stack_of(row), cancel):
+                    if delta:
+                        text += delta
+                        events.put(("delta", row, delta))
+                    finish, tokens = reason or finish, count if count is not None else tokens
+                events.put(("done", row, finish, tokens, None))
+            except Exception as e:  # handed to the consumer, which raises it
+                events.put(("error", row, e))
+
+        threads = [threading.Thread(target=run, args=(row,), name="remote-row", daemon=True)
+                   for row in range(len(prompts))]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(len(prompts)):
+                while True:
+                    event = events.get()
+                    if event[0] == "error":
+                        raise event[2]
+                    yield event
+                    if event[0] == "done":
+                        break
+        finally:
+            cancel.set()  # rows still streaming (the consumer left early) drop their connections
+
+    def _events(self, prompt: str, params: GenerationParams, stack: dict,
+                cancel: threading.Event | None) -> Iterator[tuple[str, str | None, int | None]]:
+        """(text, finish reason, completion tokens) of one streamed request. A request that fails before its
+        first token after the engine's adapter state may have changed (a restart) is retried once with that
+        state read again."""
+        missing = [n for n in stack if n not in self._loaded]
+        if missing:
+            raise BadInput(f"adapter(s) {', '.join(missing)} are not loaded")
+        for attempt in (0, 1):
+            if self._stale or attempt:
+                self._refresh(stack)
+            route, body = self.dialect.request(prompt, params, stack)
+            started = False
+            try:
+                for event in self.http.events(route, body, cancel):
+                    text, reason, tokens = self.dialect.parse(event)
+                    started = started or bool(text)
+                    yield text, reason, tokens
+                return
+            except (BadInput, EngineUnavailable):
+                self._stale = True
+                if started or attempt or not stack:
+                    raise
+                # retry once: the engine may have been restarted and forgotten the adapters
+
+    def _refresh(self, stack: dict) -> None:
+        """Read the engine's adapter state again (after a failure: it may have restarted) and re-register the
+        adapters of `stack` where the engine needs that."""
+        with self._lock:
+            d = self.dialect
+            if hasattr(d, "table"):
+                d.table = None
+            for name in stack:
+                d.forget(name)
+                d.prepare(name, d.folders[name])
+            self._stale = False
+
+    # -- adapters --------------------------------------------------------------------------------------------
+    def describe_base(self):
+        """None: the base lives on the engine, so adapter reports are of the files alone; the engine checks
+        the fit when it loads the adapter."""
+
+    @property
+    def adapters_loaded(self) -> dict:
+        return dict(self._loaded)
+
+    @property
+    def active_adapters(self) -> dict:
+        return dict(self._active)
+
+    def load_adapter(self, name: str, files, state: dict, report) -> None:
+        folder = Path(files.path)
+        with self._lock:
+            self.dialect.forget(name)  # changed files: register again
+            self.dialect.prepare(name, folder)
+            self.dialect.folders[name] = folder
+        self._loaded[name] = files.signature()
+
+    def set_adapters(self, weights: dict[str, float]) -> None:
+        missing = [n for n in weights if n not in self._loaded]
+        if missing:
+            raise BadInput(f"adapter(s) {', '.join(missing)} are not loaded")
+        if not self.dialect.adapter_stack and (len(weights) > 1 or any(w != 1.0 for w in weights.values())):
+            raise Unsupported(f"the {self.dialect.name} engine serves one adapter at weight 1 per request; blend the "
+                              "stack into one adapter first (python -m webui blend) and select that")
+        self._active = dict(weights)
+
+    def delete_adapter(self, name: str) -> None:
+        self._loaded.pop(name, None)
+        self._active.pop(name, None)
+        self.dialect.forget(name)
+        self.dialect.folders.pop(name, None)
+
+    def merge_adapters(self) -> None:
+        raise Unsupported("cannot merge adapters into a remote engine's base: its weights live on the engine; "
+                          "export a merged model (python -m webui export) and start the engine on that")
+
+    def unmerge_adapters(self) -> None:
+        raise Unsupported("nothing is merged on a remote engine")
+
+    def save_merged(self, out_dir: Path) -> None:
+        self.merge_adapters()
+
+    def blend_adapters(self, weights, new_name, combination_type, out_dir, density=None, **options) -> Path:
+        raise Unsupported("blending needs the base model's weights, which live on the remote engine: run "
+                          "python -m webui blend --model BASE on a machine that has the base")
