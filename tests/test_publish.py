@@ -36,6 +36,7 @@ def loras(tmp_path, tiny_models) -> Path:
     cfg["base_model_name_or_path"] = "org/tiny-llama"  # as an adapter trained on a hub model names it
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "huggingface-metadata.txt").write_text("url: where this copy came from\n")  # local bookkeeping
+    (folder / "loradeck.json").write_text('{"notes": "private", "tags": ["mine"]}')  # the library's notes
     return folder.parent
 
 
@@ -65,6 +66,7 @@ def test_publish_to_the_hub_and_download_back_identical(hub, loras, tmp_path, mo
     assert ModelCard.load(loras / "my-lora" / "README.md").data.base_model == "org/tiny-llama"  # card written first
     sent = local.copy()
     sent.pop("huggingface-metadata.txt")  # our download bookkeeping stays home
+    sent.pop("loradeck.json")  # and so do the library's notes and tags
     back = snapshot_download("me/my-lora", local_dir=tmp_path / "back", token=hub.token, endpoint=hub.url)
     assert tree(Path(back)) == sent
 
@@ -143,6 +145,7 @@ def test_publish_to_s3_and_download_back_identical(s3_server, loras, tmp_path, m
     assert publish("my-lora", f"s3://{bucket}/team/my-lora/", loras_dir=loras) == f"s3://{bucket}/team/my-lora"
     sent = tree(loras / "my-lora")
     sent.pop("huggingface-metadata.txt")
+    sent.pop("loradeck.json")
     objects = s3.list_objects_v2(Bucket=bucket, Prefix="team/my-lora/")["Contents"]
     back = {o["Key"].removeprefix("team/my-lora/"): s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
             for o in objects}

@@ -72,6 +72,14 @@ class Engine:
     def capabilities(self) -> Capabilities | None:
         return self._backend.capabilities if self._backend else None
 
+    def engine_status(self) -> dict | None:
+        """What a remote engine says about itself (see Backend.engine_status); asked without the model lock,
+        since it is a status line and the engine answers it beside running requests."""
+        backend = self._backend
+        if backend is None:
+            return None
+        return backend.engine_status({name: self.loras_dir / name for name in self.list_adapters()})
+
     def list_models(self) -> list[str]:
         return models.list_models(self.models_dir)
 

@@ -14,6 +14,7 @@ import fnmatch
 from pathlib import Path
 
 from webui.adapters.files import locate_adapter
+from webui.adapters.library import META as LIBRARY_META
 from webui.adapters.model_card import CARD, needs_card, write_adapter_card
 from webui.errors import BadInput, NotFound, Unauthorized, UploadFailed
 from webui.hub.files import ADAPTER_CONFIG, METADATA, REPO_ID
@@ -21,7 +22,9 @@ from webui.hub.sources import S3_METADATA, _parse_s3, _s3_client, _s3_error
 from webui.progress import Progress, no_progress
 
 _DENIED = ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-KEEP_HOME = [".*", "*/.*", METADATA, S3_METADATA]  # never uploaded (patterns on the path inside the folder)
+# never uploaded (patterns on the path inside the folder): hidden files, download bookkeeping, and the library's
+# private notes and tags (webui/adapters/library.py)
+KEEP_HOME = [".*", "*/.*", METADATA, S3_METADATA, LIBRARY_META]
 
 
 def publish(source: str, dest: str, *, loras_dir: Path = Path("loras"), runs_dir: Path = Path("runs"),
