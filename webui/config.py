@@ -140,7 +140,7 @@ class ModelSpec:
     # the remote loader (--loader remote --model URL): a serving engine driven over HTTP
     remote_engine: RemoteEngineName = _opt("auto", _REMOTE_ENGINE_HELP, loader_option=True)
     remote_api_key: str = _opt("", "API key the remote engine wants (sent as Authorization: Bearer KEY).",
-                               loader_option=True)
+                               loader_option=True, secret=True)
     remote_adapter_root: str = _opt("", "Where the remote engine sees our adapters folder (shared storage): "
                                         "loras/NAME is given to it as ROOT/NAME (vLLM, SGLang, LoRAX). "
                                         "Empty = the same paths as here.", loader_option=True)
@@ -237,6 +237,7 @@ BiasName = Literal["none", "all", "lora_only"]
 DatasetFormat = Literal["raw", "instruction", "chat"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 # Trainer optimizers that need nothing beyond our dependencies; the 8-bit and paged ones are bitsandbytes'
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit",
                     "paged_adamw_32bit"]
 
@@ -327,9 +328,13 @@ class DatasetConfig:
     format: DatasetFormat = _opt("raw", "raw text, instruction (instruction/input/output) or chat (messages / ShareGPT).")
     eval_fraction: float = _opt(0.1, "Share of samples held out for evaluation (0 = none).", min=0.0, max=0.5, step=0.01)
     overlap: int = _opt(32, "Raw text: tokens shared by consecutive chunks.", min=0, max=4096, step=1)
+    train_on_prompt: bool = _opt(False, "instruction/chat: train on the prompt tokens too (every token of the "
+                                        "conversation), not only on the replies. Raw text always trains on all.")
 
     def __post_init__(self):
         _validate(self)
+        if not isinstance(self.train_on_prompt, bool):
+            raise BadInput(f"train_on_prompt: {self.train_on_prompt!r} must be true or false")
         if isinstance(self.path, list) and len(self.path) == 1:
             self.path = self.path[0]
         if not self.path or isinstance(self.path, list) and not all(isinstance(p, str) and p for p in self.path):
@@ -354,6 +359,8 @@ class TrainingParams:
     eval_steps: int = _opt(50, "Evaluate every this many steps (when there is an eval split).", min=1, max=1_000_000)
     logging_steps: int = _opt(1, "Log loss every this many steps.", min=1, max=10_000, step=1)
     warmup_steps: int = _opt(0, "Linear warm-up steps.", min=0, max=1_000_000, step=1)
+    warmup_ratio: float = _opt(0.0, "Linear warm-up over this share of all steps (0.03-0.1 is usual; 0 = use "
+                                    "warmup_steps). Set this or warmup_steps, not both.", min=0.0, max=0.5, step=0.01)
     lr_scheduler: Scheduler = _opt("linear", "Learning-rate schedule.")
     seed: int = _opt(42, "Random seed.", min=0, max=2**31 - 1, step=1)
     quantization: QuantizationName = _opt(
@@ -373,11 +380,21 @@ class TrainingParams:
                                            "the paper's choice; 0 = off).", min=0.0, max=100.0, step=1)
     num_processes: int = _opt(1, "Train in this many processes through Accelerate (DDP): one per GPU; on CPU they "
                                  "share the cores. batch_size is per process.", min=1, max=1024, step=1)
+    packing: bool = _opt(False, "Padding-free packing: the samples of a batch share one row with no padding (position "
+                                "ids restart per sample, so no sample attends to another); fewer wasted tokens when "
+                                "lengths vary. Not for models without position ids (Bloom).")
+    precision: PrecisionName = _opt("auto", "Mixed precision. auto: bf16 on a GPU that supports it, fp16 on older "
+                                            "GPUs, fp32 on CPU. bf16 also runs on CPU (fast only on CPUs with "
+                                            "bf16 instructions); fp16 needs a GPU.")
 
     def __post_init__(self):
         _validate(self)
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise BadInput(f"gradient_checkpointing: {self.gradient_checkpointing!r} must be true or false")
+        for name in ("gradient_checkpointing", "packing"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadInput(f"{name}: {getattr(self, name)!r} must be true or false")
+        if self.warmup_ratio and self.warmup_steps:
+            raise BadInput(f"warmup_ratio: warmup_steps is {self.warmup_steps} and warmup_ratio {self.warmup_ratio}; "
+                           "set one of them (the other to 0)")
         for name in ("max_steps", "batch_size", "gradient_accumulation", "num_processes", "cutoff_len", "save_steps",
                      "eval_steps", "logging_steps", "warmup_steps", "seed"):
             v = getattr(self, name)

@@ -4,7 +4,8 @@ model will see them.
 - raw: a text file, tokenized once and cut into chunks of `cutoff_len` tokens that overlap by `overlap`;
   every token is trained.
 - instruction: JSON (a list) or JSONL records with `instruction`, optional `input`, `output`; rendered
-  as a user turn and an assistant turn with the base's chat template; loss on the output only.
+  as a user turn and an assistant turn with the base's chat template; loss on the output only (on every
+  token with `dataset.train_on_prompt`, as for chat).
 - chat: JSONL records with OpenAI `messages` ([{role, content}]) or ShareGPT `conversations`
   ([{from: human|gpt|system, value}]); loss on the assistant turns only.
 
@@ -131,12 +132,14 @@ def codec_of(tokenizer) -> TextCodec:
     return tokenizer if isinstance(tokenizer, TextCodec) else TextCodec(tokenizer)
 
 
-def encode_chat(tokenizer, messages: list[dict], cutoff_len: int) -> Sample:
-    """Tokens of the whole conversation; labels only on assistant turns. Each assistant turn's tokens are
-    found by rendering the conversation up to the turn's start and up to its end (chat templates put
-    special tokens at turn boundaries, so these renders tokenize as prefixes of the whole)."""
+def encode_chat(tokenizer, messages: list[dict], cutoff_len: int, train_on_prompt: bool = False) -> Sample:
+    """Tokens of the whole conversation; labels only on assistant turns (every token with `train_on_prompt`).
+    Each assistant turn's tokens are found by rendering the conversation up to the turn's start and up to its
+    end (chat templates put special tokens at turn boundaries, so these renders tokenize as prefixes of the whole)."""
     codec = codec_of(tokenizer)
     full = codec.encode(codec.render(messages, False))
+    if train_on_prompt:
+        return Sample(full[:cutoff_len], full[:cutoff_len])
     labels = [IGNORE] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -158,7 +161,8 @@ def encode_raw(tokenizer, text: str, cutoff_len: int, overlap: int) -> list[Samp
     return [Sample(c, list(c), n) for n, c in enumerate(chunks, 1) if len(c) > 1]
 
 
-def load_samples(path: Path, fmt: str, tokenizer, cutoff_len: int, overlap: int = 32) -> list[Sample]:
+def load_samples(path: Path, fmt: str, tokenizer, cutoff_len: int, overlap: int = 32,
+                 train_on_prompt: bool = False) -> list[Sample]:
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"dataset not found: {path}")
@@ -170,7 +174,7 @@ def load_samples(path: Path, fmt: str, tokenizer, cutoff_len: int, overlap: int 
     else:
         if path.suffix not in (".json", ".jsonl"):
             raise BadInput(f"{path.name}: {fmt} data must be a .json or .jsonl file")
-        samples = [encode_chat(tokenizer, c, cutoff_len) for c in conversations(path, fmt)]
+        samples = [encode_chat(tokenizer, c, cutoff_len, train_on_prompt) for c in conversations(path, fmt)]
         for n, s in enumerate(samples, 1):
             s.record = n
     samples = [s for s in samples if s.trained_tokens > 0]
@@ -179,10 +183,12 @@ def load_samples(path: Path, fmt: str, tokenizer, cutoff_len: int, overlap: int 
     return samples
 
 
-def load_files(paths: list, fmt: str, tokenizer, cutoff_len: int, overlap: int = 32) -> list[Sample]:
+def load_files(paths: list, fmt: str, tokenizer, cutoff_len: int, overlap: int = 32,
+               train_on_prompt: bool = False) -> list[Sample]:
     """The samples of several files of one format as one list (`dataset.path` may list files to mix; the split
     shuffles them together)."""
-    return [s for path in paths for s in load_samples(Path(path), fmt, tokenizer, cutoff_len, overlap)]
+    return [s for path in paths
+            for s in load_samples(Path(path), fmt, tokenizer, cutoff_len, overlap, train_on_prompt)]
 
 
 def split(samples: list[Sample], eval_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

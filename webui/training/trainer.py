@@ -29,7 +29,6 @@ from peft import get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from transformers import (
     AutoTokenizer,
-    DataCollatorForSeq2Seq,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -43,7 +42,7 @@ from webui.backends.registry import backend_class, detect
 from webui.config import TrainConfig
 from webui.errors import BadInput, NotFound, Unsupported, first_line
 from webui.models import resolve_model_path
-from webui.training import lora_options
+from webui.training import lora_options, packing, precision
 from webui.training.data import load_files, split, warnings_for
 from webui.training.run_folder import CONFIG, METRICS, STOP, latest_checkpoint, read_status, write_status
 
@@ -66,14 +65,14 @@ def resolve_base(base_model: str, models_dir: Path) -> tuple[Path, str]:
 INITIAL_ADAPTER = "initial-adapter"  # PiSSA/OLoRA: the adapter as initialized, for the conversion when saving
 
 
-def _load_model(path: Path, quantization: str = "none"):
+def _load_model(path: Path, quantization: str = "none", precision_name: str = "auto"):
     """The base to train on, as the loader that claims it provides one (a GPTQ folder: QLoRA on GPTQModel's
     trainable kernel; `quantization`: QLoRA on bitsandbytes), on CUDA when present; and its tokenizer."""
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = precision.resolve(precision_name).dtype  # training.precision (auto: bf16 / fp16 on CUDA, fp32 on CPU)
     loader = backend_class(detect(path))
     return loader, loader.training_model(path, "cuda" if cuda else "cpu", dtype, quantization), tok
 
@@ -99,6 +98,7 @@ def prepare(cfg: TrainConfig, models_dir: Path, loras_dir: Path, runs_dir: Path)
         raise BadInput(f"lora.init_lora_weights {cfg.lora.init_lora_weights} rewrites the base weights, which "
                        f"training.quantization {cfg.training.quantization} keeps quantized and frozen; use "
                        "init_lora_weights true (or gaussian / orthogonal) for QLoRA")
+    precision.resolve(cfg.training.precision)  # refuse now a precision this machine cannot run
     base_path, base_id = resolve_base(cfg.base_model, models_dir)
     return run_dir, base_path, base_id
 
@@ -184,9 +184,15 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
     if (loras_dir / cfg.output).exists() and read_status(run_dir).get("state") == "done":
         log(f"{cfg.output} is already trained: {loras_dir / cfg.output}")
         return loras_dir / cfg.output
-    loader, model, tok = _load_model(base_path, cfg.training.quantization)
+    loader, model, tok = _load_model(base_path, cfg.training.quantization, cfg.training.precision)
+    # Training never reads a KV cache, but a model with use_cache on builds one in every forward pass: memory for
+    # nothing (and with packing it would turn off the packed attention mask)
+    model.config.use_cache = False
+    if cfg.training.packing:
+        packing.prepare_model(model)  # position ids, no cache: the samples of a packed row stay apart
     try:
-        samples = load_files(cfg.dataset.paths, cfg.dataset.format, tok, cfg.training.cutoff_len, cfg.dataset.overlap)
+        samples = load_files(cfg.dataset.paths, cfg.dataset.format, tok, cfg.training.cutoff_len, cfg.dataset.overlap,
+                             cfg.dataset.train_on_prompt)
     except BadInput as e:
         raise BadInput(f"dataset: {e}") from None
     for note in warnings_for(samples, cfg.training.cutoff_len):
@@ -196,6 +202,7 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
         lora_config = loader.training_lora_config(lora_options.peft_config(cfg.lora, model, log), model)
         set_seed(cfg.training.seed)  # the initial adapter (and pissa_niter_N's random SVD) repeats on resume
         peft_model = get_peft_model(model, lora_config)
+        precision.upcast_trainable(peft_model)  # trained weights in float32 under bf16/fp16
     except (ValueError, TypeError) as e:  # BadInput is a ValueError too
         raise BadInput(f"lora: {e}") from None
 
@@ -216,7 +223,7 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
 
     t = cfg.training
     args = training_arguments(t, run_dir, bool(eval_set))
-    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    collator = packing.collator(tok, t.packing)
     progress = _callback(run_dir)
     as_dicts = lambda rows: [{"input_ids": s.input_ids, "labels": s.labels} for s in rows]  # noqa: E731
     try:
@@ -258,16 +265,18 @@ def training_arguments(t, run_dir: Path, has_eval: bool) -> TrainingArguments:
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation,
         learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
-        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, logging_steps=t.logging_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio or t.warmup_steps, logging_steps=t.logging_steps,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=3,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps, seed=t.seed,
-        report_to=[], use_cpu=not cuda, bf16=bool(cuda and torch.cuda.is_bf16_supported()),
+        report_to=[], use_cpu=not cuda, **precision.resolve(t.precision).trainer_flags(),
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
         # (transformers 5's name for gradient checkpointing) non-reentrant: gradients reach the adapter without
         # PEFT's input-grad hook
         activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         optim=t.optim, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        include_num_input_tokens_seen="non_padding",
+        # packed rows have no padding (and no attention mask to count it by)
+        include_num_input_tokens_seen="all" if t.packing else "non_padding",
         neftune_noise_alpha=t.neftune_noise_alpha or None)
 
 
