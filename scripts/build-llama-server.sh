@@ -3,6 +3,7 @@
 # version pinned in pyproject.toml), for the remote-loader tests and benchmarks, and caches it under
 # ~/.cache/loradeck/llama-server-VERSION/ (bin/llama-server plus the shared libraries beside it).
 # Rebuilds only when that binary is missing. Prints the binary's path on the last line of stdout.
+# `--check` builds nothing: exit status 1 when the binary is missing.
 # The build takes about 10 minutes on 2 idle cores; LLAMA_SERVER_JOBS sets the parallelism (default 2).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,6 +13,11 @@ BIN="$CACHE/bin/llama-server"
 if [ -x "$BIN" ]; then
   echo "$BIN"
   exit 0
+fi
+# --check: only say whether it is built (the benchmarks skip their llama-server rows rather than build)
+if [ "${1:-}" = "--check" ]; then
+  echo "llama-server is not built: bash scripts/build-llama-server.sh builds it" >&2
+  exit 1
 fi
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3

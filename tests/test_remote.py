@@ -284,8 +284,10 @@ LORA = {"base": [0.0, 0.0], "A": [1.0, 0.0], "B": [0.0, 1.0], "stack": [0.7, 0.5
 
 
 def llama_direct(url: str, name: str, messages=QUESTION) -> str:
-    """The reply straight from llama-server, streamed as the front streams it: the tiny random model emits byte
-    tokens that are not valid UTF-8, which llama-server replaces differently in whole and streamed replies."""
+    """The reply straight from llama-server's chat route, streamed as the front streams it. The tiny random model
+    emits byte tokens that are not valid UTF-8: llama-server's chat route replaces them over the whole reply,
+    its completions route token by token (one "\ufffd" per byte or per sequence), so the front must send chats
+    to the chat route, not the rendered template to /v1/completions, to give the engine's own answer."""
     body = {"messages": messages, "temperature": 0, "max_tokens": MAX, "stream": True,
             "lora": [{"id": i, "scale": s} for i, s in enumerate(LORA[name])]}
     text = ""

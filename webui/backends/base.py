@@ -155,6 +155,11 @@ class Backend(ABC):
     @abstractmethod
     def capabilities(self) -> Capabilities: ...
 
+    def engine_status(self, ours: dict | None = None) -> dict | None:
+        """A serving engine's own description for the Model tab (engine, url, base, context_length, and which of
+        `ours` — our adapter name -> folder — it can serve); None for a model loaded in this process."""
+        return None
+
     # -- text --------------------------------------------------------------------------------------
     @abstractmethod
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

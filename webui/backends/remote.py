@@ -75,15 +75,18 @@ class RemoteBackend(Backend):
                             adapter_stack=d.adapter_stack, merge=False, mixed_batch=False, concurrent=True,
                             extra={"engine": d.name, "url": self.http.url})
 
-    def engine_status(self) -> dict:
-        """What the Model tab shows: the engine, its base model and context, and which of our adapters it serves."""
+    def engine_status(self, ours: dict | None = None) -> dict:
+        """What the Model tab shows: the engine, its base model and context, and which of our adapters (`ours`:
+        name -> folder) it can serve; `loads_on_request`: the engine loads adapters at run time (vLLM, SGLang,
+        LoRAX), so `served` lists those it holds now and the others are loaded when picked."""
         d = self.dialect
+        status = {"engine": d.name, "url": self.http.url, "base": d.base, "context_length": d.context_length,
+                  "loads_on_request": d.loads_on_request, "served": [], "error": ""}
         try:
-            served = d.served()
+            status["served"] = d.serving(ours or {})
         except Exception as e:  # a status line must not fail: say why the list is missing
-            served = [f"(unknown: {e})"]
-        return {"engine": d.name, "url": self.http.url, "base": d.base, "context_length": d.context_length,
-                "served": served}
+            status["error"] = str(e)
+        return status
 
     # -- text ----------------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

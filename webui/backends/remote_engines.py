@@ -1,8 +1,8 @@
 """The serving engines the remote loader drives, each in its own HTTP dialect: LoRA Deck, vLLM, SGLang, LoRAX,
 llama.cpp's llama-server and any OpenAI-compatible server. A dialect knows how to name the engine's base
-model and context, render a chat prompt with the engine's own template (so a chat through LoRA Deck gives the
-same greedy answer as the same chat sent straight to the engine), tokenize, which sampling fields the
-engine honours, and how a request selects adapters in the engine's terms:
+model and context, send a chat to the engine's own chat route (so a chat through LoRA Deck gives the same
+answer as the same chat sent straight to the engine; the template is rendered by the engine where it can, for
+token counts), tokenize, which sampling fields the engine honours, and how a request selects adapters in the engine's terms:
 
 - LoRA Deck: its own `model` (one adapter) / `adapters` (a weighted stack) fields;
 - vLLM / SGLang: adapters registered at run time (/v1/load_lora_adapter, /load_lora_adapter) with a path the
@@ -27,13 +27,16 @@ from webui.errors import BadInput, EngineUnavailable, Unsupported
 
 
 class ChatPrompt(str):
-    """A chat for an engine whose template we cannot render: the messages travel to its chat route as they are
-    (the string value is their JSON, for logs and rough token counts)."""
+    """A chat whose messages travel to the engine's own chat route, so the reply is exactly the engine's chat
+    answer: its chat route is not always its completions route on the rendered template (llama-server replaces
+    invalid UTF-8 in a chat reply over the whole text, but token by token in a completion; vLLM adds a second
+    BOS to a rendered template sent as a completion). The string value is the template rendered by the engine
+    where it can (token counts, context checks, /tokenize), else the messages' JSON (rough counts)."""
 
     messages: list[dict]
 
-    def __new__(cls, messages: list[dict]):
-        obj = super().__new__(cls, json.dumps(messages, ensure_ascii=False))
+    def __new__(cls, messages: list[dict], rendered: str | None = None):
+        obj = super().__new__(cls, json.dumps(messages, ensure_ascii=False) if rendered is None else rendered)
         obj.messages = messages
         return obj
 
@@ -146,7 +149,7 @@ class Dialect:
     extra_samplers: tuple = ()
     response_format = True
     adapter_stack = False   # several adapters with weights in one request
-    renders_chat = False    # a route that renders its chat template (else chats go to its chat route)
+    renders_chat = False    # a route that renders its chat template (the prompt's text; chats go to its chat route)
     tokenizes = False
 
     def __init__(self, http: Http, adapter_root: str = ""):
@@ -181,8 +184,16 @@ class Dialect:
 
     # -- adapters --------------------------------------------------------------------------------------
     def served(self) -> list[str]:
-        """Our adapter names the engine serves right now (for the Model tab)."""
+        """The adapter names the engine serves right now."""
         return []
+
+    # the engine loads adapters at run time (vLLM, SGLang: registered by us; LoRAX: on a request naming them)
+    loads_on_request = False
+
+    def serving(self, ours: dict) -> list[str]:
+        """Which of our adapters (name -> folder) the engine serves now (the Model tab's list)."""
+        have = set(self.served())
+        return [name for name in ours if name in have]
 
     def prepare(self, name: str, folder: Path) -> None:
         """Make our adapter `name` (files in `folder`) usable on the engine, or refuse with the reason."""
@@ -253,7 +264,9 @@ class LoraDeck(Dialect):
         # the engine's own template, rendered there; its text is what its chat route would generate from
         ids = self.http.post("/tokenize", {"messages": messages, "add_special_tokens": False,
                                            "add_generation_prompt": add_generation_prompt})["tokens"]
-        return self.detokenize(ids)
+        rendered = self.detokenize(ids)
+        # a turn to answer goes to the chat route; an open turn (continue) is completed as text
+        return ChatPrompt(messages, rendered) if add_generation_prompt else rendered
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return list(self.http.post("/tokenize", {"prompt": text, "add_special_tokens": add_special})["tokens"])
@@ -284,6 +297,7 @@ class VLLM(LoraDeck):
     name = "vllm"
     extra_samplers = ("top_k", "min_p", "repetition_penalty")
     adapter_stack = False
+    loads_on_request = True
     load_route = "/v1/load_lora_adapter"
 
     def __init__(self, http: Http, adapter_root: str = ""):
@@ -366,7 +380,8 @@ class LlamaServer(Dialect):
         return {**super().sampling(params), "repeat_penalty": params.repetition_penalty}
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.http.post("/apply-template", {"messages": messages})["prompt"]
+        rendered = self.http.post("/apply-template", {"messages": messages})["prompt"]
+        return ChatPrompt(messages, rendered) if add_generation_prompt else rendered
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return list(self.http.post("/tokenize", {"content": text, "add_special": add_special,
@@ -384,6 +399,10 @@ class LlamaServer(Dialect):
 
     def served(self) -> list[str]:
         return [Path(a["path"]).stem for a in self.adapters()]
+
+    def serving(self, ours: dict) -> list[str]:
+        return [name for name, folder in ours.items()
+                if any(self.matches(name, Path(folder), entry["path"]) for entry in self.adapters())]
 
     def prepare(self, name: str, folder: Path) -> None:
         for entry in self.adapters():
@@ -410,6 +429,7 @@ class LoRAX(Dialect):
     extra_samplers = ("top_k", "typical_p", "repetition_penalty")
     response_format = False
     adapter_stack = tokenizes = False
+    loads_on_request = True
 
     def describe(self) -> None:
         info = self.http.get("/info")

@@ -36,6 +36,8 @@ def control(cls, name: str, elem_prefix: str, value=None):
     if hint in (int, float):
         return gr.Number(value=value, minimum=f.metadata.get("min"), maximum=f.metadata.get("max"),
                          precision=0 if hint is int else None, **common)
+    if f.metadata.get("secret"):  # API keys: typed, never shown
+        return gr.Textbox(value=_text(value), type="password", **common)
     return gr.Textbox(value=_text(value), **common)
 
 

@@ -35,11 +35,26 @@ def settings_for(loader: str) -> set[str]:
     return set(registry.backend_class(loader).settings)
 
 
+def remote_text(status: dict, adapters: str) -> str:
+    """The status line of a remote engine (Backend.engine_status): its base, context, and which of our adapters
+    it can serve."""
+    served = ", ".join(status["served"]) or "none"
+    if status["error"]:
+        served = f"unknown ({status['error']})"
+    elif status["loads_on_request"]:
+        served += " (the others in the adapters folder are loaded on the engine when picked)"
+    context = f"{status['context_length']} tokens" if status["context_length"] else "not reported"
+    return (f"Loaded **{status['base']}** on the remote **{status['engine']}** engine at {status['url']} · "
+            f"context {context} · our adapters it serves: {served} · {adapters}")
+
+
 class ModelTab:
     def __init__(self, engine: Engine, models_dir: Path):
         self.engine, self.models_dir = engine, Path(models_dir)
         with gr.Row():
             self.model = gr.Dropdown(choices=self._choices(), value=self._current(), label="Model",
+                                     info="a model in the models folder, a path, or a serving engine's URL "
+                                          "(http://HOST:PORT: the remote loader)",
                                      elem_id="model-select", scale=4, allow_custom_value=True)
             self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="model-refresh")
         with gr.Row():
@@ -71,8 +86,11 @@ class ModelTab:
 
     def describe(self, extra: str = "") -> str:
         info = self.engine.loaded
+        remote = self.engine.engine_status() if info is not None else None
         if info is None:
             text = "No model loaded."
+        elif remote is not None:
+            text = remote_text(remote, adapters_text(self.engine))
         else:
             text = (f"Loaded **{info.name}** on **{info.loader}** · {info.device} · {info.dtype} · "
                     f"{info.architecture} · {info.parameters / 1e6:.1f} M parameters · {adapters_text(self.engine)}")
