@@ -237,3 +237,20 @@ def llamacpp_logits(engine, prompt: str = PROMPT):
 def converted_lora(loras: Path, name: str) -> Path:
     """The GGUF LoRA the llama.cpp loader converted adapter `name` into (cached beside its files)."""
     return next((loras / name).glob("adapter.*.gguf"))
+
+
+# -- run folders (the Training tab's history) -----------------------------------------------------------
+def write_run(runs: Path, name: str, losses: list[float], eval_losses: dict[int, float] | None = None,
+              base: str = "tiny-llama", state: str = "done", updated: float = 1_700_000_000.0) -> Path:
+    """A finished run's folder as the trainer leaves it (config, status.json, metrics.jsonl: one row per
+    step, an eval row at the steps of `eval_losses`), written directly so a test needs no training."""
+    run = runs / name
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(f"output: {name}\nbase_model: {base}\n")
+    (run / "status.json").write_text(json.dumps({"state": state, "step": len(losses), "max_steps": len(losses),
+                                                 "base": base, "updated": updated}))
+    rows = [{"step": i + 1, "loss": loss, "learning_rate": 1e-3, "time": updated - 100 + i}
+            for i, loss in enumerate(losses)]
+    rows += [{"step": step, "eval_loss": loss, "time": updated} for step, loss in (eval_losses or {}).items()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run

@@ -1,7 +1,14 @@
 """Training from the browser: fill the Training tab's short form, start a run, watch the progress and the
-loss chart update, and apply the finished adapter to the chat with one click (no base reload)."""
-from tests.browser import open_app, screenshot, tab, wait_text
-from tests.helpers import write_data
+loss chart update, and apply the finished adapter to the chat with one click (no base reload); the history of
+past runs with their loss curves overlaid, smoothed and on a log scale."""
+import math
+import time
+
+import pytest
+
+from tests.browser import open_app, screenshot, set_number, tab, wait_text
+from tests.helpers import write_data, write_run
+from tests.test_training_charts import tensorboard_smooth
 
 
 def _fill(page, elem_id: str, value) -> None:
@@ -62,4 +69,83 @@ def test_training_tab_upload_box_and_empty_chart_read_cleanly(browser, start_app
     assert "Click to Upload" in box.inner_text()
     assert box.evaluate("e => e.scrollHeight <= e.clientHeight"), "the upload box cuts its text"
     assert "null" not in page.inner_text("#train-chart")
-    assert "No training run yet" in page.inner_text("#train-status")
+    assert "No training run yet" in wait_text(lambda: page.inner_text("#train-status"), timeout=30)
+
+
+def _plotted(page, elem_id: str) -> dict[str, list[tuple[float, float]]]:
+    """The chart's data as drawn: Vega labels every point of the line plot's hover layer with its fields
+    ("step: 1; loss: 2.5; series: a · train"); {series: [(step, y)]}."""
+    labels = page.eval_on_selector_all(f"#{elem_id} svg [aria-roledescription=point]",
+                                       "els => els.map(e => e.getAttribute('aria-label'))")
+    out: dict[str, list[tuple[float, float]]] = {}
+    for label in labels:
+        fields = dict(part.split(": ", 1) for part in label.split("; "))
+        y = next(v for k, v in fields.items() if k not in ("step", "series"))
+        if y == "undefined":  # drawn while the y column changes (the log toggle): not there yet
+            continue
+        out.setdefault(fields["series"], []).append((float(fields["step"]), float(y)))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _wait_plotted(page, elem_id: str, ok, timeout: float = 30):
+    deadline, seen = time.time() + timeout, {}
+    while time.time() < deadline:
+        seen = _plotted(page, elem_id)
+        if ok(seen):
+            return seen
+        time.sleep(0.25)
+    raise AssertionError(f"the chart never showed the expected data; last seen: {seen}")
+
+
+def test_run_history_overlays_runs_with_smoothing_and_log_scale(browser, start_app, tiny_models, tmp_path):
+    """Two finished runs (their folders written directly): both are listed in the history, their curves are
+    overlaid on one chart, the smoothing slider plots TensorBoard's moving average (computed here), the log
+    toggle plots log10 of it; and the options sit in their groups."""
+    a, b = [3.0, 2.4, 2.7, 1.8, 2.0, 1.3], [2.5, 2.6, 1.9, 1.7, 1.2, 1.25]
+    runs = tmp_path / "runs"
+    write_run(runs, "run-a", a, {3: 2.2, 6: 1.6})
+    write_run(runs, "run-b", b, base="tiny-llama", state="stopped")
+    models = tiny_models["llama"].parent
+    app = start_app("--model", "tiny-llama", "--models-dir", str(models), "--loras-dir", str(tmp_path / "loras"),
+                    "--runs-dir", str(runs), "--user-dir", str(tmp_path / "user"))
+    page = open_app(browser, app.url)
+    tab(page, "Training")
+
+    for group, field in [("quantization", "train-opt-quantization"), ("data", "train-data-path"),
+                         ("lora", "train-lora-init_lora_weights"), ("optimisation", "train-opt-learning_rate")]:
+        assert page.locator(f"#train-group-{group} #{field}").is_visible(), group
+    assert "use_dora" in page.inner_text("#train-group-lora")
+    assert "Optimisation" in page.inner_text("#train-group-optimisation")
+
+    history = wait_text(lambda: page.inner_text("#train-history"), timeout=30,
+                        key=lambda t: "both" if "run-a" in t and "run-b" in t else t)
+    assert history == "both"
+    assert "stopped" in page.inner_text("#train-history") and "1.25" in page.inner_text("#train-history")
+
+    for name in ("run-a", "run-b"):  # the newest is picked already; pick the other one too
+        box = page.locator("#train-compare label", has_text=name).locator("input")
+        if not box.is_checked():
+            box.check()
+    want = {"run-a · train": a, "run-a · eval": [2.2, 1.6], "run-b · train": b}
+    steps = {"run-a · train": range(1, 7), "run-a · eval": [3, 6], "run-b · train": range(1, 7)}
+
+    def expect(transform):
+        return {s: [(float(x), pytest.approx(y, rel=1e-9)) for x, y in zip(steps[s], transform(v))]
+                for s, v in want.items()}
+
+    raw = expect(lambda v: v)
+    _wait_plotted(page, "train-history-chart", lambda seen: seen == raw)
+
+    set_number(page, "train-smoothing", 0.6)
+    smooth = expect(lambda v: tensorboard_smooth(v, 0.6))
+    _wait_plotted(page, "train-history-chart", lambda seen: seen == smooth)
+
+    page.locator("#train-log-scale input").check()
+    logged = expect(lambda v: [math.log10(x) for x in tensorboard_smooth(v, 0.6)])
+    _wait_plotted(page, "train-history-chart", lambda seen: seen == logged)
+    for chart in ("train-history-chart", "train-chart"):  # the axis says so, and stays a number axis
+        axis = wait_text(lambda c=chart: page.locator(f"#{c} svg [aria-label^='Y-axis']").first.get_attribute(
+            "aria-label"), "log10 linear", timeout=20, key=lambda t: "log10 linear"
+            if "log10(loss)" in t and "linear scale" in t else t)
+        assert axis == "log10 linear", chart
+    screenshot(page, "tab-training")

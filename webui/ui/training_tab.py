@@ -1,8 +1,11 @@
-"""The Training tab: a short form (base, dataset with a preview, the main LoRA and training options;
-every other option one fold away), Start / Stop, live progress (step, ETA, tokens/s), a loss
-chart (train and eval) and the run's log, import/export of the YAML config, and — when the run is done —
-one click to apply the new adapter in the chat (a hot-swap: the base is not reloaded). Runs are child
-processes (webui.training.runner); a reloaded page re-attaches to the run that is going on.
+"""The Training tab: the options in groups (data with a preview, LoRA variant, optimisation, quantization,
+checkpoints; the main ones shown, every other one a fold away), Start / Stop, live progress (step, ETA,
+tokens/s), a loss chart (train and eval) and the run's log, the history of past runs with their curves
+overlaid (webui.ui.training_history; smoothing and log scale apply to both charts), import/export of the YAML
+config, and — when the run is done — one click to apply the new adapter in the chat (a hot-swap: the base is
+not reloaded). Runs are child processes (webui.training.runner); a reloaded page re-attaches to the run that
+is going on. The controls are built from the config dataclasses' fields, so a new option appears by itself
+(in the group its section maps to).
 """
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 import yaml
 from transformers import AutoTokenizer
 
@@ -24,22 +26,33 @@ from webui.training.lora_options import yaml_hint
 from webui.training.runner import TrainingRunner
 from webui.training.trainer import resolve_base
 from webui.ui import forms
+from webui.ui.training_charts import LOSS, curves, eta_text
+from webui.ui.training_history import RunHistory, chart_update
 
 EMBEDDED = "(embedded) SmolLM2-135M-Instruct"
+
+
+def _names(cls, wanted=None) -> list[str]:
+    """The fields of `cls` (those of `wanted` that exist, in its order): a field another change has not added
+    yet is skipped, and one it adds lands in its section's group."""
+    have = [f.name for f in dataclasses.fields(cls)]
+    return have if wanted is None else [n for n in wanted if n in have]
+
+
+def _rest(cls, *taken) -> list[str]:
+    return [n for n in _names(cls) if not any(n in t for t in taken)]
+
+
+# The groups. Every dataset field is a data option, every LoRA field a LoRA one; the training section is split
+# by name, and whatever it gains later that is not named here is an optimisation option.
+DATA_MAIN = ["path", "format", "eval_fraction"]
+DATA_TRAINING = _names(TrainingParams, ["cutoff_len", "packing", "train_on_prompt"])
 LORA_MAIN = ["r", "lora_alpha", "lora_dropout", "target_modules"]
-TRAIN_MAIN = ["epochs", "max_steps", "learning_rate", "cutoff_len"]
-LORA_MORE = [f.name for f in dataclasses.fields(LoraTrainConfig) if f.name not in LORA_MAIN]
-TRAIN_MORE = [f.name for f in dataclasses.fields(TrainingParams) if f.name not in TRAIN_MAIN]
-DATA_FIELDS = ["path", "format", "eval_fraction", "overlap"]
-
-
-def _chart(metrics: list[dict]):
-    rows = [{"step": m["step"], "loss": m["loss"], "series": "train"} for m in metrics if "loss" in m]
-    rows += [{"step": m["step"], "loss": m["eval_loss"], "series": "eval"} for m in metrics if "eval_loss" in m]
-    if not rows:  # typed empty columns: an empty chart (a placeholder row of None was drawn as a "null" label)
-        return pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
-                             "series": pd.Series(dtype="object")})
-    return pd.DataFrame(rows)
+LORA_VARIANT = _names(LoraTrainConfig, ["init_lora_weights", "use_rslora", "use_dora"])
+QUANT = _names(TrainingParams, ["quantization", "precision"])  # how the base is held and computed
+SAVING = _names(TrainingParams, ["save_steps", "eval_steps", "logging_steps", "seed"])
+OPT_MAIN = ["epochs", "max_steps", "learning_rate", "batch_size"]
+OPT_MORE = _rest(TrainingParams, OPT_MAIN, QUANT, DATA_TRAINING, SAVING)
 
 
 class TrainingTab:
@@ -50,23 +63,37 @@ class TrainingTab:
             self.output = gr.Textbox(label="adapter name", placeholder="my-lora", elem_id="train-output")
             self.base = gr.Dropdown([EMBEDDED, *engine.list_models()], value=EMBEDDED, label="base model",
                                     allow_custom_value=True, elem_id="train-base")
-        with gr.Row():
-            self.data = {n: forms.control(DatasetConfig, n, "train-data",
-                                          value="" if n == "path" else None) for n in DATA_FIELDS}
-            self.upload = gr.File(label="or upload a dataset", file_types=[".txt", ".json", ".jsonl"],
-                                  type="filepath", elem_id="train-upload")  # Gradio's own height: 90 px cut its text
-        self.preview_go = gr.Button("Preview the first samples", size="sm", elem_id="train-preview-go")
-        self.preview = gr.Textbox(label="as the model sees them (trained part in ⟦ ⟧)", lines=6, max_lines=14,
-                                  interactive=False, elem_id="train-preview")
-        with gr.Row():
-            self.lora = {n: forms.control(LoraTrainConfig, n, "train-lora") for n in LORA_MAIN}
-        with gr.Row():
-            self.train = {n: forms.control(TrainingParams, n, "train-opt") for n in TRAIN_MAIN}
-        with gr.Accordion("More LoRA and training options", open=False):
+        with gr.Accordion("Quantization (QLoRA) and precision", open=True, elem_id="train-group-quantization"), \
+                gr.Row():
+            self.train = {n: forms.control(TrainingParams, n, "train-opt") for n in QUANT}
+        with gr.Accordion("Data", open=True, elem_id="train-group-data"):
             with gr.Row():
-                self.lora.update({n: forms.control(LoraTrainConfig, n, "train-lora") for n in LORA_MORE})
+                self.data = {n: forms.control(DatasetConfig, n, "train-data", value="" if n == "path" else None)
+                             for n in DATA_MAIN}
+                self.upload = gr.File(label="or upload a dataset", file_types=[".txt", ".json", ".jsonl"],
+                                      type="filepath", elem_id="train-upload")  # Gradio's own height: 90 px cut its text
+                self.train["cutoff_len"] = forms.control(TrainingParams, "cutoff_len", "train-opt")
+            with gr.Accordion("more data options", open=False), gr.Row():
+                self.data.update({n: forms.control(DatasetConfig, n, "train-data")
+                                  for n in _rest(DatasetConfig, DATA_MAIN)})
+                self.train.update({n: forms.control(TrainingParams, n, "train-opt")
+                                   for n in DATA_TRAINING if n != "cutoff_len"})
+            self.preview_go = gr.Button("Preview the first samples", size="sm", elem_id="train-preview-go")
+            self.preview = gr.Textbox(label="as the model sees them (trained part in ⟦ ⟧)", lines=6, max_lines=14,
+                                      interactive=False, elem_id="train-preview")
+        with gr.Accordion("LoRA variant", open=True, elem_id="train-group-lora"):
             with gr.Row():
-                self.train.update({n: forms.control(TrainingParams, n, "train-opt") for n in TRAIN_MORE})
+                self.lora = {n: forms.control(LoraTrainConfig, n, "train-lora") for n in LORA_MAIN + LORA_VARIANT}
+            with gr.Accordion("more LoRA options", open=False), gr.Row():
+                self.lora.update({n: forms.control(LoraTrainConfig, n, "train-lora")
+                                  for n in _rest(LoraTrainConfig, LORA_MAIN, LORA_VARIANT)})
+        with gr.Accordion("Optimisation", open=True, elem_id="train-group-optimisation"):
+            with gr.Row():
+                self.train.update({n: forms.control(TrainingParams, n, "train-opt") for n in OPT_MAIN})
+            with gr.Accordion("more optimisation options", open=False), gr.Row():
+                self.train.update({n: forms.control(TrainingParams, n, "train-opt") for n in OPT_MORE})
+        with gr.Accordion("Checkpoints and logging", open=False, elem_id="train-group-saving"), gr.Row():
+            self.train.update({n: forms.control(TrainingParams, n, "train-opt") for n in SAVING})
         with gr.Accordion("YAML config (import / export)", open=False):
             self.yaml = gr.Code(language="yaml", label="config", elem_id="train-yaml")
             with gr.Row():
@@ -78,9 +105,15 @@ class TrainingTab:
             self.apply = gr.Button("Apply the trained adapter in the chat", elem_id="train-apply")
         self.notice = gr.Markdown(elem_id="train-notice")  # answers to clicks
         self.status = gr.Markdown(elem_id="train-status")  # live progress
-        self.chart = gr.LinePlot(_chart([]), x="step", y="loss", color="series", label="loss", height=260,
+        with gr.Row():  # for both charts: this run's and the history's
+            self.smoothing = gr.Slider(0.0, 0.99, value=0.0, step=0.01, label="smoothing",
+                                       info="Exponential moving average, as TensorBoard's slider (0 = raw).",
+                                       elem_id="train-smoothing")
+            self.log_scale = gr.Checkbox(False, label="log scale (plots log10 of the loss)", elem_id="train-log-scale")
+        self.chart = gr.LinePlot(curves({}), x="step", y=LOSS, color="series", label="loss",
                                  elem_id="train-chart")
         self.log = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="train-log")
+        self.history = RunHistory(runner, self.smoothing, self.log_scale)
         self.timer = gr.Timer(1.0)
         self._wire()
 
@@ -107,14 +140,14 @@ class TrainingTab:
         return ups
 
     # -- progress -------------------------------------------------------------------------------------
-    def progress(self, name: str):
+    def progress(self, name: str, smoothing: float = 0.0, log_scale: bool = False):
         if not name:
-            return "No training run yet.", _chart([]), ""
+            return "No training run yet.", chart_update(curves({}), bool(log_scale)), ""
         v = self.runner.view(name)
         losses = [m for m in v.metrics if "loss" in m]
         parts = [f"**{name}** · {v.state}", f"step {v.step}/{v.max_steps or '?'}"]
-        if v.eta_s is not None:
-            parts.append(f"ETA {v.eta_s:.0f} s")
+        if eta_text(v.eta_s):
+            parts.append(eta_text(v.eta_s))
         if losses:
             parts.append(f"loss {losses[-1]['loss']:.4f}")
             if losses[-1].get("tokens_per_s"):
@@ -123,7 +156,8 @@ class TrainingTab:
         if evals:
             parts.append(f"eval loss {evals[-1]['eval_loss']:.4f}")
         text = " · ".join(parts) + (f"\n\n{v.message}" if v.message else "")
-        return text, _chart(v.metrics), v.log_tail
+        chart = curves({name: v.metrics}, smoothing or 0.0, label_runs=False)
+        return text, chart_update(chart, bool(log_scale)), v.log_tail
 
     def _wire(self) -> None:
         def start(*values):
@@ -148,7 +182,7 @@ class TrainingTab:
                 base, _ = resolve_base(cfg.base_model, self.engine.models_dir)
                 tok = AutoTokenizer.from_pretrained(str(base))
                 samples = load_files(cfg.dataset.paths, cfg.dataset.format, tok, cfg.training.cutoff_len,
-                                     cfg.dataset.overlap)
+                                     cfg.dataset.overlap, cfg.dataset.train_on_prompt)
             except LoraDeckError as e:
                 return ui_message(e)
             notes = "".join(f"⚠️ {n}\n" for n in warnings_for(samples, cfg.training.cutoff_len))
@@ -196,8 +230,15 @@ class TrainingTab:
         self.to_yaml.click(to_yaml, inputs=self.inputs, outputs=self.yaml)
         self.from_yaml.click(from_yaml, inputs=self.yaml, outputs=[*self.inputs, self.notice])
         self.apply.click(apply, inputs=self.run_name, outputs=self.notice)
-        self.timer.tick(self.progress, inputs=self.run_name, outputs=[self.status, self.chart, self.log])
+        progress_io = {"inputs": [self.run_name, self.smoothing, self.log_scale],
+                       "outputs": [self.status, self.chart, self.log]}
+        self.timer.tick(self.progress, **progress_io)
+        self._progress_io = progress_io
+        self.smoothing.change(self.progress, **progress_io)
+        self.log_scale.change(self.progress, **progress_io)
         self._attach = attach
 
     def on_load(self, demo: gr.Blocks) -> None:
-        demo.load(self._attach, inputs=self.run_name, outputs=self.run_name)
+        # the status line and chart at once, not at the timer's first tick
+        demo.load(self._attach, inputs=self.run_name, outputs=self.run_name).then(self.progress, **self._progress_io)
+        self.history.on_load(demo)
