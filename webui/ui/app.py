@@ -29,7 +29,7 @@ def build_ui(engine: Engine, cfg: ServerConfig) -> gr.Blocks:
                 extensions_area(extensions)
             with gr.Tab("Parameters", id="parameters"):
                 params = ParametersTab(cfg.paths["presets"])
-            with gr.Tab("Model", id="model"):
+            with gr.Tab("Model", id="model") as model_page:
                 model = ModelTab(engine, cfg.paths["models"])
             with gr.Tab("Training", id="training"):
                 training = TrainingTab(engine, TrainingRunner(cfg.paths["runs"], cfg.paths["models"],
@@ -38,6 +38,9 @@ def build_ui(engine: Engine, cfg: ServerConfig) -> gr.Blocks:
                 EvaluateTab(engine, cfg.paths["user"])
         chat.wire(params)
         model.wire(on_change=chat.status, describe=chat.describe_model)
+        # Gradio does not redraw a render block inside a hidden tab: an adapter that arrived while another tab was
+        # shown (a finished training run) would stay missing from the list. Opening the tab draws it afresh.
+        model_page.select(lambda v: v + 1, model.lora.version, model.lora.version, show_progress="hidden")
         model.load.click(lambda: params.visible_for(engine), outputs=params.inputs)
         demo.load(lambda: params.visible_for(engine), outputs=params.inputs)
         demo.load(chat.describe_model, outputs=chat.status)
