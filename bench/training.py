@@ -3,7 +3,11 @@ plain TRL SFTTrainer + PEFT script (bench/trl_reference.py) with the same base, 
 (r=16, alpha=32, all-linear), batch, cutoff and steps, each in its own process, alternated.
 
 - train_vs_trl: training tokens/s (steady state: from the second logged step to the last);
-- train_peak_rss_vs_trl: peak resident memory of the training process (lower is better).
+- train_peak_rss_vs_trl: peak resident memory of the training process (lower is better). TRL's SFTConfig turns
+  gradient checkpointing on by default, so ours runs with it too (same settings); the note gives the figures
+  of our default (no checkpointing) as well;
+- train_qlora_nf4_vs_float: tokens/s of QLoRA (training.quantization nf4) / the float base; peak RSS in the note;
+- train_ddp2_vs_single: tokens/s of 2 processes (DDP, batch 2 each) / 1 process (batch 4): the same global batch.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import yaml
 from bench.common import Row, side_by_side
 from webui import embedded
 
-ROWS = ("train_vs_trl", "train_peak_rss_vs_trl")
+ROWS = ("train_vs_trl", "train_peak_rss_vs_trl", "train_qlora_nf4_vs_float", "train_ddp2_vs_single")
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("The lighthouse keeper climbed the stairs every evening to light the lamp. Ships passed in the "
         "night, and the sea kept its own counsel. ") * 200
@@ -41,39 +45,61 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
     reps = 1 if quick else 2
     steps, batch, cutoff = (6, 2, 128) if quick else (12, 4, 128)
     base = embedded.ensure_transformers_folder(models_dir)
+    wanted = [r for r in ROWS if not only or r in only]
+    note = f"{steps} steps, batch {batch}, cutoff {cutoff}, r=16 all-linear, CPU"
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "text.txt").write_text(TEXT)
         counter = iter(range(1000))
-        figures = {"ours": [], "trl": []}
+        rss: dict[str, list[float]] = {}
 
-        def ours():
-            name = f"bench{next(counter)}"
-            cfg = {"base_model": str(base), "output": name, "dataset": {"path": str(tmp / "text.txt"), "format": "raw",
-                                                                        "eval_fraction": 0, "overlap": 32},
-                   "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
-                   "training": {"max_steps": steps, "batch_size": batch, "cutoff_len": cutoff, "save_steps": 10_000}}
-            (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-            _, rss = _run([sys.executable, "-m", "webui", "train", "--config", str(tmp / f"{name}.yaml"),
-                           "--models-dir", str(models_dir), "--loras-dir", str(tmp / "loras"),
-                           "--runs-dir", str(tmp / "runs")])
-            rows = [json.loads(x) for x in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-            rows = [r for r in rows if "tokens" in r]
-            tps = (rows[-1]["tokens"] - rows[0]["tokens"]) / (rows[-1]["time"] - rows[0]["time"])
-            figures["ours"].append(rss)
-            return tps
+        def ours(key: str, num_processes: int = 1, **training):
+            """tokens/s of one run of ours; its peak RSS (its largest process) goes to rss[key]."""
+            def measure():
+                name = f"bench{next(counter)}"
+                cfg = {"base_model": str(base), "output": name,
+                       "dataset": {"path": str(tmp / "text.txt"), "format": "raw", "eval_fraction": 0, "overlap": 32},
+                       "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+                       "training": {"max_steps": steps, "batch_size": batch, "cutoff_len": cutoff,
+                                    "save_steps": 10_000, "num_processes": num_processes, **training}}
+                (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+                _, peak = _run([sys.executable, "-m", "webui", "train", "--config", str(tmp / f"{name}.yaml"),
+                                "--models-dir", str(models_dir), "--loras-dir", str(tmp / "loras"),
+                                "--runs-dir", str(tmp / "runs")])
+                metrics = [json.loads(x) for x in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+                metrics = [r for r in metrics if "tokens" in r]
+                rss.setdefault(key, []).append(peak)
+                return (metrics[-1]["tokens"] - metrics[0]["tokens"]) / (metrics[-1]["time"] - metrics[0]["time"])
+            return measure
 
         def trl():
-            out, rss = _run([sys.executable, str(ROOT / "bench" / "trl_reference.py"), str(base),
-                             str(tmp / "text.txt"), str(steps), str(batch), str(cutoff), str(tmp / "trl")])
-            figures["trl"].append(rss)
+            out, peak = _run([sys.executable, str(ROOT / "bench" / "trl_reference.py"), str(base),
+                              str(tmp / "text.txt"), str(steps), str(batch), str(cutoff), str(tmp / "trl")])
+            rss.setdefault("trl", []).append(peak)
             return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
 
-        ours_tps, trl_tps = side_by_side(ours, trl, reps)
-        note = f"{steps} steps, batch {batch}, cutoff {cutoff}, r=16 all-linear, CPU"
-        rows = []
-        if not only or ROWS[0] in only:
-            rows.append(Row(ROWS[0], ours_tps, trl_tps, "tokens/s", True, note))
-        if not only or ROWS[1] in only:
-            rows.append(Row(ROWS[1], max(figures["ours"]), max(figures["trl"]), "MB", False, "peak RSS; " + note))
+        if {"train_vs_trl", "train_peak_rss_vs_trl"} & set(wanted):
+            ours_tps, trl_tps = side_by_side(ours("gc", gradient_checkpointing=True), trl, reps)
+            plain_tps = ours("plain")()
+            plain = (f"; ours without checkpointing (our default): {plain_tps:.0f} tokens/s "
+                     f"({plain_tps / trl_tps:.2f}x), {max(rss['plain']):.0f} MB ({max(rss['plain']) / max(rss['trl']):.2f}x)")
+            if "train_vs_trl" in wanted:
+                rows.append(Row("train_vs_trl", ours_tps, trl_tps, "tokens/s", True,
+                                "both with gradient checkpointing (TRL's default); " + note + plain))
+            if "train_peak_rss_vs_trl" in wanted:
+                rows.append(Row("train_peak_rss_vs_trl", max(rss["gc"]), max(rss["trl"]), "MB", False,
+                                "peak RSS, both with gradient checkpointing (TRL's default); " + note + plain))
+        if "train_qlora_nf4_vs_float" in wanted:
+            nf4, flt = side_by_side(ours("nf4", quantization="nf4"), ours("float"), reps)
+            rows.append(Row("train_qlora_nf4_vs_float", nf4, flt, "tokens/s", True,
+                            f"peak RSS nf4 {max(rss['nf4']):.0f} MB vs float {max(rss['float']):.0f} MB "
+                            f"({max(rss['nf4']) / max(rss['float']):.2f}x); bitsandbytes' CPU backend; " + note))
+        if "train_ddp2_vs_single" in wanted:
+            batch_of = batch
+            ddp, single = side_by_side(ours("ddp2", num_processes=2, batch_size=max(1, batch_of // 2)),
+                                       ours("single", batch_size=batch_of), reps)
+            rows.append(Row("train_ddp2_vs_single", ddp, single, "tokens/s", True,
+                            f"2 processes x batch {max(1, batch_of // 2)} (gloo, one core each) vs 1 process x "
+                            f"batch {batch_of} on {os.cpu_count()} cores; " + note))
     return rows
