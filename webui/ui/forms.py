@@ -79,5 +79,7 @@ def parse(cls, names: list[str], values) -> dict:
             out[name] = float(value) if value is not None else _default(cls.__dataclass_fields__[name])
         else:
             parsed = _parse_text(name, value)
+            if parsed is None and hint is str:  # an empty box is the field's default, not "unset"
+                parsed = _default(cls.__dataclass_fields__[name])
             out[name] = parsed if parsed is not None or name != "target_modules" else "all-linear"
     return out

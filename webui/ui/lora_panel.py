@@ -20,6 +20,7 @@ from webui.export import FORMATS
 from webui.export.run import export_model
 from webui.hub.fetch import download, fetch_adapter
 from webui.hub.publish import publish
+from webui.paths import child
 from webui.ui.lora_list import LoraList, slug  # noqa: F401  (slug: the rows' element ids)
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class LoraPanel:
             if spec is None:
                 raise NoModelLoaded()
             folder = self.engine.loras_dir if fmt == "gguf-lora" else self.models_dir  # a GGUF LoRA is an adapter
-            out = export_model(spec.model, list(active), list(active.values()), fmt, folder / name,
+            out = export_model(spec.model, list(active), list(active.values()), fmt, child(folder, name, "export name"),
                                self.models_dir, self.engine.loras_dir,
                                progress=lambda f, msg: progress(f if f is not None else 0, desc=msg))
             if fmt == "gguf-lora":
@@ -159,13 +160,17 @@ class LoraPanel:
 
         # Redraw when the adapters folder or the active stack changes elsewhere (a training run that
         # finished, another browser tab, the API's --lora), so every page shows the current state.
+        def signature():
+            return f"{self.list.signature()}|{self.engine.active_adapters}|{self.engine.merged}"
+
         def watch(seen, version):
-            sig = f"{self.list.signature()}|{self.engine.active_adapters}|{self.engine.merged}"
-            if not seen:  # the page was just drawn from this state: remember it, do not redraw
-                return sig, gr.update()
+            sig = signature()
             return (gr.update(), gr.update()) if sig == seen else (sig, version + 1)
 
-        self.seen = gr.State("")
+        # The state the page was drawn from, taken when the page loads (a callable State value). Not at the first
+        # tick: Gradio does not run the timer of a hidden tab, so that tick may come long after a change (an
+        # adapter a training run finished while the Training tab was shown), which would then never be drawn.
+        self.seen = gr.State(signature)
         gr.Timer(3.0).tick(watch, inputs=[self.seen, self.version], outputs=[self.seen, self.version],
                            show_progress="hidden")
         act(self.refresh, lambda: "")
