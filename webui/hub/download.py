@@ -4,14 +4,17 @@ with each file's LFS sha256, `get_hf_file_metadata` (HEAD) and `http_get` (GET w
 bytes, so `HF_ENDPOINT`, `HF_TOKEN`, redirects to the CDN and the hub's error codes behave as they do
 everywhere else. On top of that: each file goes to `NAME.incomplete`, resumes from there after an
 interruption, is checked against the hub's sha256 (or git blob id for small files) and only then renamed
-to its final name; retries with exponential back-off; one-line errors. `s3://` URLs and local paths are
-handled by `webui.hub.sources`; `webui.hub.fetch` chooses.
+to its final name; retries with exponential back-off; one-line errors. One download per destination at a
+time (a file lock); a folder already downloaded at another commit is updated through a hidden staging folder
+(unchanged files hard-linked in, changed ones fetched) swapped in whole, so it is never a mix of commits.
+`s3://` URLs and local paths are handled by `webui.hub.sources`; `webui.hub.fetch` chooses.
 
     python download-model.py TheBloke/Llama-2-7B-GGUF --specific-file llama-2-7b.Q4_K_M.gguf
     python download-model.py org/lora-adapter:dev --check
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -20,7 +23,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,6 +35,7 @@ from huggingface_hub.utils import build_hf_headers
 from huggingface_hub.utils import tqdm as hf_tqdm
 
 from webui.errors import BadInput, DownloadFailed, NotFound
+from webui.hub.atomic import dest_lock, swap_into_place
 from webui.hub.files import (
     ADAPTER_CONFIG,
     METADATA,
@@ -257,9 +261,53 @@ def _partial_size(target: Path) -> int:
     return part.stat().st_size if part.is_file() else 0
 
 
+def _staging(p: Plan, old: dict, clean: bool) -> Path | None:
+    """The hidden folder an update goes through, or None to download in place. In place: a first download
+    (nothing is listed before its config arrives, last) or a repair at the same commit. Staged: a folder
+    that already holds a finished download of another commit (or `--clean` over one), so that it keeps
+    serving the old commit whole until the new one is complete. The name carries the commit, so a killed
+    update resumes there; stale ones (another commit) are removed."""
+    if p.single_file or not old.get("commit") or (old["commit"] == p.commit and not clean):
+        return None
+    stage = p.dest.parent / f".{p.dest.name}.{p.commit[:12]}.partial"
+    for other in p.dest.parent.glob(f".{glob.escape(p.dest.name)}.*.partial"):
+        if other != stage and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+    if clean:
+        shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(exist_ok=True)
+    if not clean:  # files the new commit shares with the old one are linked in, not fetched again
+        for f in p.files:
+            src, dst = _target(p, f), stage / _target(p, f).relative_to(p.dest)
+            if dst.exists() or not src.is_file() or src.stat().st_size != f.size:
+                continue
+            if f.sha256 and old.get("sha256", {}).get(f.path) != f.sha256 or not f.sha256 and not _verify(src, f):
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(src, dst)
+    return stage
+
+
 def _hub_download(p: Plan, *, threads: int, clean: bool, max_retries: int, token, progress: Progress,
                   cancel: threading.Event | None) -> Path:
     old = read_metadata(p.dest) if not p.single_file else {}
+    stage = _staging(p, old, clean)
+    if stage is None:
+        return _download_into(p, old, threads=threads, clean=clean, max_retries=max_retries, token=token,
+                              progress=progress, cancel=cancel)
+    _download_into(replace(p, dest=stage), {}, threads=threads, clean=False, max_retries=max_retries, token=token,
+                   progress=progress, cancel=cancel)
+    swap_into_place(stage, p.dest)
+    if progress:
+        progress(1.0, f"done: {p.dest}")
+    return p.dest
+
+
+def _download_into(p: Plan, old: dict, *, threads: int, clean: bool, max_retries: int, token, progress: Progress,
+                   cancel: threading.Event | None) -> Path:
     todo, sha256s = [], {}
     for f in p.files:
         target = _target(p, f)
@@ -341,8 +389,9 @@ def download_hub(spec: str, *, threads: int = 4, clean: bool = False, max_retrie
         if progress:
             progress(None, note)
     try:
-        return _hub_download(p, threads=threads, clean=clean, max_retries=max_retries, token=token,
-                             progress=progress, cancel=cancel)
+        with dest_lock(p.dest if not p.single_file else _target(p, p.files[0])):
+            return _hub_download(p, threads=threads, clean=clean, max_retries=max_retries, token=token,
+                                 progress=progress, cancel=cancel)
     except OSError as e:  # the destination itself: unwritable, not a folder...
         raise DownloadFailed(f"cannot write {e.filename or p.dest}: {e.strerror or e}") from None
 

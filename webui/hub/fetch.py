@@ -1,8 +1,9 @@
 """Where a model or adapter comes from, decided in one place above the sources: `download(spec)` hands a
 hub repository to webui/hub/download.py and an `s3://` URL or a local path to webui/hub/sources.py, and
 `fetch_adapter(adapter_id, source)` answers LoRAX-style requests (`adapter_source` = hub | local | s3): a
-hub or S3 adapter is fetched into the loras folder once and reused after; a local one must lie inside the
-loras folder when the caller says so (the API does).
+hub or S3 adapter is fetched into the loras folder once and reused after (concurrent requests for the same
+new one wait on one download: webui/hub/atomic.py's lock); a local one must lie inside the loras folder when
+the caller says so (the API does).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from webui.adapters.files import locate_adapter
 from webui.errors import BadInput
+from webui.hub.atomic import dest_lock
 from webui.hub.download import download_hub
 from webui.hub.files import ADAPTER_CONFIG, METADATA, REPO_ID, folder_name, parse_spec, read_metadata
 from webui.hub.sources import copy_local, download_s3, s3_adapter_folder
@@ -59,14 +61,16 @@ def fetch_adapter(adapter_id: str, source: str = "hub", loras_dir: Path = Path("
     if source == "hub":
         repo, branch, _, _ = parse_spec(adapter_id)
         dest = loras_dir / folder_name(repo, branch)
-        if not refresh and _complete(dest):
-            return dest
-        return download_hub(adapter_id, lora_dir=loras_dir, output=dest, require_lora=True, progress=progress)
+        with dest_lock(dest):  # checked again under the lock: a request that waited finds it complete
+            if not refresh and _complete(dest):
+                return dest
+            return download_hub(adapter_id, lora_dir=loras_dir, output=dest, require_lora=True, progress=progress)
     if source == "s3":
-        dest, complete = s3_adapter_folder(adapter_id, loras_dir)
-        if complete and not refresh:
-            return dest
-        return download_s3(adapter_id, lora_dir=loras_dir, require_lora=True, progress=progress)
+        with dest_lock(s3_adapter_folder(adapter_id, loras_dir)[0]):
+            dest, complete = s3_adapter_folder(adapter_id, loras_dir)
+            if complete and not refresh:
+                return dest
+            return download_s3(adapter_id, lora_dir=loras_dir, require_lora=True, progress=progress)
     if source == "local":
         path = locate_adapter(adapter_id, loras_dir, anywhere=not restrict_local)
         if not (path / ADAPTER_CONFIG).is_file():

@@ -6,14 +6,15 @@ a half-fetched adapter is never listed. webui/hub/fetch.py chooses between these
 """
 from __future__ import annotations
 
+import glob
 import hashlib
-import os
 import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from webui.errors import BadInput, DownloadFailed, NotFound
+from webui.hub.atomic import dest_lock, swap_into_place
 from webui.hub.files import ADAPTER_CONFIG
 from webui.paths import safe_relative
 from webui.progress import Progress
@@ -84,7 +85,6 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
     or `models_dir/NAME`, NAME being the prefix's last part; a prefix naming one object (say a .gguf)
     lands as `models_dir/FILE`. Files already fetched by an interrupted run are kept. Returns the path."""
     from botocore.exceptions import BotoCoreError, ClientError  # see _s3_client
-    from tqdm import tqdm
 
     bucket, prefix = _parse_s3(url)
     url = f"s3://{bucket}/{prefix}"  # one spelling (no trailing slash) for the metadata and comparisons
@@ -113,6 +113,16 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
     else:
         name = safe_name(PurePosixPath(prefix).name if prefix else bucket)
         dest = Path(output) if output else (Path(lora_dir) if is_lora else Path(model_dir)) / name
+    with dest_lock(dest):  # one fetch per destination: a second caller waits, then finds it up to date
+        return _fetch_s3(s3, url, bucket, rels, single, dest, clean=clean, progress=progress)
+
+
+def _fetch_s3(s3, url: str, bucket: str, rels: dict, single: dict | None, dest: Path, *, clean: bool,
+              progress: Progress | None) -> Path:
+    """The objects `rels` (relative path → listing entry) into `dest`, through a staging copy swapped in whole."""
+    from botocore.exceptions import BotoCoreError, ClientError  # see _s3_client
+    from tqdm import tqdm
+
     if dest.exists() and not clean:
         recorded = _read_s3_metadata(dest)
         if single and dest.is_file() and dest.stat().st_size == single["Size"] and _md5_ok(dest, single["ETag"].strip('"')):
@@ -156,8 +166,11 @@ def download_s3(url: str, *, model_dir: Path = Path("models"), lora_dir: Path = 
             raise DownloadFailed(f"no disk space left in {dest.parent}") from None
         raise DownloadFailed(f"{url}: {e}") from None
     if not single:
+        _drop_strays(staging, set(rels))
         _write_s3_metadata(staging, url, etags, sha256s)
-    _swap_into_place(staging, dest)
+    swap_into_place(staging, dest)
+    for stray in dest.parent.glob(f"{glob.escape(staging.name)}.*"):  # s3transfer's temp file of a killed run
+        stray.unlink(missing_ok=True)
     if progress:
         progress(1.0, f"done: {dest}")
     return dest
@@ -204,16 +217,15 @@ def _read_s3_metadata(folder: Path) -> dict:
     return out
 
 
-def _swap_into_place(staging: Path, dest: Path) -> None:
-    """Rename the finished staging folder (or file) to `dest`, replacing an older copy."""
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(staging, dest)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old.exists():
-        old.unlink()
+def _drop_strays(staging: Path, keep: set[str]) -> None:
+    """Remove what is in the staging folder but not in the listing: s3transfer's temporary files (NAME.xxxxxxxx)
+    left by a killed run, objects deleted since. The folder then holds exactly the prefix's objects."""
+    for path in sorted(staging.rglob("*"), key=lambda q: -len(q.parts)):
+        rel = path.relative_to(staging).as_posix()
+        if path.is_file() and rel not in keep:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def copy_local(src: Path, *, model_dir: Path = Path("models"), lora_dir: Path = Path("loras"),
@@ -248,7 +260,7 @@ def copy_local(src: Path, *, model_dir: Path = Path("models"), lora_dir: Path = 
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True) if staging.is_dir() else staging.unlink(missing_ok=True)
         raise DownloadFailed(f"copying {src}: {e.strerror or e}") from None
-    _swap_into_place(staging, dest)
+    swap_into_place(staging, dest)
     if progress:
         progress(1.0, f"done: {dest}")
     return dest

@@ -29,7 +29,10 @@ def git_blob_sha1(data: bytes) -> str:
 class FakeHub:
     """repos[repo_id][branch] = {path: bytes}. Faults: `drop_after[path] = n` cuts the connection after n
     bytes (once); `stall_after[path] = n` sends n bytes then waits for `release` (a process to kill);
-    `fail[path] = k` answers the next k requests for the file with 503."""
+    `fail[path] = k` answers the next k requests for the file with 503; `stall_total = n` lets n bytes of file
+    contents through in all (every file and request together, from when it is set), then holds every transfer
+    until `release` and then sends the rest, setting `stalled` (to SIGKILL a download at a chosen byte offset,
+    or to hold one while a second request arrives)."""
 
     def __init__(self):
         self.repos: dict[str, dict[str, dict[str, bytes]]] = {}
@@ -42,6 +45,9 @@ class FakeHub:
         self.fail: dict[str, int] = {}
         self.stall_after: dict[str, int] = {}
         self.release = threading.Event()
+        self.stall_total: int | None = None
+        self.stalled = threading.Event()
+        self._budget_lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -230,6 +236,13 @@ class FakeHub:
                 chunk = data[start:]
                 cut = hub.drop_after.pop(path, None) if body else None
                 stall = hub.stall_after.pop(path, None) if body else None
+                hold = False  # a stall_total pause: the transfer goes on after `release`
+                if body and stall is None and hub.stall_total is not None:
+                    with hub._budget_lock:  # take this transfer's share of the budget
+                        allowed = max(0, min(len(chunk), hub.stall_total))
+                        hub.stall_total -= allowed
+                    if allowed < len(chunk):
+                        stall, hold = allowed, True
                 if cut is None and stall is None:
                     return self._send(status, headers, chunk, body)
                 self.send_response(status)
@@ -240,7 +253,13 @@ class FakeHub:
                 self.wfile.write(chunk[:cut if cut is not None else stall])
                 self.wfile.flush()
                 if stall is not None:
+                    hub.stalled.set()  # after the bytes went out: the client holds them now
                     hub.release.wait(60)
+                    if hold:
+                        try:
+                            self.wfile.write(chunk[stall:])
+                        except OSError:  # the client was killed meanwhile
+                            pass
                 self.close_connection = True
 
         return Handler

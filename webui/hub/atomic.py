@@ -1,0 +1,69 @@
+"""The two guarantees every fetch into the models and adapters folders relies on.
+
+`dest_lock(dest)`: one fetch per destination at a time. A file lock beside the destination (filelock, the
+library huggingface_hub uses for its own cache) makes two API requests naming the same new adapter, or two
+`download-model.py` processes, download it once: the second waits, then finds it complete.
+
+`swap_into_place(staging, dest)`: a whole-folder switch. The finished staging folder and the old copy
+exchange names in one `renameat2(RENAME_EXCHANGE)` call, so a reader, a crash or a SIGKILL sees the old
+folder or the new one, never a mix and never nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+from webui.errors import DownloadFailed
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def dest_lock(dest: Path) -> FileLock:
+    """The lock for fetching into `dest` (a folder or a single file). Re-entrant in one thread (filelock
+    returns the same object per path), exclusive across threads and processes. Its file is hidden, so the
+    models and adapters lists never show it. DownloadFailed when the folder cannot be written."""
+    dest = Path(dest)
+    path = dest.parent / f".{dest.name}.lock"
+    try:  # filelock retries an uncreatable lock file forever: find out now, and name the destination
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as e:
+        raise DownloadFailed(f"cannot write {dest}: {e.strerror or e}") from None
+    return FileLock(path, is_singleton=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the names `a` and `b` (Linux ≥ 3.15); False where the OS or filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def swap_into_place(staging: Path, dest: Path) -> None:
+    """Put the finished `staging` (folder or file) at `dest`, replacing an older copy in one step."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.replace(staging, dest)
+        return
+    if _exchange(staging, dest):
+        _remove(staging)  # it holds the old copy now
+        return
+    # No atomic exchange here (not Linux, or a filesystem without it): two renames, the old copy kept
+    # under a hidden name in between.
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    os.replace(dest, old)
+    os.replace(staging, dest)
+    _remove(old)
