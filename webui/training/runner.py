@@ -19,29 +19,48 @@ import yaml
 from webui.adapters.files import check_adapter_name
 from webui.config import TrainConfig
 from webui.errors import BadInput
-from webui.training.run_folder import CONFIG, METRICS, STOP, read_status, write_status
+from webui.training.run_folder import (
+    CONFIG,
+    METRICS,
+    STOP,
+    pid_fields,
+    process_started,
+    read_status,
+    trainer_alive,
+    write_status,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LOG = "log.txt"
 
 
 def pid_alive(pid) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError):
-        return False
-    try:  # a finished child we started stays a zombie until reaped
-        done, _ = os.waitpid(int(pid), os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
+    """Whether process `pid` runs (not a zombie). For a run's trainer use `alive(status)`, which also checks that
+    the pid still belongs to it."""
+    return trainer_alive({"pid": pid, "pid_started": process_started(pid)})
+
+
+def alive(status: dict) -> bool:
+    """Whether the trainer status.json names still runs; reaps it when it is our own finished child (a zombie
+    until then), so that a later check does not see it running."""
+    pid = status.get("pid")
+    if trainer_alive(status):
         return True
+    if pid and status.get("pid_started") is not None and process_started(pid) == status["pid_started"]:
+        try:  # the same process, now a zombie: ours to reap (waitpid refuses anyone else's child)
+            os.waitpid(int(pid), os.WNOHANG)
+        except ChildProcessError:
+            pass
+    return False
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(status: dict) -> None:
     """SIGKILL the run and everything it started (a multi-process run's launcher and ranks): the run is a
-    session leader (start_new_session), so its process group has its pid."""
+    session leader (start_new_session), so its process group has its pid. Only a process that is still the
+    run's trainer (same pid and start time: after an app restart the pid may be another program's)."""
+    if not trainer_alive(status):
+        return
+    pid = int(status["pid"])
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -89,7 +108,7 @@ class TrainingRunner:
              str(self.models_dir), "--loras-dir", str(self.loras_dir), "--runs-dir", str(self.runs_dir)],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
-        write_status(run, pid=proc.pid)
+        write_status(run, **pid_fields(proc.pid))
         return run
 
     def stop(self, name: str, timeout: float = 60) -> None:
@@ -97,19 +116,19 @@ class TrainingRunner:
         run = self.runs_dir / name
         (run / STOP).touch()
         write_status(run, state="stopping", message="stopping: saving a checkpoint…")
-        pid = read_status(run).get("pid")
+        status = read_status(run)
         deadline = time.time() + timeout
-        while pid_alive(pid) and time.time() < deadline:
+        while alive(status) and time.time() < deadline:
             time.sleep(0.2)
-        if pid_alive(pid):
-            _kill_group(int(pid))
+        if alive(status):
+            _kill_group(status)
             write_status(run, state="stopped", message="killed; start again to resume from the last checkpoint")
 
     def view(self, name: str) -> RunView:
         run = self.runs_dir / name
         status = read_status(run)
         state = status.get("state", "unknown")
-        if state in ("starting", "running", "stopping") and not pid_alive(status.get("pid")):
+        if state in ("starting", "running", "stopping") and not alive(status):
             state = "failed" if state != "stopping" else "stopped"
             if state == "failed" and not status.get("message", "").startswith("error"):
                 status["message"] = self._last_error(run) or "the training process ended unexpectedly"

@@ -44,7 +44,7 @@ from webui.errors import BadInput, NotFound, Unsupported, first_line
 from webui.models import resolve_model_path
 from webui.training import lora_options, packing, precision
 from webui.training.data import load_files, split, warnings_for
-from webui.training.run_folder import CONFIG, METRICS, STOP, latest_checkpoint, read_status, write_status
+from webui.training.run_folder import CONFIG, METRICS, STOP, latest_checkpoint, pid_fields, read_status, write_status
 
 
 def resolve_base(base_model: str, models_dir: Path) -> tuple[Path, str]:
@@ -166,7 +166,7 @@ def launched(cfg: TrainConfig, models_dir: Path, loras_dir: Path, runs_dir: Path
         log(f"{cfg.output} is already trained: {Path(loras_dir) / cfg.output}")
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_status(run_dir, state="starting", pid=os.getpid(), num_processes=num_processes, base=base_id,
+    write_status(run_dir, state="starting", **pid_fields(os.getpid()), num_processes=num_processes, base=base_id,
                  message=f"starting {num_processes} processes…")
     log(f"training {cfg.output} in {num_processes} processes (accelerate launch)")
     rc = run_launcher()
@@ -217,7 +217,7 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
         (run_dir / STOP).unlink(missing_ok=True)
         write_status(run_dir, state="running", step=0, message="", base=base_id, num_processes=world,
                      quantization=cfg.training.quantization, samples=len(train_set), eval_samples=len(eval_set),
-                     resumed_from=resume.name if resume else None, **({"pid": os.getpid()} if world == 1 else {}))
+                     resumed_from=resume.name if resume else None, **(pid_fields(os.getpid()) if world == 1 else {}))
         log(f"training {cfg.output} on {base_id}: {len(train_set)} samples (+{len(eval_set)} eval)"
             + (f" in {world} processes" if world > 1 else "") + (f", resuming from {resume.name}" if resume else ""))
 
@@ -317,9 +317,13 @@ def _save_adapter(peft_model, cfg: TrainConfig, base_id: str, loras_dir: Path, s
         adapter_cfg["base_model_name_or_path"] = base_id
         config_file.write_text(json.dumps(adapter_cfg, indent=2))
         (tmp / "training_config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "steps": steps}, sort_keys=False))
-        if target.exists():  # a resumed run of ours that finished again: replace its own adapter
-            shutil.rmtree(target)
+        old = None
+        if target.exists():  # a resumed run of ours that finished again: replace its own adapter, moved aside
+            old = Path(tempfile.mkdtemp(prefix=f".{cfg.output}.old.", dir=loras_dir))  # first, so that a kill
+            os.replace(target, old / "adapter")  # never leaves a half-deleted adapter under its name
         os.replace(tmp, target)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
