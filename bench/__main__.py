@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MODULES = ("bench.adapters_transformers", "bench.api_transformers", "bench.training", "bench.adapters_llamacpp", "bench.download",
-           "bench.adapters_gptq", "bench.lora_panel", "bench.remote")
+           "bench.adapters_gptq", "bench.lora_panel", "bench.remote", "bench.soak")
 
 
 def machine() -> str:

@@ -15,6 +15,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# -- the long soak: tests marked `soak` run only with --soak (./run-tests.sh --soak) -------------------
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", help="also run the long soak tests (marked soak)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "soak: a long soak test, run only with --soak")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="long soak: run with --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from webui.testing.tiny_models import write_all

@@ -58,6 +58,7 @@ class Engine:
         self.last_load_seconds = 0.0
         self._scheduler = None
         self._reports: dict = {}  # adapter_report cache
+        self._adapter_paths: dict[str, Path] = {}  # each cached adapter's folder (a failed load restores from it)
 
     # -- model ---------------------------------------------------------------------------------------
     @property
@@ -92,6 +93,10 @@ class Engine:
         cls.preflight(path, spec)
         with self._lock:
             previous = self._spec
+            # what the restore must bring back with the model: its active stack (with the folders of names
+            # outside the adapters dir) and whether it was merged — not just the plain base
+            stack = {n: self._adapter_paths.get(n) for n in self.active_adapters}
+            weights, was_merged = self.active_adapters, self.merged
             self._unload_locked()
             try:
                 backend = cls()
@@ -102,10 +107,12 @@ class Engine:
                     log.warning("load of %s failed (%s); restoring %s", path.name, reason, previous.model or "embedded")
                     try:
                         self._load_locked(previous)
+                        self._restore_stack_locked(weights, was_merged, {n: p for n, p in stack.items() if p})
                     except Exception:
                         log.exception("could not restore the previous model")
                 raise reason from e
             self._backend, self._spec = backend, replace(spec, loader=loader)
+            self._adapter_paths = {}
         self.last_load_seconds = time.perf_counter() - start
         return LoadResult(info, self.last_load_seconds)
 
@@ -114,6 +121,16 @@ class Engine:
         backend = backend_class(loader)()
         backend.load(path, spec)
         self._backend, self._spec = backend, spec
+
+    def _restore_stack_locked(self, weights: dict[str, float], merged: bool, paths: dict) -> None:
+        """Bring back an active stack (and its merge) on a model loaded again after a failed load."""
+        if not weights:
+            return
+        backend = self._require()
+        self._load_missing(backend, weights, paths)
+        backend.set_adapters(dict(weights))
+        if merged:
+            backend.merge_adapters()
 
     def unload(self) -> None:
         with self._lock:
@@ -310,6 +327,7 @@ class Engine:
             if not report.compatible:
                 raise Incompatible(report.summary(), report=report)
             prepared[name] = (files, state, report)
+            self._adapter_paths[name] = self._adapter_path(name, paths)
         added = []
         try:
             for name, (files, state, report) in prepared.items():
