@@ -176,7 +176,9 @@ class ServerConfig:
     listen_host: str = _opt("127.0.0.1", "Address to bind (default loopback only).")
     port: int = _opt(7860, "Port to serve the UI (/) and the API (/v1) on.", min=1, max=65535)
     auth: str = _opt("", "USER:PASS required to open the web UI.")
-    api_key: str = _opt("", "Key required as `Authorization: Bearer KEY` on /v1.")
+    api_key: str = _opt("", "Key required as `Authorization: Bearer KEY` on every API route (/health stays open).")
+    max_request_mb: float = _opt(8.0, "Largest API request body in MB (a larger one is refused with 413).",
+                                 min=0.001, max=4096.0)
     nowebui: bool = _opt(False, "Serve the API alone, without the web UI.")
     extensions: list = _opt([], "Extensions (folders in extensions/) to load.")
     extensions_dir: str = _opt("extensions", "Folder of extensions (extensions/NAME/script.py).")

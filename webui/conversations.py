@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from webui.errors import BadInput, NotFound
+from webui.paths import inside
 
 _NAME = re.compile(r"^[\w][\w .+-]{0,79}$")
 
@@ -17,7 +18,10 @@ def _path(folder: Path, name: str) -> Path:
     name = (name or "").strip()
     if not _NAME.match(name):
         raise BadInput(f"conversation name {name!r}: use letters, digits, spaces, '.', '+', '-' (at most 80)")
-    return Path(folder) / f"{name}.json"
+    path = Path(folder) / f"{name}.json"
+    if not inside(folder, path):  # a symlink in the folder pointing elsewhere: neither read nor written
+        raise BadInput(f"conversation {name!r} leads outside the conversations folder {folder}")
+    return path
 
 
 def list_conversations(folder: Path) -> list[str]:

@@ -14,6 +14,8 @@ Hooks, each optional, called in the order the extensions are listed:
 and a module-level `params` dict whose values the user can override in user_data/settings.yaml under
 `extension_params: {NAME: {key: value}}`. An extension whose import or hook raises is disabled, with a
 message for the page and the log; the chat goes on without it. Names resolve only inside the folder.
+The same loaded extensions run on API requests too (webui/api/service.py, Service.apply_input): every hook but
+setup/ui, except output_modifier on streamed replies (their text is sent as it is generated).
 """
 from __future__ import annotations
 
@@ -153,9 +155,15 @@ class Extensions:
             state = self.call(ext, "state_modifier", state, default=state)
         return state
 
-    def output(self, text: str, state: dict) -> str:
+    def text_input(self, text: str, state: dict) -> str:
+        """A raw prompt (no chat template: /v1/completions, LoRAX) through input_modifier with is_chat=False."""
         for ext in self.active():
-            text = self.call(ext, "output_modifier", text, state, is_chat=True, default=text)
+            text = self.call(ext, "input_modifier", text, state, is_chat=False, default=text)
+        return text
+
+    def output(self, text: str, state: dict, is_chat: bool = True) -> str:
+        for ext in self.active():
+            text = self.call(ext, "output_modifier", text, state, is_chat=is_chat, default=text)
         return text
 
     def chat_turn(self, previous: list[dict], user_text: str, system: str, params):

@@ -9,6 +9,7 @@ import yaml
 
 from webui.config import GenerationParams
 from webui.errors import BadInput, NotFound
+from webui.paths import inside
 
 _NAME = re.compile(r"^[\w][\w .+-]{0,63}$")
 
@@ -21,7 +22,10 @@ def list_presets(presets_dir: Path) -> list[str]:
 def _path(presets_dir: Path, name: str) -> Path:
     if not _NAME.match(name or ""):
         raise BadInput(f"preset name {name!r}: use letters, digits, spaces, '.', '+', '-' (at most 64)")
-    return Path(presets_dir) / f"{name}.yaml"
+    path = Path(presets_dir) / f"{name}.yaml"
+    if not inside(presets_dir, path):  # a symlink in the folder pointing elsewhere: neither read nor written
+        raise BadInput(f"preset {name!r} leads outside the presets folder {presets_dir}")
+    return path
 
 
 def load_preset(presets_dir: Path, name: str) -> GenerationParams:

@@ -1,12 +1,16 @@
 """The HTTP server: one FastAPI app on one host and port, with the Gradio UI mounted at `/` and the
 OpenAI-compatible routes under `/v1`. It creates the one Engine, loads the start-up
-model, and hands the Engine to the UI. Binds to 127.0.0.1 unless told otherwise.
+model, and hands the Engine to the UI. Binds to 127.0.0.1 unless told otherwise. With --auth every Gradio
+route but the login page's needs a session (webui/ui_gate.py); with --api-key every API route but /health
+needs the key, and the API's schema pages (/docs, /openapi.json) are not served. The loaded extensions are
+shared by the Chat tab and the API.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import sys
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
@@ -15,6 +19,7 @@ from webui.api.routes import install
 from webui.config import ServerConfig
 from webui.engine import Engine
 from webui.errors import LoraDeckError
+from webui.extensions import Extensions
 
 log = logging.getLogger("webui.server")
 
@@ -28,8 +33,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def load_extensions(cfg: ServerConfig) -> Extensions:
+    """The extensions named with --extensions or ticked in the UI (user_data/settings.yaml), loaded once."""
+    extensions = Extensions(Path(cfg.extensions_dir), cfg.paths["user"] / "settings.yaml")
+    extensions.load_all([*cfg.extensions, *(extensions.settings().get("extensions") or [])])
+    return extensions
+
+
 def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
-    app = FastAPI(title="LoRA Deck")
+    # the schema pages list every route and field: behind --api-key they are not served at all
+    docs = {"openapi_url": None} if cfg.api_key else {}
+    app = FastAPI(title="LoRA Deck", **docs)
+    extensions = load_extensions(cfg)
 
     @app.get("/health")
     def health():
@@ -37,16 +52,19 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         return {"status": "ok", "model": info.name if info else None, "loader": info.loader if info else None,
                 "adapters": engine.active_adapters, "merged": engine.merged}
 
-    install(app, engine, api_key=cfg.api_key)
+    install(app, engine, api_key=cfg.api_key, extensions=extensions, max_body=int(cfg.max_request_mb * 2**20))
 
     if not cfg.nowebui:
         import gradio as gr  # slow to import: only when the web UI is served
 
         from webui.ui import build_ui
+        from webui.ui_gate import gate_gradio
 
         auth = tuple(cfg.auth.split(":", 1)) if cfg.auth else None
-        demo = build_ui(engine, cfg)
+        demo = build_ui(engine, cfg, extensions)
         app = gr.mount_gradio_app(app, demo, path="/", auth=auth)
+        if auth:
+            gate_gradio(app)
     return app
 
 

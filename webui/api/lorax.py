@@ -143,14 +143,16 @@ class LoRAX:
             adapter_id=p.adapter_id, adapter_source=p.adapter_source, merged=merged,
             model=None if p.adapter_id or merged else ""))
         params = service.params(p.sampling())
-        prompt_tokens = await run_in_threadpool(service.check_context, req.inputs, params.max_new_tokens)
-        out = await service.finish(service.submit([req.inputs], params, stack)[0])
+        prompts, params, state = await run_in_threadpool(lambda: service.apply_input(params, prompts=[req.inputs]))
+        stack = await run_in_threadpool(service.extension_stack, stack, state)
+        prompt_tokens = await run_in_threadpool(service.check_context, prompts[0], params.max_new_tokens)
+        out = await service.finish(service.submit(prompts, params, stack)[0], None if always_scores else state)
         details = {"finish_reason": FINISH.get(out.finish_reason, "length"), "prompt_tokens": prompt_tokens,
                    "generated_tokens": out.completion_tokens, "seed": p.seed if p.seed is not None else None,
                    "prefill": [], "tokens": []}
         if p.details or p.decoder_input_details or always_scores:
             k = p.return_k_alternatives or 0
-            prompt, reply = await run_in_threadpool(service.scores, req.inputs, out.text, stack, k,
+            prompt, reply = await run_in_threadpool(service.scores, prompts[0], out.text, stack, k,
                                                     out.ids)
             if p.decoder_input_details:
                 details["prefill"] = [{"id": i, "text": t, "logprob": lp}

@@ -19,6 +19,10 @@ from webui.api import schemas as s
 from webui.api.service import Output, Scored, Service
 from webui.errors import BadInput, LoraDeckError
 
+# One request's choices (prompts × n), each a job in the scheduler: a bound, so that one small body cannot
+# queue thousands of generations (lm-eval's batches are far below it).
+MAX_CHOICES = 128
+
 
 def _top(entry) -> dict[str, float] | None:
     return None if entry is None else {text: lp for _, text, lp in entry}
@@ -55,24 +59,33 @@ class OpenAI:
     # -- completions -------------------------------------------------------------------------------------
     async def chat(self, req: s.ChatCompletionRequest):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        prompt = await run_in_threadpool(self.engine.chat_prompt, messages)
         top_k = (req.top_logprobs or 0) if req.logprobs else None
-        return await self._complete(req, [prompt], chat=True, top_k=top_k, echo=False)
+        return await self._complete(req, None, chat=True, top_k=top_k, echo=False, messages=messages)
 
     async def completions(self, req: s.CompletionRequest):
         if req.max_tokens == 0 and not req.echo:
             raise BadInput("max_tokens: 0 asks for nothing unless echo is true", param="max_tokens")
         return await self._complete(req, req.prompts(), chat=False, top_k=req.logprobs, echo=req.echo)
 
-    async def _complete(self, req, prompts: list[str], chat: bool, top_k: int | None, echo: bool):
-        """`top_k`: None = no logprobs; 0 = the chosen tokens' only; k = also the k most likely."""
+    async def _complete(self, req, prompts: list[str] | None, chat: bool, top_k: int | None, echo: bool,
+                        messages: list[dict] | None = None):
+        """`top_k`: None = no logprobs; 0 = the chosen tokens' only; k = also the k most likely. A chat request
+        gives `messages`; the extensions' input hooks and the chat template make its prompt."""
         service = self.service
+        if prompts is not None and len(prompts) * req.n > MAX_CHOICES:
+            raise BadInput(f"{len(prompts)} prompts × n={req.n} asks for more than {MAX_CHOICES} choices in one "
+                           "request; split it", param="prompt")
         stack = await run_in_threadpool(lambda: service.stack(**req.adapter_fields()))
         sampling = req.sampling()
         generate = sampling.get("max_new_tokens") != 0
         if not generate:
             sampling.pop("max_new_tokens")
         params = service.params(sampling)
+        prompts, params, state = await run_in_threadpool(
+            lambda: service.apply_input(params, messages=messages, prompts=prompts))
+        stack = await run_in_threadpool(service.extension_stack, stack, state)
+        if not generate:
+            state = None  # nothing generated: no reply for output_modifier
         new_tokens = params.max_new_tokens if generate else 0
         counts = [await run_in_threadpool(service.check_context, p, new_tokens) for p in prompts]
         model = req.model or service.base_name()
@@ -85,7 +98,7 @@ class OpenAI:
             return StreamingResponse(self._sse(handle, rid, created, model, chat, counts[0] if usage else None),
                                      media_type="text/event-stream")
         if generate:
-            outputs = [await service.finish(h) for h in service.submit(prompts, params, stack, req.n)]
+            outputs = [await service.finish(h, state) for h in service.submit(prompts, params, stack, req.n)]
         else:
             outputs = [Output("", "length", 0) for _ in range(len(prompts) * req.n)]
         choices = []

@@ -3,10 +3,12 @@ shared request handling in service.py), with one error handler for the whole err
 
 - OpenAI (openai.py): /v1/models, /v1/chat/completions, /v1/completions, /v1/adapters;
 - vLLM (vllm.py): /v1/load_lora_adapter, /v1/unload_lora_adapter, /tokenize, /detokenize;
-- llama-server (llama_server.py): GET/POST /lora-adapters, and `lora` on /v1 requests;
+- llama-server (llama_server.py): GET/POST /lora-adapters (+ /merge, /unmerge), and `lora` on /v1 requests;
 - LoRAX (lorax.py): /generate, /generate_stream, POST / and /info (its own error shape);
 - SGLang: `model: "BASE:ADAPTER"` on /v1 requests.
-With --api-key, every route needs `Authorization: Bearer KEY`. Bad input is a 4xx with a message.
+With --api-key, every route needs `Authorization: Bearer KEY`. Bad input is a 4xx with a message; a body
+over `max_body` bytes is refused with 413 before it is read whole. Extensions' hooks run on every dialect's
+requests (see Service.apply_input).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from webui.api.service import Service
 from webui.api.vllm import VLLM
 from webui.engine import Engine
 from webui.errors import BadInput, LoraDeckError, NotFound, http_status
+from webui.extensions import Extensions
 
 LORAX_PATHS = ("/generate", "/generate_stream", "/info", "/")
 
@@ -34,10 +37,12 @@ def error_response(e: LoraDeckError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=http_status(e))
 
 
-def install(app: FastAPI, engine: Engine, api_key: str = "") -> Service:
+def install(app: FastAPI, engine: Engine, api_key: str = "", extensions: Extensions | None = None,
+            max_body: int | None = None) -> Service:
     """Add every dialect's routes and the error handlers to `app` (before the web UI is mounted at /, so
-    `POST /` reaches LoRAX's route and everything else at / the UI)."""
-    service = Service(engine, api_key)
+    `POST /` reaches LoRAX's route and everything else at / the UI). `max_body`: the largest request body in
+    bytes (FastAPI's own limit, 413 above it)."""
+    service = Service(engine, api_key, extensions)
     openai, vllm, llama, lorax = OpenAI(service), VLLM(service), LlamaServer(service), LoRAX(service)
     keyed = [Depends(service.check_key)]
 
@@ -48,18 +53,20 @@ def install(app: FastAPI, engine: Engine, api_key: str = "") -> Service:
     v1.add_api_route("/completions", openai.completions, methods=["POST"])
     v1.add_api_route("/load_lora_adapter", vllm.load, methods=["POST"])
     v1.add_api_route("/unload_lora_adapter", vllm.unload, methods=["POST"])
-    app.include_router(v1)
+    app.include_router(v1, max_body_size=max_body)
 
     top = APIRouter(dependencies=keyed)
     top.add_api_route("/tokenize", vllm.tokenize, methods=["POST"])
     top.add_api_route("/detokenize", vllm.detokenize, methods=["POST"])
     top.add_api_route("/lora-adapters", llama.list, methods=["GET"])
     top.add_api_route("/lora-adapters", llama.set, methods=["POST"])
+    top.add_api_route("/lora-adapters/merge", llama.merge, methods=["POST"])
+    top.add_api_route("/lora-adapters/unmerge", llama.unmerge, methods=["POST"])
     top.add_api_route("/generate", lorax.generate, methods=["POST"])
     top.add_api_route("/generate_stream", lorax.generate_stream, methods=["POST"])
     top.add_api_route("/info", lorax.info, methods=["GET"])
     top.add_api_route("/", lorax.compat, methods=["POST"])
-    app.include_router(top)
+    app.include_router(top, max_body_size=max_body)
 
     def is_lorax(request: Request) -> bool:
         return request.url.path in LORAX_PATHS

@@ -23,6 +23,7 @@ from webui.adapters.peft_stack import COMBINATIONS
 from webui.config import GenerationParams
 from webui.engine import Engine, check_weights
 from webui.errors import BadInput, LoraDeckError, NoModelLoaded, NotFound, Unauthorized, first_line
+from webui.extensions import Extensions
 from webui.hub.fetch import fetch_adapter
 from webui.scheduler import JobHandle
 
@@ -52,9 +53,10 @@ class Output:
 
 
 class Service:
-    def __init__(self, engine: Engine, api_key: str = ""):
+    def __init__(self, engine: Engine, api_key: str = "", extensions: Extensions | None = None):
         self.engine = engine
         self.api_key = api_key
+        self.extensions = extensions  # the same loaded extensions as the web UI's Chat tab (None: none)
         # adapters loaded at run time under a name of the client's choosing (vLLM's load_lora_adapter)
         self.runtime: dict[str, Path] = {}
 
@@ -176,6 +178,50 @@ class Service:
                            code="context_length_exceeded", param="max_tokens")
         return prompt_tokens
 
+    # -- extensions --------------------------------------------------------------------------------------
+    def apply_input(self, params: GenerationParams, *, messages: list[dict] | None = None,
+                    prompts: list[str] | None = None) -> tuple[list[str], GenerationParams, dict | None]:
+        """Extensions' input hooks on an API request, as the Chat tab runs them, then the prompts to generate
+        from: a chat request's earlier messages go through history_modifier and its last user message through
+        chat_input_modifier + input_modifier (is_chat=True), and the state's `system` (the request's own system
+        message) may be changed by state_modifier, before the chat template is applied; a raw prompt goes
+        through input_modifier (is_chat=False); the sampling settings through state_modifier. Returns (prompts,
+        params, state for output_modifier and `extension_stack`; None when no extension is active)."""
+        active = self.extensions is not None and bool(self.extensions.active())
+        state = None
+        if active:
+            system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+            state = {**params.to_dict(), "adapters": None, "system": system}
+        if active and messages and messages[-1]["role"] == "user":
+            text, _ = self.extensions.chat_input(messages[-1]["content"], messages[-1]["content"], state)
+            messages = [*self.extensions.history(messages[:-1]), {**messages[-1], "content": text}]
+        elif active and prompts is not None:
+            prompts = [self.extensions.text_input(p, state) for p in prompts]
+        if active:
+            state = self.extensions.state(state)
+            state["is_chat"] = messages is not None
+            params = self.params({k: v for k, v in state.items() if k in GenerationParams.__dataclass_fields__})
+            if messages is not None and (state.get("system") or "") != system:
+                rest = messages[1:] if messages and messages[0]["role"] == "system" else messages
+                messages = ([{"role": "system", "content": state["system"]}] if state.get("system") else []) + rest
+        if messages is not None:
+            prompts = [self.engine.chat_prompt(messages)]
+        return prompts, params, state
+
+    def extension_stack(self, stack: dict | None, state: dict | None) -> dict | None:
+        """The adapters for a request: those it names; when it names none (the app's active stack), those an
+        extension picked for it (state["adapters"], as lora_router does in the Chat tab)."""
+        if stack is None and state and state.get("adapters") is not None:
+            return self.stack(adapters=dict(state["adapters"]))
+        return stack
+
+    def apply_output(self, text: str, state: dict | None) -> str:
+        """Extensions' output_modifier on a finished (non-streamed) reply; the token ids and logprobs still
+        describe what the model generated."""
+        if state is None or self.extensions is None:
+            return text
+        return self.extensions.output(text, state, is_chat=bool(state.get("is_chat")))
+
     # -- running -----------------------------------------------------------------------------------------
     def submit(self, prompts: list[str], params: GenerationParams, stack: dict | None, n: int = 1) -> list[JobHandle]:
         """One scheduler job per prompt and choice (prompt-major), all queued at once so they batch. With a
@@ -188,8 +234,9 @@ class Service:
                 handles.append(self.engine.scheduler.submit(prompt, p, stack))
         return handles
 
-    async def finish(self, handle: JobHandle) -> Output:
-        """Wait for a job; a failure becomes one error line, and the job is freed either way."""
+    async def finish(self, handle: JobHandle, state: dict | None = None) -> Output:
+        """Wait for a job; a failure becomes one error line, and the job is freed either way. `state`: the
+        request's extension state (see apply_input), for output_modifier."""
         try:
             text = await run_in_threadpool(handle.text)
         except LoraDeckError:
@@ -201,6 +248,8 @@ class Service:
         tokens = handle.completion_tokens
         if tokens is None:
             tokens = await run_in_threadpool(self.engine.count_tokens, text)
+        if state is not None:
+            text = await run_in_threadpool(self.apply_output, text, state)
         return Output(text, handle.finish_reason, tokens, ids=handle.token_ids)
 
     def scores(self, prompt: str, reply: str, stack: dict | None, top_k: int = 0,

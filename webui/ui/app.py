@@ -2,8 +2,6 @@
 the Chat tab reads the Parameters tab's components and the Model tab updates the Chat tab's status."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 
 from webui.config import ServerConfig
@@ -18,9 +16,8 @@ from webui.ui.parameters_tab import ParametersTab
 from webui.ui.training_tab import TrainingTab
 
 
-def build_ui(engine: Engine, cfg: ServerConfig) -> gr.Blocks:
-    extensions = Extensions(Path(cfg.extensions_dir), cfg.paths["user"] / "settings.yaml")
-    extensions.load_all([*cfg.extensions, *(extensions.settings().get("extensions") or [])])
+def build_ui(engine: Engine, cfg: ServerConfig, extensions: Extensions) -> gr.Blocks:
+    """The UI; `extensions`: the set the server loaded once, which the API's requests run too."""
     with gr.Blocks(title="LoRA Deck") as demo:
         gr.Markdown("## LoRA Deck")
         with gr.Tabs():
@@ -29,7 +26,7 @@ def build_ui(engine: Engine, cfg: ServerConfig) -> gr.Blocks:
                 extensions_area(extensions)
             with gr.Tab("Parameters", id="parameters"):
                 params = ParametersTab(cfg.paths["presets"])
-            with gr.Tab("Model", id="model") as model_page:
+            with gr.Tab("Model", id="model"):
                 model = ModelTab(engine, cfg.paths["models"])
             with gr.Tab("Training", id="training"):
                 training = TrainingTab(engine, TrainingRunner(cfg.paths["runs"], cfg.paths["models"],
@@ -38,9 +35,6 @@ def build_ui(engine: Engine, cfg: ServerConfig) -> gr.Blocks:
                 EvaluateTab(engine, cfg.paths["user"])
         chat.wire(params)
         model.wire(on_change=chat.status, describe=chat.describe_model)
-        # Gradio does not redraw a render block inside a hidden tab: an adapter that arrived while another tab was
-        # shown (a finished training run) would stay missing from the list. Opening the tab draws it afresh.
-        model_page.select(lambda v: v + 1, model.lora.version, model.lora.version, show_progress="hidden")
         model.load.click(lambda: params.visible_for(engine), outputs=params.inputs)
         demo.load(lambda: params.visible_for(engine), outputs=params.inputs)
         demo.load(chat.describe_model, outputs=chat.status)

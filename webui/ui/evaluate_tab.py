@@ -20,6 +20,7 @@ from webui.engine import Engine
 from webui.errors import LoraDeckError, ui_message
 from webui.evaluate import page
 from webui.evaluate.run import evaluate, write_report
+from webui.paths import child
 from webui.ui import forms
 
 OPTIONS = ["max_samples", "max_new_tokens", "cutoff_len", "overlap", "prompt_format", "batch_size", "bootstrap",
@@ -139,7 +140,11 @@ class EvaluateTab:
                 return gr.update()
             folder = self.user_dir / "evals" / "inputs"
             folder.mkdir(parents=True, exist_ok=True)
-            return str(shutil.copy(path, folder / Path(path).name))
+            try:
+                target = child(folder, Path(path).name, "uploaded file")  # not through a link out of the folder
+            except LoraDeckError as e:
+                raise gr.Error(ui_message(e)) from None
+            return str(shutil.copy(path, target))
 
         inputs = [self.adapters, self.stacks, self.dataset, self.format, self.prompts, *self.options.values()]
         self.run.click(run, inputs=inputs, outputs=[self.status, self.result, self.files])

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from webui.config import DatasetConfig, LoraTrainConfig, TrainConfig, TrainingParams
 from webui.engine import Engine
 from webui.errors import BadInput, LoraDeckError, ui_message
+from webui.paths import child
 from webui.training.data import load_files, warnings_for
 from webui.training.data import preview as preview_samples
 from webui.training.lora_options import yaml_hint
@@ -193,7 +194,10 @@ class TrainingTab:
                 return gr.update()
             folder = self.user_dir / "datasets"
             folder.mkdir(parents=True, exist_ok=True)
-            target = folder / Path(path).name
+            try:
+                target = child(folder, Path(path).name, "uploaded file")  # not through a link out of the folder
+            except LoraDeckError as e:
+                raise gr.Error(ui_message(e)) from None
             shutil.copy(path, target)
             return str(target)
 
