@@ -140,3 +140,17 @@ def test_safetensors_export_of_rslora_stack_equals_peft_merge(rs_loras, tmp_path
                        base.parent, loras)
     ours = _logits(tok, AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32))
     torch.testing.assert_close(ours, merged, atol=1e-5, rtol=0)
+
+
+def test_file_blend_for_remote_engines_equals_the_stack(rs_loras, tmp_path):
+    """The blend a remote engine of one adapter per request gets (webui/adapters/file_blend.py: from the files,
+    no base): plain PEFT loads it and gives the stack's logits; DoRA sources are refused."""
+    from webui.adapters.file_blend import cat_blend
+
+    base, loras = rs_loras
+    out = cat_blend([(loras / n, w) for n, w in STACK.items()], tmp_path / "blend")
+    assert float((_adapter_logits(base, out) - _stack_logits(base, loras, STACK)).abs().max()) < 1e-5
+    write_adapter(base, tmp_path / "D", target_modules=["q_proj"], r=2, alpha=4, use_dora=True)
+    with pytest.raises(BadInput, match="DoRA"):
+        cat_blend([(loras / "R4", 1.0), (tmp_path / "D", 1.0)], tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()

@@ -150,7 +150,7 @@ def read_base(path: Path, name: str | None = None, reader=None) -> GgufBase:
 
 
 # -- PEFT → GGUF LoRA ------------------------------------------------------------------------------------
-def _peft_scale(config: dict, module: str, rank: int) -> float:
+def peft_scale(config: dict, module: str, rank: int) -> float:
     """PEFT's scaling of one module: alpha/r (alpha/sqrt(r) with rsLoRA); alpha_pattern picks per module, matched
     by PEFT's own pattern rule. `rank` is the module's real rank (the tensor's, which rank_pattern set)."""
     from peft.utils.other import get_pattern_key  # heavy (torch): only converting or merging needs it
@@ -189,7 +189,7 @@ def lora_pairs(files: AdapterFiles, state: dict, base: GgufBase, ignored=()) -> 
             raise BadInput(f"{files.name}: {module} has no tensor in the GGUF base {base.path.name}")
         a = parts["lora_A"].float().numpy()
         b = parts["lora_B"].float().numpy()
-        pairs.append((gname, a, base.permute_b(gname, b), _peft_scale(files.config, module, a.shape[0])))
+        pairs.append((gname, a, base.permute_b(gname, b), peft_scale(files.config, module, a.shape[0])))
     if not pairs:
         raise BadInput(f"{files.name}: none of its targets exist in {base.path.name}")
     return pairs

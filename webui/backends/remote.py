@@ -8,10 +8,14 @@ stack, and `stream_batch` runs its rows in threads, one HTTP stream each. Adapte
 own terms (webui/backends/remote_engines.py). What an engine cannot do — merge into its base, train on it,
 score tokens — is refused with the reason. An engine that is down, slow or broke off gives EngineUnavailable
 (503/502); the next request tries again, and after a failure the engine's adapter state is read again (a
-restarted engine has forgotten runtime registrations).
+restarted engine has forgotten runtime registrations). An engine that serves one adapter per request (vLLM,
+SGLang) gets a weighted stack as one adapter: the stack blended exactly from the files (webui/adapters/
+file_blend.py, PEFT's `cat`), written once into the adapters folder as `.stack-<digest>` and registered.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -172,6 +176,7 @@ class RemoteBackend(Backend):
         missing = [n for n in stack if n not in self._loaded]
         if missing:
             raise BadInput(f"adapter(s) {', '.join(missing)} are not loaded")
+        stack = self._served(stack, prompt)
         for attempt in (0, 1):
             if self._stale or attempt:
                 self._refresh(stack)
@@ -188,6 +193,28 @@ class RemoteBackend(Backend):
                 if started or attempt or not stack:
                     raise
                 # retry once: the engine may have been restarted and forgotten the adapters
+
+    def _served(self, stack: dict, prompt=None) -> dict:
+        """`stack` as the engine can take it (for `prompt`): itself, or where a request carries one adapter a
+        weighted stack's blend ({name: 1.0}), written and registered on first use, keyed by the sources' files
+        and weights."""
+        single = len(stack) == 1 and next(iter(stack.values())) == 1.0
+        if not stack or single or self.dialect.takes_stack(prompt):
+            return stack
+        key = json.dumps(sorted((n, float(w), repr(self._loaded[n])) for n, w in stack.items()))
+        name = "stack-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+        with self._lock:
+            d = self.dialect
+            if name not in d.folders:
+                from webui.adapters.file_blend import cat_blend  # torch: only a stack on such an engine needs it
+
+                sources = [(Path(d.folders[n]), w) for n, w in stack.items()]
+                folder = sources[0][0].parent / f".{name}"  # hidden: not one of the user's adapters
+                if not folder.is_dir():
+                    cat_blend(sources, folder)
+                d.prepare(name, folder)
+                d.folders[name] = folder
+        return {name: 1.0}
 
     def _refresh(self, stack: dict) -> None:
         """Read the engine's adapter state again (after a failure: it may have restarted) and re-register the
@@ -226,9 +253,7 @@ class RemoteBackend(Backend):
         missing = [n for n in weights if n not in self._loaded]
         if missing:
             raise BadInput(f"adapter(s) {', '.join(missing)} are not loaded")
-        if not self.dialect.adapter_stack and (len(weights) > 1 or any(w != 1.0 for w in weights.values())):
-            raise Unsupported(f"the {self.dialect.name} engine serves one adapter at weight 1 per request; blend the "
-                              "stack into one adapter first (python -m webui blend) and select that")
+        self._served(weights)  # a stack the engine takes as one blended adapter: written and registered now
         self._active = dict(weights)
 
     def delete_adapter(self, name: str) -> None:

@@ -220,6 +220,11 @@ class Dialect:
             body["response_format"] = _response_format(params)
         return body
 
+    def takes_stack(self, prompt=None) -> bool:
+        """Whether a request (for `prompt`; None: any) can carry a weighted stack; if not, the remote backend sends
+        the stack blended into one adapter."""
+        return self.adapter_stack
+
     def select(self, stack: dict) -> dict:
         """The request fields that select `stack` ({} = the plain base)."""
         if not stack:
@@ -442,6 +447,9 @@ class LoRAX(Dialect):
 
     def prepare(self, name: str, folder: Path) -> None:
         """LoRAX loads an adapter on its first request; nothing to register."""
+
+    def takes_stack(self, prompt=None) -> bool:
+        return not isinstance(prompt, ChatPrompt)  # merged_adapters on /generate; its chat route takes one
 
     def request(self, prompt: str, params: GenerationParams, stack: dict) -> tuple[str, dict]:
         if isinstance(prompt, ChatPrompt):  # its OpenAI chat route: one adapter through `model`
