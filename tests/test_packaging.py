@@ -34,4 +34,4 @@ def test_the_wheel_installs_a_working_loradeck_command(tmp_path):
         assert command in out.stdout.split("}")[0], (command, out.stdout)
     same = subprocess.run([sys.executable, "-m", "webui", "export", "--help"], env=env, cwd=tmp_path,
                           capture_output=True, text=True)
-    assert "--format {safetensors,gguf,gptq}" in same.stdout
+    assert "--format {safetensors,gguf,gptq,gguf-lora,ollama}" in same.stdout
