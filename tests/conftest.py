@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import GPTQ_GROUP, AppProcess, write_llama
+from tests.helpers import GPTQ_GROUP, AppProcess, free_port, write_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -150,3 +150,15 @@ def browser():
         b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A local S3 (moto's server) on a loopback port: its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

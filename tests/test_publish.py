@@ -123,17 +123,6 @@ def test_bad_destinations_tokens_and_names_are_refused_with_nothing_sent(hub, lo
         publish("my-lora", "hf:me/x", loras_dir=loras, token=hub.token)
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 def test_publish_to_s3_and_download_back_identical(s3_server, loras, tmp_path, monkeypatch):
     import boto3
 
