@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODULES = ("bench.adapters_transformers", "bench.api_transformers", "bench.training", "bench.adapters_llamacpp", "bench.download",
-           "bench.adapters_gptq", "bench.lora_panel", "bench.remote", "bench.soak")
+MODULES = ("bench.adapters_transformers", "bench.api_transformers", "bench.training", "bench.adapters_llamacpp", "bench.serving_llamacpp",
+           "bench.download",
+           "bench.adapters_gptq", "bench.serving", "bench.lora_panel", "bench.remote", "bench.soak")
 
 
 def machine() -> str:

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from webui.backends.transformers import _PresenceFrequencyPenalty
+from webui.backends.hf_sampling import PresenceFrequencyPenalty
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
 from webui.errors import LoadFailed, NoModelLoaded, NotFound
@@ -183,7 +183,7 @@ def test_seeded_sampling_is_reproducible(engine):
 def test_presence_and_frequency_penalties_follow_openai_definition():
     scores = torch.zeros(1, 5)
     ids = torch.tensor([[4, 1, 1, 3]])  # prompt = [4]; generated = [1, 1, 3]
-    out = _PresenceFrequencyPenalty(presence=0.5, frequency=0.25, prompt_len=1)(ids, scores)
+    out = PresenceFrequencyPenalty(presence=0.5, frequency=0.25, prompt_len=1)(ids, scores)
     assert out.tolist() == [[0.0, -(0.5 + 2 * 0.25), 0.0, -(0.5 + 0.25), 0.0]]
 
 

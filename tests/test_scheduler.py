@@ -48,6 +48,9 @@ class FakeBackend:
         self.pause = threading.Event()  # a batch of "endless" prompts waits for it after its first round
         self.stopped_by_cancel: list[bool] = []
 
+    def decoder(self):
+        return None  # a loader without continuous batching: the static path under test here
+
     def set_adapters(self, weights: dict) -> None:
         self.active_adapters, self.merged = dict(weights), False  # a new stack is never merged
         self.log.append(("set", dict(weights)))
@@ -104,6 +107,11 @@ class FakeEngine:
                 with self._ended:
                     self.batches += 1
                     self._ended.notify_all()
+
+    model_wanted = False
+
+    def current_backend(self):
+        return self.backend
 
     def wait_batches(self, n: int) -> None:
         with self._ended:

@@ -1,6 +1,7 @@
 """The Engine: the one stateful object of LoRA Deck. It owns the loaded backend (model) and serializes
-everything that touches it: generations run one at a time under its lock, and a model change waits for
-the running generation to finish, so UI tabs and API clients never see a half-changed model. The web UI
+everything that touches it: generations (or the scheduler's running batch) hold its lock, and a model change
+waits for them to finish, so UI tabs and API clients never see a half-changed model. Tokenizer and template
+work waits only for a model change, never for a generation. The web UI
 and the HTTP API are thin clients of one Engine created at start-up.
 
 Loading is safe by construction: the new model is checked (`preflight`) while the old one stays loaded;
@@ -32,6 +33,37 @@ from webui.stop_strings import StopStringFilter, cut_at_stop
 log = logging.getLogger(__name__)
 
 
+class ModelLock:
+    """The Engine's lock around the model, which also tells whether a thread waits for it: the scheduler admits
+    no new request into its running batch while one does, so a load or an adapter change gets the model as
+    soon as the requests already running end, instead of never under a steady stream of requests. A plain
+    Lock underneath, not an RLock: a streaming generator may be resumed on a different thread (Gradio runs
+    each step in a worker pool), and only a plain Lock may be released by another thread."""
+
+    def __init__(self):
+        self._lock, self._count = threading.Lock(), threading.Lock()
+        self._waiting = 0
+
+    @property
+    def wanted(self) -> bool:
+        return self._waiting > 0
+
+    def __enter__(self):
+        if self._lock.acquire(blocking=False):
+            return self
+        with self._count:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._count:
+                self._waiting -= 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
 def check_weights(weights: dict) -> None:
     """Adapter weights must be finite numbers (a NaN would poison every output silently)."""
     for n, w in weights.items():
@@ -51,10 +83,11 @@ class Engine:
         self.loras_dir = Path(loras_dir)
         self._backend: Backend | None = None
         self._spec: ModelSpec | None = None
-        # Held by a generation for its whole duration and by model changes. A plain Lock, not an RLock:
-        # a streaming generator may be resumed on a different thread (Gradio runs each step in a worker
-        # pool), and only a plain Lock may be released by a thread other than the one that took it.
-        self._lock = threading.Lock()
+        # Held by a generation (or the scheduler's running batch) for its whole duration and by model changes.
+        self._lock = ModelLock()
+        # Held while the model is replaced; tokenizer and chat-template work takes only this one, so it never
+        # waits for a generation (a request is tokenized while others run) but does wait for a load.
+        self._swap = threading.Lock()
         self.last_load_seconds = 0.0
         self._scheduler = None
         self._reports: dict = {}  # adapter_report cache
@@ -91,7 +124,7 @@ class Engine:
         path, loader = models.resolve(spec.model, spec.loader, self.models_dir, progress, loader_options(spec))
         cls = backend_class(loader)
         cls.preflight(path, spec)
-        with self._lock:
+        with self._lock, self._swap:
             previous = self._spec
             # what the restore must bring back with the model: its active stack (with the folders of names
             # outside the adapters dir) and whether it was merged — not just the plain base
@@ -133,7 +166,7 @@ class Engine:
             backend.merge_adapters()
 
     def unload(self) -> None:
-        with self._lock:
+        with self._lock, self._swap:
             self._unload_locked()
 
     def _unload_locked(self) -> None:
@@ -146,6 +179,16 @@ class Engine:
         """Hold the model for a multi-step job (the scheduler's batches): yields the loaded backend."""
         with self._lock:
             yield self._require()
+
+    @property
+    def model_wanted(self) -> bool:
+        """Does a thread wait for the model (see ModelLock)?"""
+        return self._lock.wanted
+
+    def current_backend(self) -> Backend | None:
+        """The loaded backend, read without any lock: for work that is right to redo if the model changes
+        meanwhile (the scheduler tokenizes a prompt in the caller's thread and checks it is still this one)."""
+        return self._backend
 
     @property
     def scheduler(self) -> Scheduler:
@@ -161,33 +204,33 @@ class Engine:
 
     # -- text -----------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        with self._lock:
+        with self._swap:
             return self._require().chat_prompt(messages, add_generation_prompt)
 
     def count_tokens(self, text: str) -> int:
-        with self._lock:
+        with self._swap:
             return self._require().count_tokens(text)
 
     def prepare_response_format(self, response_format: str) -> None:
         """Refuse, before anything is queued, a response format the loaded loader cannot enforce."""
-        with self._lock:
+        with self._swap:
             self._require().prepare_response_format(response_format)
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        with self._lock:
+        with self._swap:
             return self._require().tokenize(text, add_special)
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        with self._lock:
+        with self._swap:
             return self._require().token_texts(ids)
 
     def detokenize(self, ids: list[int]) -> str:
-        with self._lock:
+        with self._swap:
             return self._require().detokenize(ids)
 
     @property
     def eos_token_id(self) -> int | None:
-        with self._lock:
+        with self._swap:
             return self._require().eos_token_id
 
     def score(self, sequences: list[str | list[int]], adapters: dict[str, float] | None = None,
@@ -384,7 +427,7 @@ class Engine:
         """Write the base with the active adapters merged in, loadable with no adapter. The backend may give up
         its loaded model to do it (PEFT's merge_and_unload), so this is for an Engine of its own (exports):
         the model is unloaded afterwards."""
-        with self._lock:
+        with self._lock, self._swap:
             try:
                 self._require().save_merged(Path(out_dir))
             finally:

@@ -1,25 +1,32 @@
-"""The request scheduler: concurrent generation requests (the API, the UI's compare mode), each with its
-own adapters, are gathered for a short window and run together.
+"""The request scheduler: concurrent generation requests (the API, the UI's chat and compare mode, the
+Evaluate tab), each with its own adapters and sampling settings, share the model.
 
-On loaders with `mixed_batch` (transformers, GPTQ) requests for the plain base or for single adapters
-at weight 1 share one forward pass (PEFT's `adapter_names`, one adapter per row); requests with a
-weighted stack are batched with others of the same stack while that stack is active. On other loaders
-(llama.cpp) requests run in turn, each with its own adapters set just before it. A remote engine
-(`concurrent`) batches by itself: each request goes to it at once, in its own thread, with its own stack,
-and requests that arrive meanwhile are sent at once too. A request that names no
-adapters gets the stack active in the UI at the time it runs; no request ever changes what another one
-uses, and the UI's active stack is restored after every group. A consumer that goes away (a closed HTTP
-stream) cancels its request; a batch stops early once none of its requests is listening.
+On loaders with a Decoder (transformers, GPTQ, bitsandbytes, llama.cpp) batching is continuous: one worker
+thread steps the decoder, a request joins the running batch at the next step (when the decoder says its
+adapter stack can join: any single adapter on the transformers family, the same stack on llama.cpp) and
+leaves as soon as it ends — end of sequence, its token budget, a stop string, or its consumer going away
+(a closed HTTP stream cancels its request). Requests are admitted in arrival order; one that cannot join
+waits, and the ones behind it wait with it, until the batch drains (no request overtakes another for ever).
+Prompts are tokenized by the caller's thread, outside the model's lock.
+Loaders without a decoder go through `stream_batch`: requests are gathered for a short window and run
+together, grouped by stack and settings. A remote engine (`concurrent`) batches by itself: each request goes
+to it at once, in its own thread, with its own stack.
+A request that names no adapters gets the stack active in the UI when its batch starts; no request ever
+changes what another one uses, and the UI's active stack (and a merge) is as it was once the batch is done.
+While something else waits for the model (a load, an adapter change in the UI) no new request is admitted,
+so it gets the model as soon as the running requests end.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
+from webui.backends.base import Backend
 from webui.config import GenerationParams
 from webui.stop_strings import StopStringFilter
 
@@ -34,6 +41,8 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
+    ids: list[int] | None = None  # the prompt tokenized by the caller's thread ...
+    ids_for: object = None        # ... with this backend (tokenized again if the model changed since)
 
     def __post_init__(self):
         self.stops = StopStringFilter(self.params.stop)
@@ -83,17 +92,38 @@ def _batch_key(params: GenerationParams) -> tuple:
     return tuple(sorted(data.items()))
 
 
+def _has_decoder(backend) -> bool:
+    """Does this backend's loader batch continuously (it overrides Backend.decoder)?"""
+    return backend is not None and getattr(type(backend), "decoder", Backend.decoder) is not Backend.decoder
+
+
+@dataclass
+class _Live:
+    """A request in the continuous batch."""
+    job: Job
+    budget: int                 # tokens it may generate
+    ids: list[int] = field(default_factory=list)  # generated so far
+
+
 class Scheduler:
     def __init__(self, engine, window_s: float = 0.02, max_batch: int = 8):
-        # window_s: how long the first request of a batch waits for company (20 ms is well under one
-        # decode step of even a small model on CPU); max_batch: rows per forward pass.
+        # window_s: how long the first request of a static batch waits for company (20 ms is well under one
+        # decode step of even a small model on CPU); max_batch: rows per forward pass on the static path (a
+        # decoder has its own capacity).
         self.engine, self.window_s, self.max_batch = engine, window_s, max_batch
         self._pending: list[Job] = []
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._keys = itertools.count()
 
     def submit(self, prompt: str, params: GenerationParams, adapters: dict | None = None) -> JobHandle:
         job = Job(prompt, params, None if adapters is None else dict(adapters))
+        backend = self.engine.current_backend()
+        if _has_decoder(backend):
+            try:  # here, in the caller's thread, not in the worker that steps the batch
+                job.ids, job.ids_for = backend.tokenize(prompt), backend
+            except Exception:  # a model being replaced: the worker tokenizes it, and reports a real problem
+                job.ids = None
         with self._cond:
             self._pending.append(job)
             if self._worker is None:
@@ -107,40 +137,128 @@ class Scheduler:
             with self._cond:
                 while not self._pending:
                     self._cond.wait()
-            time.sleep(self.window_s)  # let concurrent requests join the batch
-            with self._cond:
-                jobs, self._pending = self._pending, []
+            while self.engine.model_wanted:  # a model change waits: let it take the model first
+                time.sleep(0.005)
+            if not _has_decoder(self.engine.current_backend()):
+                time.sleep(self.window_s)  # let concurrent requests join the static batch
+            jobs: list[Job] = []
             try:
-                self._run(jobs)
-            except Exception as e:  # never let the worker die; every waiting request hears why
+                with self.engine.locked_backend() as backend:
+                    decoder = backend.decoder()
+                    if decoder is not None:
+                        self._run_continuous(backend, decoder)
+                        continue
+                    with self._cond:
+                        jobs, self._pending = self._pending, []
+                    self._run(backend, jobs)
+            except Exception as e:  # never let the worker die; every request it was serving hears why
                 log.exception("batch failed")
+                if not jobs:  # it failed before taking any (no model loaded): the waiting ones
+                    with self._cond:
+                        jobs, self._pending = self._pending, []
                 for job in jobs:
                     job.emit("error", e)
 
-    def _run(self, jobs: list[Job]) -> None:
-        with self.engine.locked_backend() as backend:
-            if getattr(backend.capabilities, "concurrent", False):  # stand-in capabilities may lack it
-                return self._run_concurrent(backend, jobs)
-            default, was_merged = backend.active_adapters, backend.merged
-            mixed = backend.capabilities.mixed_batch
-            groups: dict[tuple, list[tuple[Job, dict]]] = {}
-            for job in jobs:
+    # -- continuous batching (loaders with a Decoder) -------------------------------------------------------
+    def _run_continuous(self, backend, decoder) -> None:
+        """Step `decoder` until no request is left, admitting new ones between steps."""
+        default = backend.active_adapters  # what requests that name no adapters get
+        live: dict[int, _Live] = {}
+        try:
+            while True:
+                self._admit(backend, decoder, default, live)
+                if not live:
+                    return
+                for key, token, text in decoder.step():
+                    if key in live:
+                        self._deliver(decoder, live, key, token, text)
+                for key in [k for k, row in live.items() if row.job.cancel.is_set()]:
+                    live.pop(key).job.emit("done", "cancelled", 0)
+                    decoder.remove(key)
+        except Exception as e:  # the batch is lost (its cache may be half-updated); every request in it hears why
+            log.exception("continuous batch failed")
+            for row in live.values():
+                row.job.emit("error", e)
+        finally:
+            try:
+                decoder.close()
+            except Exception:
+                log.exception("could not restore the active adapters after a batch")
+
+    def _admit(self, backend, decoder, default: dict, live: dict) -> None:
+        """Queued requests into the batch, in arrival order, while there is room, nothing waits for the model,
+        and the next one's stack can join."""
+        with self._cond:
+            while self._pending and len(decoder) < decoder.capacity and not self.engine.model_wanted:
+                job = self._pending[0]
+                spec = default if job.adapters is None else job.adapters
+                if not job.cancel.is_set() and not decoder.can_join(spec):
+                    return
+                self._pending.pop(0)
                 if job.cancel.is_set():
                     job.emit("done", "cancelled", 0)
                     continue
-                spec = default if job.adapters is None else job.adapters
-                single = len(spec) == 0 or (len(spec) == 1 and next(iter(spec.values())) == 1.0)
-                kind = ("mixed",) if mixed and single else ("stack", tuple(sorted(spec.items())))
-                groups.setdefault((_batch_key(job.params), kind), []).append((job, spec))
-            try:
-                for (_, kind), members in groups.items():
-                    for i in range(0, len(members), self.max_batch):
-                        self._run_group(backend, kind, members[i:i + self.max_batch])
-            finally:  # the UI's stack, merged or not, is as it was
-                if backend.active_adapters != default:
-                    backend.set_adapters(default)
-                if was_merged and not backend.merged:
-                    backend.merge_adapters()
+                key = next(self._keys)
+                try:
+                    ids = job.ids if job.ids is not None and job.ids_for is backend else backend.tokenize(job.prompt)
+                    live[key] = _Live(job, decoder.add(key, ids, job.params, spec))
+                except Exception as e:  # this request cannot run (too long, an adapter not loaded): only it fails
+                    job.emit("error", e)
+
+    def _deliver(self, decoder, live: dict, key: int, token: int, text: str) -> None:
+        row = live[key]
+        job = row.job
+        if decoder.is_end(token):
+            return self._finish(decoder, live, key, "stop", row.ids + [token])
+        row.ids.append(token)
+        out = job.stops.feed(text)
+        if out:
+            job.emit("delta", out)
+        if job.stops.stopped:
+            job.emit("done", "stop", None)
+            live.pop(key)
+            decoder.remove(key)
+        elif len(row.ids) >= row.budget:
+            self._finish(decoder, live, key, "length", list(row.ids))
+
+    def _finish(self, decoder, live: dict, key: int, reason: str, ids: list[int]) -> None:
+        row = live.pop(key)
+        job = row.job
+        out = job.stops.feed(decoder.flush(key))
+        if not job.stops.stopped:
+            out += job.stops.flush()
+        if out:
+            job.emit("delta", out)
+        if job.stops.stopped:
+            job.emit("done", "stop", None)
+        else:
+            job.emit("done", reason, len(row.ids), ids)
+        decoder.remove(key)
+
+    # -- static batches (loaders without one) -----------------------------------------------------------
+    def _run(self, backend, jobs: list[Job]) -> None:
+        if getattr(backend.capabilities, "concurrent", False):  # stand-in capabilities may lack it
+            return self._run_concurrent(backend, jobs)
+        default, was_merged = backend.active_adapters, backend.merged
+        mixed = backend.capabilities.mixed_batch
+        groups: dict[tuple, list[tuple[Job, dict]]] = {}
+        for job in jobs:
+            if job.cancel.is_set():
+                job.emit("done", "cancelled", 0)
+                continue
+            spec = default if job.adapters is None else job.adapters
+            single = len(spec) == 0 or (len(spec) == 1 and next(iter(spec.values())) == 1.0)
+            kind = ("mixed",) if mixed and single else ("stack", tuple(sorted(spec.items())))
+            groups.setdefault((_batch_key(job.params), kind), []).append((job, spec))
+        try:
+            for (_, kind), members in groups.items():
+                for i in range(0, len(members), self.max_batch):
+                    self._run_group(backend, kind, members[i:i + self.max_batch])
+        finally:  # the UI's stack, merged or not, is as it was
+            if backend.active_adapters != default:
+                backend.set_adapters(default)
+            if was_merged and not backend.merged:
+                backend.merge_adapters()
 
     def _run_concurrent(self, backend, jobs: list[Job]) -> None:
         """Every request to the engine at once, each in its own thread with its own stack; requests that arrive

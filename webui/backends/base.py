@@ -90,6 +90,57 @@ class LoadedInfo:
     context_length: int = 0
 
 
+class Decoder(ABC):
+    """Iteration-level (continuous) batching over one loaded model: rows join between decode steps and leave
+    as soon as they are done, each with its own prompt, adapter stack and sampling settings. The scheduler
+    drives one Decoder from one thread while it holds the engine's lock; `key` is the scheduler's handle for
+    a row. A backend that has one returns it from `Backend.decoder()`."""
+
+    capacity: int = 8  # rows at most
+
+    def __len__(self) -> int:
+        """The rows running (prefilling ones included)."""
+        return len(self.rows)
+
+    @property
+    @abstractmethod
+    def rows(self) -> dict:
+        """key -> the row's state."""
+
+    @abstractmethod
+    def can_join(self, adapters: dict) -> bool:
+        """May a row with this adapter stack ({name: weight}; {} = the plain base) join the rows running now?
+        (False while it needs a different stack than theirs, for example.) Always True when empty."""
+
+    @abstractmethod
+    def add(self, key, ids: list[int], params: GenerationParams, adapters: dict) -> int:
+        """Start a row for the prompt `ids`. Returns how many tokens it may generate (max_new_tokens, capped by
+        the context); raises BadInput when it cannot run (a prompt longer than the context, an adapter not
+        loaded). The prefill may run here or be spread over the next steps (a long prompt does not stall the
+        other rows for long)."""
+
+    @abstractmethod
+    def step(self) -> list[tuple]:
+        """One decode step of every row: (key, token id, text) for each row that produced a token (a row still
+        prefilling produces none). The text is what the token adds to the row's reply, holding back an
+        incomplete UTF-8 character; an end-of-sequence token adds "" (see `is_end`)."""
+
+    @abstractmethod
+    def is_end(self, token: int) -> bool:
+        """Is `token` an end of sequence (the row stops on it)?"""
+
+    def flush(self, key) -> str:
+        """Text held back for `key` (an incomplete character at the end of the reply); called when it ends."""
+        return ""
+
+    @abstractmethod
+    def remove(self, key) -> None:
+        """Drop a row (finished or cancelled); its memory is free for the next one."""
+
+    def close(self) -> None:
+        """Called when the last row has left: put the backend back as the UI left it (active stack, merge)."""
+
+
 class Backend(ABC):
     """One loaded model on one loader. The class attributes and classmethods below are what the registry
     reads without loading anything."""
@@ -213,6 +264,11 @@ class Backend(ABC):
         so a schema this loader cannot enforce is refused up front."""
         if response_format:
             raise Unsupported(f"the {self.name} loader cannot enforce a response format")
+
+    def decoder(self) -> Decoder | None:
+        """A continuous batch over this model (see Decoder), or None where the loader has none (then the
+        scheduler uses `stream_batch`)."""
+        return None
 
     def stream_batch(self, prompts: list[str], params: GenerationParams, adapter_names: list | None = None,
                      cancel: threading.Event | None = None) -> Iterator[tuple]:

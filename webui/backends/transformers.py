@@ -43,6 +43,8 @@ from webui.backends.base import (
 )
 from webui.backends.grammar import Grammars
 from webui.backends.hf_batch import stream_batch
+from webui.backends.hf_continuous import HfDecoder
+from webui.backends.hf_sampling import PresenceFrequencyPenalty
 from webui.config import GenerationParams, ModelSpec
 from webui.errors import BadInput, LoadFailed, NotFound, Unsupported, first_line
 from webui.progress import Progress, no_progress
@@ -79,23 +81,6 @@ class _Cancelled:
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _PresenceFrequencyPenalty:
-    """OpenAI-style presence/frequency penalties, which transformers' generate lacks (it only has the
-    multiplicative repetition_penalty): subtract presence + frequency * count for each token generated
-    so far (not the prompt, as in the OpenAI definition)."""
-
-    def __init__(self, presence: float, frequency: float, prompt_len: int):
-        self.presence, self.frequency, self.prompt_len = presence, frequency, prompt_len
-
-    def __call__(self, input_ids, scores):
-        generated = input_ids[:, self.prompt_len:]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores)
-        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 def _find_weights(path: Path) -> list[Path]:
@@ -313,6 +298,10 @@ class TransformersBackend(Backend):
         if response_format:
             self._grammars().compile(response_format)
 
+    def grammar_processor(self, response_format: str):
+        """A fresh logits processor enforcing `response_format` for one generation (it holds the parse state)."""
+        return self._grammars().processor(response_format)
+
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         # A chat-template prompt already starts with BOS; adding another would change the output.
         bos = self.tokenizer.bos_token
@@ -375,9 +364,9 @@ class TransformersBackend(Backend):
             kw["repetition_penalty"] = params.repetition_penalty
         processors = LogitsProcessorList()
         if params.presence_penalty or params.frequency_penalty:
-            processors.append(_PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, prompt_len))
+            processors.append(PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, prompt_len))
         if params.response_format:
-            processors.append(self._grammars().processor(params.response_format))
+            processors.append(self.grammar_processor(params.response_format))
         if processors:
             kw["logits_processor"] = processors
         if cancel is not None:
@@ -420,6 +409,9 @@ class TransformersBackend(Backend):
         if failure:
             raise failure[0]
 
+
+    def decoder(self) -> HfDecoder:
+        return HfDecoder(self)
 
     def stream_batch(self, prompts: list[str], params: GenerationParams, adapter_names: list | None = None,
                      cancel: threading.Event | None = None):
