@@ -155,3 +155,21 @@ def test_a_bad_request_fails_alone(engine):
     with pytest.raises(Exception, match="not loaded"):
         bad.text()
     assert good.text() == engine.generate("The quick brown fox", GenerationParams(temperature=0, max_new_tokens=5))
+
+
+@pytest.mark.parametrize("quantized", ["gptq", "nf4"])
+def test_quantized_bases_batch_continuously(quantized, request, widths):
+    """The same on a GPTQ 4-bit base and a bitsandbytes nf4 base: mixed single adapters and the base, arriving
+    at random moments, each get the text they get alone."""
+    models, loras = request.getfixturevalue("gptq_dirs" if quantized == "gptq" else "bnb_dirs")
+    e = Engine(models, loras)
+    e.load(ModelSpec(model="tiny-gptq", loader="gptq") if quantized == "gptq" else
+           ModelSpec(model="tiny-float", loader="transformers", quantization="nf4"))
+    e.prepare_adapters(["A", "B"])
+    reqs = requests(seed=1, n=6)
+    for i, r in enumerate(reqs):
+        r["stack"] = [{}, {"A": 1.0}, {"B": 1.0}][i % 3]
+    expected = [alone(e, r, {}) for r in reqs]
+    assert [g[0] for g in run_concurrently(e, reqs)] == expected
+    assert max(widths) >= 2
+    e.unload()
