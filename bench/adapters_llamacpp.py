@@ -66,7 +66,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
             engine.set_adapters({})
             direct = llama_cpp.Llama(str(embedded.gguf_path()), n_ctx=spec.n_ctx, n_threads=os.cpu_count(),
                                      n_gpu_layers=spec.n_gpu_layers, verbose=False)
-            prompt_tokens = engine._backend._tokens(prompt)  # the same tokens on both sides
+            prompt_tokens = engine._backend.tokenize(prompt)  # the same tokens on both sides
 
             def direct_tps():
                 seconds = timed(lambda: out.__setitem__("direct", direct.create_completion(

@@ -97,6 +97,7 @@ def test_llamacpp_loss_agrees_with_llama_cpp_python_logits(gguf_models, llama_lo
     for got, lora in zip(report["results"], (None, converted_lora(llama_loras, "A"))):
         extra = {"lora_path": str(lora), "lora_scale": 1.0} if lora else {}
         llm = llama_cpp.Llama(str(gguf_models / "tiny-llama.gguf"), n_ctx=256, logits_all=True, verbose=False,
+                              flash_attn=True,  # as the loader runs it (llama-server's default on CPU)
                               **extra)
         total, count = 0.0, 0
         for s in samples:

@@ -77,7 +77,7 @@ def test_llamacpp_scores_equal_llama_cpp_python_logits(gguf_models):
     try:
         before = e.generate(PROMPT, GREEDY)
         got = e.score(TEXTS)
-        llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False)
+        llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, flash_attn=True)
         for text, scores in zip(TEXTS, got):
             ids = llm.tokenize(text.encode(), add_bos=llm._model.add_bos_token(), special=True)
             llm.reset()

@@ -8,6 +8,10 @@ once (`llama_adapter_lora_init`; PEFT adapters are converted to GGUF LoRA first 
 cached beside them) and any weighted set of them is made active with `llama_set_adapters_lora` — switching,
 mixing and clearing never reload the base. A prompt prefix already in the KV cache is reused (as
 llama-cpp-python does) only while the adapter stack is unchanged; a new stack resets the cache.
+
+Concurrent requests (the scheduler) run in a continuous batch of their own, `decoder()`
+(webui/backends/llamacpp_batch.py): one more llama.cpp context over the same model, a sequence per request,
+giving each request the tokens this single-request path gives it.
 """
 from __future__ import annotations
 
@@ -64,6 +68,7 @@ class LlamaCppBackend(Backend):
         self._formatters: dict[bool, object] = {}
         self._stack_changed = False
         self._grammars: dict[str, object] = {}  # response_format -> LlamaGrammar (GBNF made once per schema)
+        self._decoder = None  # the continuous batch (webui/backends/llamacpp_batch.py), made on first use
 
     # -- what the registry asks ------------------------------------------------------------------
     @classmethod
@@ -94,8 +99,14 @@ class LlamaCppBackend(Backend):
         gpu = llama_cpp.llama_supports_gpu_offload() and spec.device != "cpu"
         progress(0.1, f"loading {path.name} with llama.cpp" + (" (GPU offload)" if gpu else ""))
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=spec.n_ctx,
-                                       n_threads=spec.n_threads or os.cpu_count(),
+            threads = spec.n_threads or os.cpu_count()
+            # Flash attention as llama-server uses it (its `-fa auto` turns it on wherever the device has it;
+            # llama-cpp-python's default is off): faster decoding on CPU, and the same greedy text as
+            # llama-server on the same GGUF (without it the attention sums round differently and the greedy
+            # text parts from llama-server's after a few dozen tokens). The prompt threads follow n_threads too
+            # (llama-cpp-python would take every core for them).
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=spec.n_ctx, n_threads=threads,
+                                       n_threads_batch=threads, flash_attn=True,
                                        n_gpu_layers=spec.n_gpu_layers if gpu else 0, verbose=False)
         except Exception as e:
             self.unload()
@@ -112,6 +123,9 @@ class LlamaCppBackend(Backend):
         return self.info
 
     def unload(self) -> None:
+        if self._decoder is not None:  # its context goes before the model it was made from
+            self._decoder.free()
+            self._decoder = None
         if self.llm is not None:
             self.llm.close()  # frees the context, then the model and the adapters llama.cpp keeps with it
         self.llm = None
@@ -185,6 +199,8 @@ class LlamaCppBackend(Backend):
         if entry is None:
             return
         self._apply({n: w for n, w in self._active.items() if n != name})
+        if self._decoder is not None:
+            self._decoder.forget_adapter(name)
         del self._adapters[name]
         llama_cpp.llama_adapter_lora_free(entry[0])
 
@@ -229,6 +245,15 @@ class LlamaCppBackend(Backend):
             except Exception as e:  # the converter raises plain exceptions for schemas it cannot express
                 raise BadInput(f"response_format: the schema cannot be enforced: {first_line(e)}") from None
         return self._grammars[response_format]
+
+    def decoder(self):
+        """Continuous batching over this model (llama.cpp's batch API, one sequence per row, a context of its own
+        made once and kept until unload: see webui/backends/llamacpp_batch.py)."""
+        if self._decoder is None:
+            from webui.backends.llamacpp_batch import LlamaCppDecoder
+
+            self._decoder = LlamaCppDecoder(self)
+        return self._decoder
 
     def is_end_of_sequence(self, token: int) -> bool:
         return bool(_llama_cpp().llama_vocab_is_eog(self.llm._model.vocab, token))
