@@ -355,3 +355,84 @@ def test_cancel_keeps_the_partial_file_and_a_rerun_completes(online, repos, tmp_
     assert part.stat().st_size >= 10 * 1024 * 1024 and not (part.parent / shard2).exists()
     out = download_fn("test/big", model_dir=tmp_path / "models")
     assert (out / shard2).read_bytes() == repos["test/big"][shard2]
+
+
+def test_hashes_taken_while_writing_match_the_file_after_resume_and_rewind(tmp_path):
+    """The hashes fed as bytes are written (no second read): a resumed `.incomplete` is hashed from its
+    existing part first; a server that ignores Range makes http_get rewind (seek + truncate) and send it all."""
+    from webui.hub.download import _HashingWriter
+    from webui.hub.files import RemoteFile
+    from webui.testing.fake_hub import git_blob_sha1
+
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    lfs = RemoteFile("w.safetensors", len(data), hashlib.sha256(data).hexdigest(), "0" * 40)
+    plain = RemoteFile("tokenizer.json", len(data), None, git_blob_sha1(data))
+    for f in (lfs, plain):
+        part = tmp_path / f"{f.path}.incomplete"
+        part.write_bytes(data[:1_000_000])  # left by an interrupted run
+        with open(part, "ab") as fh:
+            out = _HashingWriter(fh, part, f)
+            out.write(data[1_000_000:2_000_000])
+            out.seek(max(out.tell() - 2_000_000, 0))  # http_get's rewind when the server answers 200 to a Range
+            out.truncate()
+            out.write(data)
+        assert part.read_bytes() == data
+        assert out.digest_if_matches(f) == hashlib.sha256(data).hexdigest()
+        with open(part, "ab") as fh:  # one byte too many: the size check fails
+            out = _HashingWriter(fh, part, f)
+            out.write(b"x")
+        assert out.digest_if_matches(f) is None
+    wrong = RemoteFile(lfs.path, len(data), hashlib.sha256(b"other").hexdigest(), None)
+    part = tmp_path / "w2.incomplete"
+    with open(part, "ab") as fh:
+        out = _HashingWriter(fh, part, wrong)
+        out.write(data)
+    assert out.digest_if_matches(wrong) is None
+
+
+def test_a_file_that_does_not_match_the_listing_never_gets_its_name(online, tmp_path, monkeypatch):
+    import webui.hub.download  # noqa: F401 - the module; the package's `download` attribute is the function
+    hub_download = sys.modules["webui.hub.download"]
+    real_plan = hub_download.plan
+    shard = "model-00001-of-00002.safetensors"
+
+    def tampered(*args, **kwargs):  # the hub lists another sha256 than the bytes it serves
+        p = real_plan(*args, **kwargs)
+        p.files = [hub_download.RemoteFile(f.path, f.size, "0" * 64, f.blob_id) if f.path == shard else f
+                   for f in p.files]
+        return p
+    monkeypatch.setattr(hub_download, "plan", tampered)
+    dest = tmp_path / "models" / "test_big"
+    with pytest.raises(DownloadFailed, match="checksum mismatch"):
+        hub_download.download_hub("test/big", model_dir=tmp_path / "models", max_retries=0)
+    assert not (dest / shard).exists() and not (dest / (shard + ".incomplete")).exists()
+    assert not (dest / "config.json").exists()  # the folder never looks complete
+
+
+def test_config_is_fetched_alongside_the_weights_but_named_last(online, repos, tmp_path):
+    import threading
+
+    from webui.hub import download as download_fn
+
+    shard2 = "model-00002-of-00002.safetensors"
+    online.stall_after[shard2] = 1_000_000
+    dest = tmp_path / "models" / "test_big"
+    done = []
+    worker = threading.Thread(target=lambda: done.append(download_fn("test/big", model_dir=tmp_path / "models",
+                                                                     threads=4)))
+    worker.start()
+    try:
+        assert online.stalled.wait(60)
+        config, part = repos["test/big"]["config.json"], dest / "config.json.incomplete"
+        deadline = time.time() + 30
+        while not (part.is_file() and part.stat().st_size == len(config)) and time.time() < deadline:
+            time.sleep(0.02)
+        assert part.read_bytes() == config  # fetched (and checked) already, while the weights still come in
+        assert not (dest / "config.json").exists() and not (dest / shard2).exists()
+    finally:
+        online.release.set()
+        worker.join(60)
+    assert done == [dest]
+    got = tree(dest)
+    got.pop("huggingface-metadata.txt")
+    assert got == repos["test/big"]

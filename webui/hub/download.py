@@ -3,8 +3,10 @@ calls the same function). Built on huggingface_hub's own pieces: `HfApi` for the
 with each file's LFS sha256, `get_hf_file_metadata` (HEAD) and `http_get` (GET with `Range`) for the
 bytes, so `HF_ENDPOINT`, `HF_TOKEN`, redirects to the CDN and the hub's error codes behave as they do
 everywhere else. On top of that: each file goes to `NAME.incomplete`, resumes from there after an
-interruption, is checked against the hub's sha256 (or git blob id for small files) and only then renamed
-to its final name; retries with exponential back-off; one-line errors. One download per destination at a
+interruption, is checked against the hub's sha256 (or git blob id for small files; hashed as the bytes are
+written, never read back) and only then renamed to its final name; all files of a repo are in flight at once,
+and the config that makes a folder loadable gets its name last; retries with exponential back-off; one-line
+errors. One download per destination at a
 time (a file lock); a folder already downloaded at another commit is updated through a hidden staging folder
 (unchanged files hard-linked in, changed ones fetched) swapped in whole, so it is never a mix of commits.
 `s3://` URLs and local paths are handled by `webui.hub.sources`; `webui.hub.fetch` chooses.
@@ -141,20 +143,94 @@ def _target(p: Plan, f: RemoteFile) -> Path:
 def _hashes(path: Path) -> tuple[str, str]:
     """(sha256, git blob sha1) in one pass; the hub publishes the first for LFS files, the second for all.
     (huggingface_hub.utils.sha has each, but its git_hash wants the whole file in memory and a second read.)"""
-    size = path.stat().st_size
-    sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            sha256.update(chunk)
-            sha1.update(chunk)
-    return sha256.hexdigest(), sha1.hexdigest()
+    h = _Hasher(path.stat().st_size)
+    h.update_from(path, None)
+    return h.hexdigests()
+
+
+def _matches(sha256: str, sha1: str | None, size: int, f: RemoteFile) -> bool:
+    """Whether the hashes and size of some bytes are what the hub published for `f`."""
+    ok = sha256 == f.sha256 if f.sha256 else (f.blob_id is None or sha1 == f.blob_id)
+    return ok and size == f.size
 
 
 def _verify(path: Path, f: RemoteFile) -> str | None:
     """The file's sha256 when it matches what the hub published, else None."""
     sha256, sha1 = _hashes(path)
-    ok = sha256 == f.sha256 if f.sha256 else (f.blob_id is None or sha1 == f.blob_id)
-    return sha256 if ok and path.stat().st_size == f.size else None
+    return sha256 if _matches(sha256, sha1, path.stat().st_size, f) else None
+
+
+class _Hasher:
+    """sha256 and the git blob sha1 of a file of `size` bytes, fed piece by piece. (The blob header names
+    the size up front: a file that ends up another size fails the size check anyway.) `sha1=False` skips
+    the second: an LFS file is checked by its sha256 alone, and it is the big one."""
+
+    def __init__(self, size: int, sha1: bool = True):
+        self.size = size
+        self.sha256, self.sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size) if sha1 else None
+
+    def update(self, data) -> None:
+        self.sha256.update(data)  # hashlib releases the GIL for large buffers: other transfers go on
+        if self.sha1 is not None:
+            self.sha1.update(data)
+
+    def update_from(self, path: Path, length: int | None) -> None:
+        """Feed the first `length` bytes of `path` (all of it for None)."""
+        left = length
+        with open(path, "rb") as fh:
+            while left is None or left > 0:
+                chunk = fh.read(1 << 20 if left is None else min(1 << 20, left))
+                if not chunk:
+                    break
+                self.update(chunk)
+                if left is not None:
+                    left -= len(chunk)
+
+    def hexdigests(self) -> tuple[str, str | None]:
+        return self.sha256.hexdigest(), self.sha1.hexdigest() if self.sha1 is not None else None
+
+
+class _HashingWriter:
+    """The `.incomplete` file as `http_get` sees it: every chunk written is hashed on its way to disk, so the
+    check after the transfer costs nothing and the file is never read back. A resumed file's existing part
+    is hashed first. `http_get` rewinds (seek + truncate) when a server ignores `Range` and sends the whole
+    file again; the hashes then restart from what is left on disk."""
+
+    def __init__(self, fh, path: Path, f: RemoteFile):
+        self.fh, self.path, self.size, self.sha1 = fh, path, f.size, not f.sha256
+        self.written = fh.tell()  # "ab": positioned at the end of what an earlier run left
+        self.hasher = _Hasher(self.size, self.sha1)
+        if self.written:
+            self.hasher.update_from(path, self.written)
+
+    def write(self, data) -> int:
+        n = self.fh.write(data)
+        self.hasher.update(data)
+        self.written += len(data)
+        return n
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.fh.seek(pos, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        n = self.fh.truncate(size)
+        self.fh.flush()
+        self.written = n
+        self.hasher = _Hasher(self.size, self.sha1)
+        if n:
+            self.hasher.update_from(self.path, n)
+        return n
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def digest_if_matches(self, f: RemoteFile) -> str | None:
+        """The sha256 when what was written is the file the hub published, else None."""
+        sha256, sha1 = self.hasher.hexdigests()
+        return sha256 if _matches(sha256, sha1, self.written, f) else None
 
 
 class _Cancelled(Exception):
@@ -201,8 +277,9 @@ def _bar_class(tally: _Tally, path: str):
     return Bar
 
 
-def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally) -> str:
-    """One file to its final name (resuming a `.incomplete` left by an earlier run); returns its sha256."""
+def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally, place: bool = True) -> str:
+    """One file to its final name (resuming a `.incomplete` left by an earlier run); returns its sha256.
+    With `place=False` the verified file stays at `NAME.incomplete` for the caller to rename (`_place`)."""
     final = _target(p, f)
     part = final.with_name(final.name + PARTIAL)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -219,13 +296,15 @@ def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally) -> st
             if urlsplit(meta.location).netloc != urlsplit(url).netloc:
                 headers.pop("authorization", None)  # a signed CDN URL: the token stays on the hub
             with open(part, "ab") as fh:
-                http_get(meta.location, fh, resume_size=resume, headers=headers, expected_size=f.size,
+                out = _HashingWriter(fh, part, f)  # hashed as it streams: no second read of the file
+                http_get(meta.location, out, resume_size=resume, headers=headers, expected_size=f.size,
                          displayed_filename=f.path, tqdm_class=_bar_class(tally, f.path))
-            sha256 = _verify(part, f)
+            sha256 = out.digest_if_matches(f)
             if sha256 is None:
                 part.unlink()
                 raise OSError(f"{f.path}: checksum mismatch after download")
-            os.replace(part, final)
+            if place:
+                os.replace(part, final)
             return sha256
         except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.RemoteEntryNotFoundError) as e:
             raise _hub_error(e, p.repo, p.branch, token) from None
@@ -254,6 +333,12 @@ def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally) -> st
         if tally.cancel.wait(delay):
             raise _Cancelled(f.path)
     raise AssertionError("unreachable")
+
+
+def _place(p: Plan, f: RemoteFile) -> None:
+    """Rename a file `_fetch(place=False)` verified to its final name."""
+    final = _target(p, f)
+    os.replace(final.with_name(final.name + PARTIAL), final)
 
 
 def _partial_size(target: Path) -> int:
@@ -357,20 +442,24 @@ def _fetch_all(p: Plan, todo: list[RemoteFile], sha256s: dict, need: int, *, thr
     if progress:
         progress(None, f"{p.repo}@{p.branch} ({p.commit[:10]}): {len(todo)} of {len(p.files)} file(s), "
                        f"{need / 1e6:.1f} MB to fetch → {p.dest}")
-    # Weights first, the config that makes the folder loadable last.
-    phases = [[f for f in todo if f.path not in _MARKERS], [f for f in todo if f.path in _MARKERS]]
-    for phase in phases:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            futures = [pool.submit(_fetch, p, f, token, max_retries, tally) for f in phase]
-            try:
-                for f, fut in zip(phase, futures):
-                    sha256s[f.path] = fut.result()
-            except BaseException as e:  # a failure, Ctrl-C or cancel: stop the other transfers at their next chunk
-                tally.cancel.set()
-                pool.shutdown(wait=True, cancel_futures=True)
-                if isinstance(e, _Cancelled):
-                    raise DownloadFailed("download cancelled; run it again to resume") from None
-                raise
+    # Every file is fetched at once (a round trip per file costs as much as many MB here), weights first in
+    # the queue; the config that makes the folder loadable is verified like the rest but only renamed to its
+    # final name after every other file is in place, so the folder is listed only when whole.
+    markers = [f for f in todo if f.path in _MARKERS]
+    order = [f for f in todo if f.path not in _MARKERS] + markers
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        futures = [pool.submit(_fetch, p, f, token, max_retries, tally, f.path not in _MARKERS) for f in order]
+        try:
+            for f, fut in zip(order, futures):
+                sha256s[f.path] = fut.result()
+        except BaseException as e:  # a failure, Ctrl-C or cancel: stop the other transfers at their next chunk
+            tally.cancel.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(e, _Cancelled):
+                raise DownloadFailed("download cancelled; run it again to resume") from None
+            raise
+    for f in markers:
+        _place(p, f)
     if not p.single_file:
         text = metadata_text(f"{p.endpoint}/{p.repo}", p.branch, p.commit, sha256s)
         tmp = p.dest / (METADATA + ".tmp")
