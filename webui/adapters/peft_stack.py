@@ -8,6 +8,21 @@ scale is right for rsLoRA sources, DoRA / LoRA-bias sources are refused, a `cat`
 PEFT injects LoRA layers into the base model in place, so the model object the backend generates with
 is unchanged; a stack is PEFT's multi-adapter activation with `LoraLayer.set_scale` per adapter, which
 computes sum_i w_i * (alpha_i/r_i) * B_i A_i x — the same function as PEFT's `cat` combination.
+
+Switching is a hot path (every request that names another adapter). PEFT's `set_adapter`,
+`enable/disable_adapter_layers` walk every module of the model and reset `requires_grad` on every adapter
+weight each time; here the LoRA layers are collected once per change of the PEFT model's structure (add,
+delete, blend), PEFT's own calls bring them to a known state once (inference mode: every adapter weight
+frozen), and after that a switch sets only what changed on those layers — the active names, the enabled
+flag, the scale of an adapter whose weight changed — which is what PEFT's calls leave behind.
+
+Decoding with an unmerged adapter runs PEFT's LoRA forward in every targeted layer for every token; on CPU
+its cost is mostly per-call dispatch (the lora_A, lora_B and dropout module calls, a multiply by a scale
+of 1), not arithmetic. The float and GPTQ LoRA layers get a forward (`_QuickForward`) that computes the
+same operations in the same order — so the same numbers — as plain functions, in eval mode for vanilla
+LoRA under no_grad / inference_mode (as generation runs); anything else (autograd on, training, DoRA and other
+variants, mixed batches, disabled or merged layers, a dtype cast such as a bf16 base with float32 adapter
+weights, hooks) goes to PEFT's own forward.
 """
 from __future__ import annotations
 
@@ -15,12 +30,20 @@ import json
 import logging
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.gptq import GPTQLoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+from torch.nn.modules import module as torch_module
 
 from webui.adapters.exact_blend import EXACT, RECORD, deviation, fix_scale, refuse_unblendable, tolerance
 from webui.adapters.types import COMBINATIONS
@@ -36,6 +59,86 @@ def peft_key(name: str) -> str:
     return name.replace(".", "_dot_")
 
 
+class _QuickForward:
+    """PEFT's vanilla-LoRA inference forward (see the module docstring): base(x), then for each active
+    adapter `result + lora_B(lora_A(dropout(x))) * scaling` as F.linear calls, the multiply skipped where
+    the scale is 1 (x * 1.0 == x exactly). Mixed into PEFT's own layer classes (the instances' class is
+    switched when the stack collects its layers), so everything else about the layers is PEFT's."""
+
+    def forward(self, x, *args, **kwargs):
+        if (args or kwargs or self.training or self._disable_adapters or self.merged_adapters
+                or torch.is_grad_enabled()):  # with autograd on, PEFT's modules (and any backward hooks) run
+            return super().forward(x, *args, **kwargs)
+        # the ModuleDicts' own dicts: PEFT's `self.lora_A[key]` is the same lookup, through two Python calls
+        mods = self._modules
+        lora_A, lora_B, dropouts = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
+        active = self._active_adapter
+        plan = []
+        for key in active if isinstance(active, list) else (active,):
+            a = lora_A.get(key)
+            if a is None:
+                continue  # PEFT skips an active adapter this layer does not hold
+            b, dropout = lora_B[key], dropouts[key]
+            wa = _plain(a)
+            wb = _plain(b)
+            if (wa is None or wb is None or key in self.lora_variant or x.dtype != wa[0].dtype
+                    or not _identity(dropout)):
+                return super().forward(x, *args, **kwargs)
+            plan.append((wa, wb, self.scaling[key]))
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return super().forward(x, *args, **kwargs)
+        result = self._base(x)
+        dtype = result.dtype
+        for (wa, ba), (wb, bb), scaling in plan:
+            lora = F.linear(F.linear(x, wa, ba), wb, bb)
+            result = result + lora if scaling == 1 else result + lora * scaling
+            if self._cast_each and result.dtype != dtype:
+                result = result.to(dtype)
+        return result if result.dtype == dtype else result.to(dtype)
+
+
+def _plain(linear):
+    """(weight, bias) of an nn.Linear whose call is exactly F.linear(x, weight, bias) (no hooks, no replaced
+    forward), else None."""
+    if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks or "forward" in linear.__dict__:
+        return None
+    params = linear._parameters
+    return params["weight"], params["bias"]
+
+
+def _identity(dropout) -> bool:
+    """Whether calling this dropout module returns its input as it is: nn.Identity, or nn.Dropout in eval mode."""
+    return ((type(dropout) is nn.Identity or type(dropout) is nn.Dropout and not dropout.training)
+            and not dropout._forward_hooks and not dropout._forward_pre_hooks and "forward" not in dropout.__dict__)
+
+
+class _QuickLoraLinear(_QuickForward, LoraLinear):
+    _cast_each = False  # PEFT's Linear casts back to the base output's dtype once, after all adapters
+
+    def _base(self, x):
+        return self.base_layer(x)
+
+
+class _QuickGPTQLoraLinear(_QuickForward, GPTQLoraLinear):
+    _cast_each = True  # PEFT's GPTQ layer casts back after each adapter
+
+    def _base(self, x):
+        return self.quant_linear_module(x)
+
+
+_QuickLoraLinear.__name__, _QuickGPTQLoraLinear.__name__ = "Linear", "GPTQLoraLinear"  # as printed by PEFT
+_QUICK = {LoraLinear: _QuickLoraLinear, GPTQLoraLinear: _QuickGPTQLoraLinear}
+
+
+def _warn_bias(tuner) -> None:
+    """The warning PEFT's disable_adapter_layers gives (a LoRA bias stays in the output when disabled)."""
+    for key in tuner.active_adapters:
+        bias_val = getattr(tuner.peft_config[key], "bias", "none")
+        if bias_val != "none":
+            warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias_val}' does not "
+                          "produce the same output as the base model would without adaption.")
+
+
 class PeftAdapterStack:
     def __init__(self, model):
         self.base = model        # the transformers model; PEFT modifies it in place
@@ -44,6 +147,10 @@ class PeftAdapterStack:
         self.active: dict[str, float] = {}
         self.merged = False
         self._enabled = True  # PEFT's adapter layers start enabled
+        self._layers: list | None = None  # PEFT's tuner layers, collected once per structure (_lora_layers)
+        self._simple = False   # every tuner layer a LoRA layer, no modules_to_save: the quick switch applies
+        self._synced = False   # the layers hold a state PEFT's own calls set (every adapter weight frozen)
+        self._scales: dict[str, float] = {}  # the weight each adapter's scaling was last set for
 
     # -- cache ---------------------------------------------------------------------------------------
     def add(self, name: str, config: dict, state: dict, ignored: list[str] = (), signature: tuple = ()) -> None:
@@ -77,11 +184,13 @@ class PeftAdapterStack:
                 raise BadInput(f"{name}: {len(unexpected)} weight(s) match no layer of the base, e.g. {unexpected[0]}")
         except Exception as e:
             self._drop(name)
+            self._restructured()
             self._apply(self.active)
             if isinstance(e, BadInput):
                 raise
             raise BadInput(f"{name}: PEFT could not load it: {first_line(e)}") from e
         self.loaded[name] = signature
+        self._restructured()
         self._apply(self.active)
         if was_merged:
             self.merge()
@@ -94,6 +203,7 @@ class PeftAdapterStack:
                 self.peft = None
             else:
                 self.peft.delete_adapter(peft_key(name))
+            self._restructured()
         self.loaded.pop(name, None)
 
     def delete(self, name: str) -> None:
@@ -112,23 +222,87 @@ class PeftAdapterStack:
             self.unmerge()
         self._apply(dict(weights))
 
+    def _restructured(self) -> None:
+        """PEFT added or removed adapter layers (or may have unfrozen some): collect them again, and let
+        PEFT's own calls set the next state in full."""
+        self._layers, self._simple, self._synced = None, False, False
+        self._scales = {}
+
+    def _lora_layers(self) -> list | None:
+        """The model's LoRA layers when the quick switch applies, else None: right after a change of
+        structure (PEFT's calls set that state in full), with modules_to_save / trainable-token wrappers or
+        other tuner layers (PEFT's calls handle those, as before), or while any layer is merged."""
+        if self._layers is None:
+            tuner = self.peft.base_model
+            layer_cls = getattr(tuner, "tuner_layer_cls", LoraLayer)
+            layers, simple = [], True
+            for module in self.peft.modules():
+                if isinstance(module, BaseTunerLayer):
+                    if type(module) in _QUICK:
+                        module.__class__ = _QUICK[type(module)]
+                    layers.append(module)
+                    simple = simple and isinstance(module, layer_cls)
+                elif isinstance(module, AuxiliaryTrainingWrapper):
+                    simple = False
+            self._layers, self._simple = layers, simple
+        if not (self._synced and self._simple) or any(m.merged for m in self._layers):
+            return None
+        return self._layers
+
     def _apply(self, weights: dict[str, float]) -> None:
         self.active = dict(weights)
         if self.peft is None:
             return
         tuner = self.peft.base_model
+        keys = [peft_key(n) for n in weights]
+        layers = self._lora_layers()
+        if layers is None:  # PEFT's calls, walking the model
+            self._apply_full(tuner, weights, keys)
+            return
+        # The quick switch: the layers already hold PEFT's state for the previous stack with every adapter
+        # weight frozen (inference mode), so only the names, the enabled flag and changed scales move.
+        if not weights:
+            if self._enabled:
+                _warn_bias(tuner)
+                for module in layers:
+                    module._disable_adapters = True
+                self._enabled = False
+            return
+        if not self._enabled:
+            for module in layers:
+                module._disable_adapters = False
+            self._enabled = True
+        for module in layers:
+            if module._active_adapter != keys:
+                module._active_adapter = keys  # one list shared by every layer, as PEFT's set_adapter leaves it
+        tuner.active_adapter = keys
+        for name, key in zip(weights, keys):
+            w = float(weights[name])
+            if self._scales.get(key) != w:
+                for module in layers:
+                    module.set_scale(key, w)
+                self._scales[key] = w
+
+    def _apply_full(self, tuner, weights: dict[str, float], keys: list[str]) -> None:
+        """PEFT's calls: disable_adapter_layers, or enable + set_adapter(inference_mode=True) + set_scale;
+        either leaves every adapter weight frozen, the state the quick switch starts from."""
         if not weights:
             tuner.disable_adapter_layers()
             self._enabled = False
-            return
-        if not self._enabled:  # each toggle walks every module; skip it when nothing changes
-            tuner.enable_adapter_layers()
-            self._enabled = True
-        tuner.set_adapter([peft_key(n) for n in weights], inference_mode=True)
-        for module in self.peft.modules():
+        else:
+            if not self._enabled:  # each toggle walks every module; skip it when nothing changes
+                tuner.enable_adapter_layers()
+                self._enabled = True
+            tuner.set_adapter(keys, inference_mode=True)
+            self._set_scales({key: float(w) for key, w in zip(keys, weights.values())})
+        self._synced = True
+
+    def _set_scales(self, scales: dict[str, float]) -> None:
+        for module in self._layers if self._layers is not None else self.peft.modules():
             if isinstance(module, LoraLayer):
-                for name, w in weights.items():
-                    module.set_scale(peft_key(name), float(w))
+                for key, w in scales.items():
+                    module.set_scale(key, w)
+        self._scales.update(scales)
 
     @contextmanager
     def mixed(self, names: list[str]):
@@ -142,12 +316,15 @@ class PeftAdapterStack:
         was_merged, previous = self.merged, dict(self.active)
         self.unmerge()  # a mixed batch needs the adapters as separate layers
         if not self._enabled:
-            self.peft.base_model.enable_adapter_layers()
+            layers = self._lora_layers()
+            if layers is not None:
+                for module in layers:
+                    module._disable_adapters = False
+            else:  # PEFT's enable also unfreezes the active adapters' weights: the next _apply resets them in full
+                self.peft.base_model.enable_adapter_layers()
+                self._synced = False
             self._enabled = True
-        for module in self.peft.modules():
-            if isinstance(module, LoraLayer):
-                for name in needed:
-                    module.set_scale(peft_key(name), 1.0)
+        self._set_scales({peft_key(name): 1.0 for name in needed if self._scales.get(peft_key(name)) != 1.0})
         try:
             yield [n if n == "__base__" else peft_key(n) for n in names]
         finally:
@@ -202,6 +379,7 @@ class PeftAdapterStack:
             self.peft.add_weighted_adapter([peft_key(n) for n in weights], [float(w) for w in weights.values()],
                                            key, combination_type=combination_type, **kwargs)
         except (ValueError, TypeError, KeyError, RuntimeError) as e:  # KeyError: a name PEFT cannot use
+            self._restructured()
             self._apply(previous)
             raise BadInput(f"blend failed: {first_line(e)}") from None
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -230,5 +408,6 @@ class PeftAdapterStack:
                 shutil.move(str(saved), str(target))
         finally:
             self.peft.delete_adapter(key)
+            self._restructured()
             self._apply(previous)
         return target
