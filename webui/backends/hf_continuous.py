@@ -5,8 +5,9 @@ own adapter and its own sampling settings.
 transformers 5 has continuous batching of its own (`generate_batch`), but it packs every request into one
 ragged row for paged attention, and PEFT's per-row adapters (`adapter_names`) need a batch dimension; so this
 is the small loop on top of the model's forward and a DynamicCache that those need:
-- a newcomer's prompt is prefilled alone, in chunks of PREFILL_CHUNK tokens, one chunk per step between the
-  decode steps of the others (a long prompt does not stall them for long), into a cache of its own;
+- newcomers' prompts are prefilled before each decode step, into a cache of their own: short ones that arrive
+  together in one left-padded pass, a long one alone in chunks of PREFILL_CHUNK tokens, one chunk per step (a
+  long prompt does not stall the others for long);
 - its cache then joins the batch's, left-padded to the same length (the attention mask hides the padding;
   each row's positions are its own), and every step feeds one token per row;
 - a row that leaves is dropped from the cache, and columns that only padding still uses are cut away.
@@ -150,22 +151,22 @@ class HfDecoder(Decoder):
     def _layers(cache: DynamicCache):
         return [layer for layer in cache.layers if getattr(layer, "is_initialized", True) and layer.keys is not None]
 
-    def _join(self, key) -> None:
-        """A prefilled row's cache into the batch's, both left-padded to the longer one."""
-        row = self._rows[key]
-        own = torch.ones((1, row.prefilled), dtype=torch.long, device=self._device)
+    def _join(self, keys: list, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Prefilled rows (their cache and mask, left-padded among themselves) into the batch's, both
+        left-padded to the longer one."""
         if self._cache is None:
-            self._cache, self._mask = row.cache, own
+            self._cache, self._mask = cache, mask
         else:
-            width = max(self._mask.shape[1], row.prefilled)
-            pad_batch, pad_row = width - self._mask.shape[1], width - row.prefilled
-            for mine, theirs in zip(self._layers(self._cache), self._layers(row.cache)):
-                mine.keys = torch.cat([_pad_left(mine.keys, pad_batch, -2), _pad_left(theirs.keys, pad_row, -2)])
+            width = max(self._mask.shape[1], mask.shape[1])
+            pad_batch, pad_rows = width - self._mask.shape[1], width - mask.shape[1]
+            for mine, theirs in zip(self._layers(self._cache), self._layers(cache)):
+                mine.keys = torch.cat([_pad_left(mine.keys, pad_batch, -2), _pad_left(theirs.keys, pad_rows, -2)])
                 mine.values = torch.cat([_pad_left(mine.values, pad_batch, -2),
-                                         _pad_left(theirs.values, pad_row, -2)])
-            self._mask = torch.cat([_pad_left(self._mask, pad_batch, 1), _pad_left(own, pad_row, 1)])
-        row.cache = None
-        self._order.append(key)
+                                         _pad_left(theirs.values, pad_rows, -2)])
+            self._mask = torch.cat([_pad_left(self._mask, pad_batch, 1), _pad_left(mask, pad_rows, 1)])
+        for key in keys:
+            self._rows[key].cache = None
+        self._order += keys
 
     # -- stepping --------------------------------------------------------------------------------------
     def _forward(self, ids, mask, positions, cache, names: list[str]) -> torch.Tensor:
@@ -175,24 +176,54 @@ class HfDecoder(Decoder):
             return self._peft(**kwargs, adapter_names=names).logits[:, -1]
         return self.backend.model(**kwargs).logits[:, -1]
 
+    def _newcomers(self) -> list:
+        """The rows to prefill in this step: the oldest newcomer's next chunk alone when its prompt is longer
+        than a chunk, else every newcomer, in order, whose whole prompt fits in the chunk's budget together
+        (left-padded to the longest: prompts that arrive together are read in one pass, as a static batch)."""
+        first = self._rows[self._waiting[0]]
+        if first.prefilled or first.prompt_len > self.chunk:
+            return self._waiting[:1]
+        keys, longest = [], 0
+        for key in self._waiting:
+            row = self._rows[key]
+            longest = max(longest, row.prompt_len)
+            if row.prefilled or longest * (len(keys) + 1) > self.chunk:
+                break
+            keys.append(key)
+        return keys
+
     @torch.inference_mode()
     def step(self) -> list[tuple]:
         events = []
-        if self._waiting:  # one prefill chunk of the oldest newcomer, first: its first token comes sooner
-            key = self._waiting[0]
-            row = self._rows[key]
-            piece = row.ids[row.prefilled:row.prefilled + self.chunk]
-            if row.cache is None:
-                row.cache = DynamicCache()
-            start, end = row.prefilled, row.prefilled + len(piece)
-            logits = self._forward(torch.tensor([piece], device=self._device),
-                                   torch.ones((1, end), dtype=torch.long, device=self._device),
-                                   torch.arange(start, end, device=self._device)[None], row.cache, [row.name])
-            row.prefilled = end
-            if end == row.prompt_len:  # it joins the batch, and decodes its second token with the others now
-                self._waiting.pop(0)
-                self._join(key)
-                events.append(self._emit(key, row.sampler.choose(row.ids, logits[0])))
+        if self._waiting:  # newcomers' prompts first: their first tokens come sooner
+            keys = self._newcomers()
+            rows = [self._rows[k] for k in keys]
+            if len(rows) == 1:  # one prompt, maybe one chunk of a long one, into its own cache
+                row = rows[0]
+                piece = row.ids[row.prefilled:row.prefilled + self.chunk]
+                start, end = row.prefilled, row.prefilled + len(piece)
+                if row.cache is None:
+                    row.cache = DynamicCache()
+                ids = torch.tensor([piece], device=self._device)
+                mask = torch.ones((1, end), dtype=torch.long, device=self._device)
+                positions = torch.arange(start, end, device=self._device)[None]
+                cache = row.cache
+            else:  # whole short prompts together, left-padded
+                width = max(r.prompt_len for r in rows)
+                pad = self.backend.tokenizer.pad_token_id or 0
+                ids = torch.tensor([[pad] * (width - r.prompt_len) + r.ids for r in rows], device=self._device)
+                mask = torch.tensor([[0] * (width - r.prompt_len) + [1] * r.prompt_len for r in rows],
+                                    device=self._device)
+                positions = (mask.cumsum(1) - 1).clamp(min=0)
+                cache = DynamicCache()
+            logits = self._forward(ids, mask, positions, cache, [r.name for r in rows])
+            for row in rows:
+                row.prefilled += ids.shape[1] if len(rows) == 1 else row.prompt_len
+            if all(r.prefilled == r.prompt_len for r in rows):  # they join the batch, and decode with it now
+                del self._waiting[:len(keys)]
+                self._join(keys, cache, mask)
+                events += [self._emit(key, row.sampler.choose(row.ids, logits[i]))
+                           for i, (key, row) in enumerate(zip(keys, rows))]
         if self._order:  # one token for every row in the batch
             rows = [self._rows[k] for k in self._order]
             ids = torch.tensor([[r.ids[-1]] for r in rows], device=self._device)

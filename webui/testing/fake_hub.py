@@ -13,6 +13,7 @@ a repo created private answers only to the token.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import threading
@@ -22,8 +23,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
+@functools.lru_cache(maxsize=256)  # the same file's hashes are asked for on every request: compute them once
 def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class FakeHub:
@@ -83,6 +90,9 @@ class FakeHub:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out in two writes: without TCP_NODELAY the body waits for the client's
+            # delayed ACK of the headers (about 40 ms per request), as no real hub or CDN makes it wait
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
@@ -191,7 +201,7 @@ class FakeHub:
                     for path, data in sorted(files.items()):
                         e = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path}
                         if path.endswith(LFS_SUFFIXES):
-                            e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+                            e["lfs"] = {"oid": _sha256(data), "size": len(data), "pointerSize": 134}
                         entries.append(e)
                     return self._send(200, {"Content-Type": "application/json"}, json.dumps(entries).encode())
                 info = {"_id": repo, "id": repo, "modelId": repo, "sha": commit, "private": repo in hub.private,
@@ -213,7 +223,7 @@ class FakeHub:
                 data = files[path]
                 headers = {"X-Repo-Commit": commit, "ETag": f'"{git_blob_sha1(data)}"', "Accept-Ranges": "bytes"}
                 if path.endswith(LFS_SUFFIXES):
-                    sha = hashlib.sha256(data).hexdigest()
+                    sha = _sha256(data)
                     headers.update({"Location": f"{hub.cdn}/cdn/{repo}/{rev}/{path}?sha={sha}",
                                     "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data))})
                     return self._send(302, headers, body=body)
@@ -223,7 +233,7 @@ class FakeHub:
                 name, rev, path = rest.split("/", 2)
                 files, _ = hub._find(f"{org}/{name}", rev)
                 data = files[path]
-                self._bytes(path, data, {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"},
+                self._bytes(path, data, {"ETag": f'"{_sha256(data)}"', "Accept-Ranges": "bytes"},
                             body)
 
             def _bytes(self, path, data, headers, body):
