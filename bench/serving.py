@@ -10,6 +10,7 @@ with the embedded SmolLM2-135M-Instruct (float, and its GPTQ 4-bit copy):
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -62,23 +63,29 @@ def _first_token_seconds(engine: Engine, prompt: str, params: GenerationParams) 
 
 def ttft_under_load(engine: Engine, prompts: list[str], params: GenerationParams, reps: int,
                     others: int = 7) -> tuple[float, float]:
-    """(seconds to the first token of a request arriving while `others` decode, the same on an idle model)."""
+    """(seconds to the first token of a request arriving while `others` decode, the same on an idle model). The
+    probe's prompt is new each time (the same words after a counter), so that neither side finds it in a
+    prompt cache (llama.cpp's slots keep finished prompts)."""
     probe = GenerationParams(temperature=0, max_new_tokens=4)
     long = GenerationParams(temperature=0, max_new_tokens=params.max_new_tokens * 4)
+    count = itertools.count()
+
+    def fresh() -> str:
+        return engine.chat_prompt([{"role": "user", "content": f"Question {next(count)}. {PROMPTS[-1]}"}])
 
     def loaded() -> float:
         handles = [engine.scheduler.submit(prompts[i % len(prompts)], long, None) for i in range(others)]
         streams = [iter(h) for h in handles]
         for s in streams:  # all of them are decoding now
             next(s, None)
-        seconds = _first_token_seconds(engine, prompts[-1], probe)
+        seconds = _first_token_seconds(engine, fresh(), probe)
         for h in handles:
             h.close()
         with engine.locked_backend():  # the batch has drained
             pass
         return seconds
 
-    return side_by_side(loaded, lambda: _first_token_seconds(engine, prompts[-1], probe), reps)
+    return side_by_side(loaded, lambda: _first_token_seconds(engine, fresh(), probe), reps)
 
 
 def rows_for(engine: Engine, loader: str, quick: bool, only: set | None) -> list[Row]:
