@@ -18,9 +18,11 @@ path and scoring), each in its own sequence of the KV cache:
 
 Context: llama-server divides `-c` among its `-np` slots (unless --kv-unified). Here every sequence gets the
 whole context the model was loaded with (`n_ctx`), the same limit as the single-request path, so a request
-that runs alone also runs in a batch. The sequences do not share cells (kv_unified off: one KV stream per
-sequence, each `n_ctx` long), which keeps each row's cache laid out exactly as in a context of its own and so
-its numerics equal to the single path's; the cost is memory: `capacity` x n_ctx cells, so the capacity is as
+that runs alone also runs in a batch. The sequences share one pool of `capacity` x n_ctx cells (kv_unified, as
+`llama-server --kv-unified`): measured here, 4 rows decode 1.2-1.3x faster than with one KV stream per
+sequence (0.80-0.87 of llama-server against 0.68-0.70). Every row fits (each is at most n_ctx), but kept
+prompt caches of free slots take cells too: when llama.cpp finds no room for a step, those caches are dropped
+and the step is tried again. The cost is memory: `capacity` x n_ctx cells, so the capacity is as
 many rows (8 at most) as fit in KV_BUDGET bytes, and 1 where even one does not (a big model at a long context:
 then requests run one after another, as before, and a smaller n_ctx buys rows).
 """
@@ -82,7 +84,7 @@ class LlamaCppDecoder(Decoder):
         ctypes.memmove(ctypes.byref(params), ctypes.byref(llm.context_params), ctypes.sizeof(params))
         params.n_seq_max = capacity
         params.n_ctx = per_seq * capacity
-        params.kv_unified = False
+        params.kv_unified = True
         params.n_batch = params.n_ubatch = llm.n_batch
         params.embeddings = False
         params.no_perf = True
@@ -90,7 +92,7 @@ class LlamaCppDecoder(Decoder):
         if not self.ctx:
             raise BadInput(f"llama.cpp could not create a context of {capacity} x {per_seq} tokens for batching")
         self.n_batch = llm.n_batch
-        self.n_ctx_seq = int(lc.llama_n_ctx_seq(self.ctx))
+        self.n_ctx_seq = min(per_seq, int(lc.llama_n_ctx_seq(self.ctx)))
         self.memory = lc.llama_get_memory(self.ctx)
         self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
         self.slots = [_Slot(seq) for seq in range(capacity)]
@@ -242,6 +244,8 @@ class LlamaCppDecoder(Decoder):
             return []
         batch.n_tokens = n
         status = lc.llama_decode(self.ctx, batch)
+        if status == 1 and self._drop_kept_caches():  # no room (llama.cpp restored its memory): free some, again
+            status = lc.llama_decode(self.ctx, batch)
         if status != 0:  # nothing of this step is kept: the rows' caches end where they ended before it
             for key, row in self._rows.items():
                 lc.llama_memory_seq_rm(self.memory, row.slot.seq, before[key], -1)
@@ -257,6 +261,14 @@ class LlamaCppDecoder(Decoder):
                 out.append((row.key, token, row.utf8.decode(self.backend.llm.detokenize([token]))))
             row.next = token
         return out
+
+    def _drop_kept_caches(self) -> bool:
+        """Free the cells of the prompt caches that free slots keep; False when there were none."""
+        kept = [s for s in self.slots if s.key is None and s.tokens]
+        for s in kept:
+            _lc().llama_memory_seq_rm(self.memory, s.seq, -1, -1)
+            s.tokens, s.stack = [], ()
+        return bool(kept)
 
     def is_end(self, token: int) -> bool:
         return bool(_lc().llama_vocab_is_eog(self.vocab, token))
