@@ -3,6 +3,7 @@ repetitions, the median) and the result rows of INTERFACES.md."""
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -74,3 +75,29 @@ def write_ab_adapters(base, loras) -> None:
         if not (Path(loras) / name).is_dir():
             write_adapter(base, Path(loras) / name, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                           r=16, alpha=16, seed=i)
+
+
+def posted_tokens(url: str, route: str, body: dict) -> int:
+    """Completion tokens of one non-streamed OpenAI-style request (`route`: /v1/completions or
+    /v1/chat/completions)."""
+    import httpx  # the HTTP benchmarks' client; the others never need it
+
+    r = httpx.post(url + route, json=body, timeout=600)
+    r.raise_for_status()
+    return r.json()["usage"]["completion_tokens"]
+
+
+def together(url: str, route: str, bodies: list[dict]) -> float:
+    """Generated tokens/s of `bodies` sent at once, one thread each."""
+    counts = [0] * len(bodies)
+
+    def one(i: int) -> None:
+        counts[i] = posted_tokens(url, route, bodies[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)

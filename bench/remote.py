@@ -16,13 +16,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.common import Row, side_by_side, timed
+from bench.common import Row, posted_tokens, side_by_side, timed, together
 from webui import embedded
 
 ROWS = ("remote_vs_direct.loradeck", "remote_vs_direct.llama-server")
@@ -62,25 +61,11 @@ def _app(*args: str) -> tuple[subprocess.Popen, str]:
 
 
 def _chat(url: str, body: dict) -> int:
-    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
-    r.raise_for_status()
-    return r.json()["usage"]["completion_tokens"]
+    return posted_tokens(url, "/v1/chat/completions", body)
 
 
 def _concurrent(url: str, bodies: list[dict]) -> float:
-    """Generated tokens/s of `bodies` sent at once."""
-    counts = [0] * len(bodies)
-
-    def one(i: int) -> None:
-        counts[i] = _chat(url, bodies[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - start)
+    return together(url, "/v1/chat/completions", bodies)
 
 
 def _measure(name: str, front: str, engine: str, front_body, engine_body, tokens: int, reps: int) -> Row:

@@ -109,16 +109,12 @@ def rows_for(engine: Engine, loader: str, quick: bool, only: set | None) -> list
 
 def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[Row]:
     rows = []
-    if not only or any(r.endswith(".transformers") for r in only):
-        folder = embedded.ensure_transformers_folder(models_dir)
+    for loader, folder_of in (("transformers", embedded.ensure_transformers_folder),
+                              ("gptq", embedded.ensure_gptq_folder)):
+        if only and not any(r.endswith("." + loader) for r in only):
+            continue
         engine = Engine(models_dir, models_dir / "loras")
-        engine.load(ModelSpec(model=folder.name, loader="transformers"))
-        rows += rows_for(engine, "transformers", quick, only)
-        engine.unload()
-    if not only or any(r.endswith(".gptq") for r in only):
-        folder = embedded.ensure_gptq_folder(models_dir)
-        engine = Engine(models_dir, models_dir / "loras")
-        engine.load(ModelSpec(model=folder.name, loader="gptq"))
-        rows += rows_for(engine, "gptq", quick, only)
+        engine.load(ModelSpec(model=folder_of(models_dir).name, loader=loader))
+        rows += rows_for(engine, loader, quick, only)
         engine.unload()
     return rows

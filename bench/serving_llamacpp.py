@@ -23,13 +23,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import httpx
-
-from bench.common import Row, side_by_side
+from bench.common import Row, posted_tokens, side_by_side, together
 from bench.remote import ROOT, _start, _stop
 from webui import embedded
 
@@ -42,25 +38,11 @@ MESSAGE = "Write a short story about a lighthouse keeper."
 
 
 def _completion(url: str, body: dict) -> int:
-    r = httpx.post(url + "/v1/completions", json=body, timeout=600)
-    r.raise_for_status()
-    return r.json()["usage"]["completion_tokens"]
+    return posted_tokens(url, "/v1/completions", body)
 
 
 def _together(url: str, bodies: list[dict]) -> float:
-    """Generated tokens/s of `bodies` sent at once."""
-    counts = [0] * len(bodies)
-
-    def one(i: int) -> None:
-        counts[i] = _completion(url, bodies[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - start)
+    return together(url, "/v1/completions", bodies)
 
 
 def _llama_server_binary() -> str | None:
