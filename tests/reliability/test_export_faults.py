@@ -35,7 +35,8 @@ WEIGHTS = (".safetensors", ".gguf")  # the files worth catching half-written: th
 
 
 def _being_written(watch: Path, suffixes: tuple = WEIGHTS) -> Path | None:
-    """A weights file, opened for writing, inside a hidden (temporary) folder (or a hidden file) under `watch`."""
+    """A weights file inside a hidden (temporary) folder (or a hidden file) under `watch`: being written, or written
+    and waiting, with the rest of its folder, for the rename that gives it its final name."""
     if not watch.is_dir():
         return None
     for entry in os.scandir(watch):
@@ -52,11 +53,31 @@ def _being_written(watch: Path, suffixes: tuple = WEIGHTS) -> Path | None:
     return None
 
 
+def _whole(output: Path) -> bool:
+    """Whether every weights file of `output` (a folder or one file) reads back complete."""
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    files = [output] if output.is_file() else [p for p in output.rglob("*") if p.name.endswith(WEIGHTS)]
+    try:
+        for f in files:
+            if f.name.endswith(".gguf"):
+                GGUFReader(f)
+            else:
+                with safe_open(f, "pt") as st:
+                    for k in st.keys():
+                        st.get_tensor(k)
+    except Exception:  # noqa: BLE001 - any failure to read it back is "not whole"
+        return False
+    return bool(files)
+
+
 def kill_while_writing(args: list[str], watch: Path, output: Path, suffixes: tuple = WEIGHTS, attempts: int = 4,
                        timeout: float = 300) -> Path:
-    """Run the CLI with `args` and SIGKILL it as soon as it writes a file ending in one of `suffixes` under `watch`;
+    """Run the CLI with `args` and SIGKILL it as soon as a file ending in one of `suffixes` appears under `watch`;
     the file it was writing. A write lasts tens of milliseconds, which a busy machine's scheduler can let pass
-    unseen: then the run finished, and its `output` is deleted and the run tried again."""
+    unseen, or let end between the look and the kill: then the run finished, its `output` must be whole, and it is
+    deleted and the run tried again."""
     for _ in range(attempts):
         # (a log file, not a pipe: a pipe nobody reads could fill up and stall the writer)
         with tempfile.TemporaryFile() as log:
@@ -64,22 +85,29 @@ def kill_while_writing(args: list[str], watch: Path, output: Path, suffixes: tup
             proc = subprocess.Popen(["nice", "-n", "19", *CLI, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                                     stderr=log)
             deadline = time.time() + timeout
+            found = None
             try:
                 while time.time() < deadline and proc.poll() is None:
                     found = _being_written(watch, suffixes)
                     if found:
                         proc.send_signal(signal.SIGKILL)
                         proc.wait()
-                        print(f"killed while writing {found.relative_to(watch)}")
-                        return found
+                        break
                     time.sleep(0.001)
-                log.seek(0)
-                assert proc.returncode == 0, f"status {proc.returncode}: " + log.read().decode(errors="replace")[-2000:]
+                if found is None:
+                    log.seek(0)
+                    assert proc.returncode == 0, (f"status {proc.returncode}: "
+                                                  + log.read().decode(errors="replace")[-2000:])
             finally:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-        shutil.rmtree(output) if output.is_dir() else output.unlink()  # finished first: again, from scratch
+        if found and not output.exists():
+            print(f"killed while writing {found.relative_to(watch)}")
+            return found
+        # it finished (before the watcher looked, or between the look and the kill): never half-written
+        assert _whole(output), f"{output} exists but does not read back whole"
+        shutil.rmtree(output) if output.is_dir() else output.unlink()  # again, from scratch
     raise AssertionError(f"the run finished before it could be killed mid-write, {attempts} times")
 
 
