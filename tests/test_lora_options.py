@@ -36,6 +36,8 @@ def run(dirs, name: str, lora: dict | None = None, data: str | list | None = Non
         "dataset": {"path": data or str(dirs["data"]["chat"]), "format": "chat", "eval_fraction": 0},
         "lora": {**LORA, **(lora or {})},
         "training": {"max_steps": 6, "learning_rate": 0.01, "batch_size": 4, "save_steps": 6, "cutoff_len": 64,
+                     # float32, as the references these tests compute (auto is bf16 on a CPU with bf16 instructions)
+                     "precision": "fp32",
                      **training}})
     return train(cfg, dirs["models"], dirs["loras"], dirs["runs"], log=lambda m: None)
 
@@ -126,11 +128,13 @@ def test_loraplus_gives_b_ratio_times_the_a_learning_rate(tiny_models, tmp_path)
 
 
 def test_optimizer_options_reach_the_trainer_and_a_run_learns(dirs, tmp_path):
-    t = TrainingParams(gradient_checkpointing=True, optim="adamw_8bit", weight_decay=0.1, max_grad_norm=0.5,
-                       neftune_noise_alpha=5, loraplus_lr_ratio=4)
+    t = TrainingParams(gradient_checkpointing=True, checkpoint_every=3, optim="adamw_8bit", weight_decay=0.1,
+                       max_grad_norm=0.5, neftune_noise_alpha=5, loraplus_lr_ratio=4)
     args = training_arguments(t, tmp_path, has_eval=False)
     assert (args.activation_checkpointing, args.activation_checkpointing_kwargs, args.optim, args.weight_decay,
-            args.max_grad_norm, args.neftune_noise_alpha) == (True, {"use_reentrant": False}, "adamw_8bit", 0.1, 0.5, 5)
+            args.max_grad_norm, args.neftune_noise_alpha) == (
+        True, {"use_reentrant": False, "every_n_layers": 3}, "adamw_8bit", 0.1, 0.5, 5)
+    assert not training_arguments(TrainingParams(gradient_checkpointing=False), tmp_path, False).activation_checkpointing
     assert training_arguments(TrainingParams(), tmp_path, False).neftune_noise_alpha is None  # 0 = off
     out = run(dirs, "options", max_steps=12, save_steps=12, gradient_checkpointing=True, optim="adamw_8bit",
               weight_decay=0.1, max_grad_norm=0.5, neftune_noise_alpha=5, loraplus_lr_ratio=4)

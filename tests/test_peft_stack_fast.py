@@ -1,8 +1,8 @@
 """The quick paths of webui/adapters/peft_stack.py against plain PEFT computed here: switching the active
 stack (LoRA layers collected once, only what changed is set) must leave every LoRA layer exactly as PEFT's
 own calls leave it (active names, enabled flag, every adapter's scaling, requires_grad) and give the same
-logits; the LoRA layers' inference forward must return exactly what PEFT's forward returns, and hand every
-case it does not cover (mixed batches, DoRA, training, disabled layers) to PEFT."""
+logits; the LoRA layers' inference forward, also for mixed batches, must return exactly what PEFT's forward
+returns, and hand every case it does not cover (DoRA, training, disabled layers, hooks) to PEFT."""
 import pytest
 import torch
 from peft import PeftModel
@@ -146,14 +146,15 @@ def test_cases_the_quick_forward_does_not_cover_go_to_peft(setup, monkeypatch):
     with torch.no_grad():
         m(x)
         assert not calls  # the common case: the quick forward
-        m(x, adapter_names=["A", "__base__"])  # a mixed batch
-        assert len(calls) == 1
+        m(x, adapter_names=["A", "__base__"])  # a mixed batch: quick too
+        assert not calls
         m.train()
         m(x)  # training mode (dropout)
         m.eval()
-        assert len(calls) == 2
+        assert len(calls) == 1
         handle = m.lora_A["A"].register_forward_hook(lambda *a: None)
         m(x)  # a hook on a LoRA module must run
+        m(x, adapter_names=["A", "__base__"])
         handle.remove()
         assert len(calls) == 3
     m(x)  # autograd on (PEFT's modules, and their backward hooks if any)
@@ -162,6 +163,22 @@ def test_cases_the_quick_forward_does_not_cover_go_to_peft(setup, monkeypatch):
     with torch.no_grad():
         assert torch.equal(m(x), m.base_layer(x))  # disabled: the base alone, through PEFT
     assert len(calls) == 5
+
+
+@pytest.mark.parametrize("names", [["A", "__base__"], ["B", "B", "B"], ["A", "B", "__base__", "C.v1", "B", "D"],
+                                   ["__base__", "__base__"], ["D", "A"]])
+def test_quick_mixed_batch_returns_exactly_what_peft_returns(setup, names):
+    """Each row its adapter (PEFT's `adapter_names`, as the continuous batch runs): the same numbers as PEFT's
+    _mixed_batch_forward, in every LoRA layer."""
+    engine, _, _ = setup
+    stack = engine._backend.adapters
+    torch.manual_seed(0)
+    with stack.mixed(names) as keys, torch.inference_mode():
+        layers = [m for m in stack.peft.modules() if isinstance(m, LoraLinear)]
+        assert layers and all(type(m).forward is not LoraLinear.forward for m in layers)
+        for m in layers:
+            x = torch.randn(len(keys), 3, m.in_features)
+            assert torch.equal(m(x, adapter_names=keys), LoraLinear.forward(m, x, adapter_names=keys)), m
 
 
 @pytest.mark.parametrize("weights", [{"A": 1.0}, {"A": 1.0, "B": 0.5}])

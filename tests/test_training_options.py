@@ -38,6 +38,8 @@ def run(dirs, name: str, fmt: str = "chat", dataset: dict | None = None, lora: d
         "dataset": {"path": str(dirs["data"][fmt]), "format": fmt, "eval_fraction": 0, **(dataset or {})},
         "lora": {**LORA, **(lora or {})},
         "training": {"max_steps": 6, "learning_rate": 0.01, "batch_size": 4, "save_steps": 100, "cutoff_len": 64,
+                     # float32, as the references these tests compute (auto is bf16 on a CPU with bf16 instructions)
+                     "precision": "fp32",
                      **training}})
     train(cfg, dirs["models"], dirs["loras"], dirs["runs"], log=lambda m: None)
     rows = [json.loads(line) for line in (dirs["runs"] / name / "metrics.jsonl").read_text().splitlines()]
@@ -157,7 +159,8 @@ def test_train_on_prompt_run_loss_is_plain_loss_over_whole_conversations(dirs):
 # -- precision ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("requested,cuda,bf16,chosen", [
-    ("auto", False, False, "fp32"), ("auto", True, True, "bf16"), ("auto", True, False, "fp16"),
+    ("auto", False, False, "fp32"), ("auto", False, True, "bf16"), ("auto", True, True, "bf16"),
+    ("auto", True, False, "fp16"),
     ("fp32", True, True, "fp32"), ("bf16", False, False, "bf16"), ("fp16", True, True, "fp16")])
 def test_precision_choice(requested, cuda, bf16, chosen):
     p = precision.resolve(requested, cuda=cuda, bf16_supported=bf16)
@@ -178,7 +181,8 @@ def test_precision_refusals(dirs, tmp_path):
             run(dirs, "fp16", precision="fp16")
         assert not (dirs["runs"] / "fp16").exists()
         args = training_arguments(TrainingParams(), tmp_path, False)
-        assert args.use_cpu and not args.bf16 and not args.fp16  # auto on CPU: fp32
+        # auto on CPU: bf16 where it has bf16 instructions (AVX512-BF16, AMX), else fp32
+        assert args.use_cpu and args.bf16 == precision.cpu_computes_bf16() and not args.fp16
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's bf16 autocast")

@@ -368,8 +368,12 @@ class TrainingParams:
     quantization: QuantizationName = _opt(
         "none", "QLoRA: train on the base quantized by bitsandbytes while loading (nf4 is QLoRA's choice; fp4, "
                 "int8); the adapter works on the float base too. none = the base as saved (GPTQ: QLoRA anyway).")
-    gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass: much less memory, ~30% "
-                                               "slower (non-reentrant, so the adapter gets its gradients).")
+    gradient_checkpointing: bool = _opt(True, "Recompute layers' activations in the backward pass instead of keeping "
+                                              "them: less memory, more compute (non-reentrant, so the adapter gets "
+                                              "its gradients). Off: fastest, most memory.")
+    checkpoint_every: int = _opt(2, "With gradient checkpointing: recompute every Nth layer (transformers' "
+                                    "every_n_layers). 1: all of them (least memory, TRL's default); 2: half (about "
+                                    "half the activation memory, a quarter of the recompute).", min=1, max=1000, step=1)
     optim: Optimizer = _opt("adamw_torch", "Optimizer (transformers' names); adamw_8bit and paged_* are bitsandbytes' "
                                            "8-bit / paged optimizers, which save GPU memory.")
     weight_decay: float = _opt(0.0, "AdamW weight decay on the adapter weights.", min=0.0, max=1.0, step=0.01)
@@ -385,9 +389,9 @@ class TrainingParams:
     packing: bool = _opt(False, "Padding-free packing: the samples of a batch share one row with no padding (position "
                                 "ids restart per sample, so no sample attends to another); fewer wasted tokens when "
                                 "lengths vary. Not for models without position ids (Bloom).")
-    precision: PrecisionName = _opt("auto", "Mixed precision. auto: bf16 on a GPU that supports it, fp16 on older "
-                                            "GPUs, fp32 on CPU. bf16 also runs on CPU (fast only on CPUs with "
-                                            "bf16 instructions); fp16 needs a GPU.")
+    precision: PrecisionName = _opt("auto", "Mixed precision. auto: bf16 where the hardware computes it (GPUs from "
+                                            "Ampere on, CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, fp32 on "
+                                            "other CPUs. fp16 needs a GPU.")
 
     def __post_init__(self):
         _validate(self)
@@ -398,7 +402,7 @@ class TrainingParams:
             raise BadInput(f"warmup_ratio: warmup_steps is {self.warmup_steps} and warmup_ratio {self.warmup_ratio}; "
                            "set one of them (the other to 0)")
         for name in ("max_steps", "batch_size", "gradient_accumulation", "num_processes", "cutoff_len", "save_steps",
-                     "eval_steps", "logging_steps", "warmup_steps", "seed"):
+                     "eval_steps", "logging_steps", "warmup_steps", "seed", "checkpoint_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise BadInput(f"{name}: {v!r} must be an integer")

@@ -20,8 +20,9 @@ Decoding with an unmerged adapter runs PEFT's LoRA forward in every targeted lay
 its cost is mostly per-call dispatch (the lora_A, lora_B and dropout module calls, a multiply by a scale
 of 1), not arithmetic. The float and GPTQ LoRA layers get a forward (`_QuickForward`) that computes the
 same operations in the same order — so the same numbers — as plain functions, in eval mode for vanilla
-LoRA under no_grad / inference_mode (as generation runs); anything else (autograd on, training, DoRA and other
-variants, mixed batches, disabled or merged layers, a dtype cast such as a bf16 base with float32 adapter
+LoRA under no_grad / inference_mode (as generation runs), also for PEFT's mixed batches (`adapter_names`, the
+continuous batch's rows) on float layers; anything else (autograd on, training, DoRA and other variants, disabled
+or merged layers, a dtype cast such as a bf16 base with float32 adapter
 weights, hooks) goes to PEFT's own forward.
 """
 from __future__ import annotations
@@ -65,9 +66,16 @@ class _QuickForward:
     the scale is 1 (x * 1.0 == x exactly). Mixed into PEFT's own layer classes (the instances' class is
     switched when the stack collects its layers), so everything else about the layers is PEFT's."""
 
+    _mixes = False  # whether the layer class has PEFT's mixed batch (`adapter_names`), done here as PEFT does it
+
     def forward(self, x, *args, **kwargs):
-        if (args or kwargs or self.training or self._disable_adapters or self.merged_adapters
+        if (args or self.training or self._disable_adapters or self.merged_adapters
                 or torch.is_grad_enabled()):  # with autograd on, PEFT's modules (and any backward hooks) run
+            return super().forward(x, *args, **kwargs)
+        if kwargs:
+            names = kwargs.get("adapter_names")
+            if self._mixes and len(kwargs) == 1 and names is not None:
+                return self._mixed(x, names)
             return super().forward(x, *args, **kwargs)
         # the ModuleDicts' own dicts: PEFT's `self.lora_A[key]` is the same lookup, through two Python calls
         mods = self._modules
@@ -97,6 +105,53 @@ class _QuickForward:
         return result if result.dtype == dtype else result.to(dtype)
 
 
+    def _mixed(self, x, names):
+        """PEFT's _mixed_batch_forward for vanilla LoRA: base(x), then each adapter's rows get
+        `lora_B(lora_A(x[rows])) * scaling` added. The same operations on the same rows; the rows of each adapter
+        are found once per batch (not in every layer, as PEFT does), and a batch of one adapter is not gathered."""
+        mods = self._modules
+        lora_A, lora_B, dropouts = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
+        plan = []
+        for key, rows in _row_groups(names, x.device):
+            a = lora_A.get(key)
+            if key == "__base__" or a is None:
+                continue
+            wa, wb = _plain(a), _plain(lora_B[key])
+            if (wa is None or wb is None or key in self.lora_variant or x.dtype != wa[0].dtype
+                    or not _identity(dropouts[key])):
+                return super().forward(x, adapter_names=names)
+            plan.append((rows, wa, wb, self.scaling[key]))
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return super().forward(x, adapter_names=names)
+        result = self._base(x)
+        dtype = result.dtype
+        for rows, (wa, ba), (wb, bb), scaling in plan:
+            lora = F.linear(F.linear(x if rows is None else x.index_select(0, rows), wa, ba), wb, bb)
+            lora = lora if scaling == 1 else lora * scaling
+            lora = lora if lora.dtype == dtype else lora.to(dtype)
+            if rows is None:
+                result += lora
+            else:
+                result.index_add_(0, rows, lora)
+        return result
+
+
+_GROUPS: dict = {}  # (adapter names of a batch's rows, device) -> [(name, row indices or None for all rows)]
+
+
+def _row_groups(names, device) -> list:
+    key = (tuple(names), device)
+    groups = _GROUPS.get(key)
+    if groups is None:
+        order = list(dict.fromkeys(names))
+        groups = [(n, None if len(order) == 1 else
+                   torch.tensor([i for i, m in enumerate(names) if m == n], device=device)) for n in order]
+        if len(_GROUPS) >= 512:  # batches come and go: keep the cache small
+            _GROUPS.clear()
+        _GROUPS[key] = groups
+    return groups
+
+
 def _plain(linear):
     """(weight, bias) of an nn.Linear whose call is exactly F.linear(x, weight, bias) (no hooks, no replaced
     forward), else None."""
@@ -114,6 +169,7 @@ def _identity(dropout) -> bool:
 
 class _QuickLoraLinear(_QuickForward, LoraLinear):
     _cast_each = False  # PEFT's Linear casts back to the base output's dtype once, after all adapters
+    _mixes = True
 
     def _base(self, x):
         return self.base_layer(x)

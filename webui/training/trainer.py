@@ -42,7 +42,7 @@ from webui.backends.registry import backend_class, detect
 from webui.config import TrainConfig
 from webui.errors import BadInput, NotFound, Unsupported, first_line
 from webui.models import resolve_model_path
-from webui.training import lora_options, packing, precision
+from webui.training import chunked_loss, lora_options, packing, precision
 from webui.training.data import load_files, split, warnings_for
 from webui.training.run_folder import CONFIG, METRICS, STOP, latest_checkpoint, pid_fields, read_status, write_status
 
@@ -227,10 +227,13 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
     progress = _callback(run_dir)
     as_dicts = lambda rows: [{"input_ids": s.input_ids, "labels": s.labels} for s in rows]  # noqa: E731
     try:
-        trainer = Trainer(model=peft_model, args=args, train_dataset=as_dicts(train_set),
-                          eval_dataset=as_dicts(eval_set) or None, data_collator=collator,
-                          callbacks=[progress],
-                          optimizers=(loraplus_optimizer(peft_model, args, t.loraplus_lr_ratio), None))
+        trainer = LossInSlices(model=peft_model, args=args, train_dataset=as_dicts(train_set),
+                               eval_dataset=as_dicts(eval_set) or None, data_collator=collator,
+                               callbacks=[progress],
+                               optimizers=(loraplus_optimizer(peft_model, args, t.loraplus_lr_ratio), None))
+        if chunked_loss.fits(peft_model, train_set[0].input_ids if train_set else []):
+            trainer.head = peft_model.get_output_embeddings()
+            trainer.vocab_size = peft_model.config.get_text_config().vocab_size
     except (ValueError, TypeError) as e:  # e.g. a base whose quantization cannot be trained
         if main:
             write_status(run_dir, state="failed", message=first_line(e))
@@ -258,6 +261,27 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
     return out
 
 
+class LossInSlices(Trainer):
+    """transformers' Trainer with the loss made a slice of tokens at a time from the last hidden state
+    (webui/training/chunked_loss.py) once `head` is set: the same value, without the whole logits in memory."""
+    head = None
+    vocab_size = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.head is None or "labels" not in inputs or "shift_labels" in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+        with self.accelerator.autocast():  # the output layer under the mixed precision the model's forward runs in
+            loss = chunked_loss.causal_lm_loss(self.head, self.vocab_size, outputs.hidden_states[-1], labels,
+                                               num_items_in_batch)
+        # as Trainer.compute_loss: a loss divided by the items of every process is scaled back for DDP's average
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, outputs) if return_outputs else loss
+
+
 def training_arguments(t, run_dir: Path, has_eval: bool) -> TrainingArguments:
     """transformers' TrainingArguments for the `training:` section `t` (TrainingParams)."""
     cuda = torch.cuda.is_available()
@@ -271,9 +295,11 @@ def training_arguments(t, run_dir: Path, has_eval: bool) -> TrainingArguments:
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps, seed=t.seed,
         report_to=[], use_cpu=not cuda, **precision.resolve(t.precision).trainer_flags(),
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+        prediction_loss_only=True,  # evaluation reports eval_loss only: no logits gathered
         # (transformers 5's name for gradient checkpointing) non-reentrant: gradients reach the adapter without
         # PEFT's input-grad hook
-        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False,
+                                                                            "every_n_layers": t.checkpoint_every},
         optim=t.optim, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         # packed rows have no padding (and no attention mask to count it by)
         include_num_input_tokens_seen="all" if t.packing else "non_padding",
