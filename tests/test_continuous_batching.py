@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from tests.helpers import peft_model
-from webui.backends import hf_continuous
+from webui.backends import few_rows, hf_continuous
 from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
 
@@ -89,7 +89,19 @@ def widths(monkeypatch):
     return seen
 
 
-def test_random_arrivals_each_get_their_text_alone(engine, widths):
+def transposed_form(engine, monkeypatch) -> None:
+    """The decode steps' Linear layers as W·xᵀ (webui/backends/few_rows.py) whether or not this CPU measured that
+    faster on the tiny model; it stays installed for the module's later tests (as it would in the app)."""
+    model = engine._backend.model
+    few_rows._decided.pop(model, None)
+    monkeypatch.setattr(few_rows, "_faster_transposed", lambda weight: True)
+    assert few_rows.install(model)
+
+
+@pytest.mark.parametrize("form", ["measured", "transposed"])
+def test_random_arrivals_each_get_their_text_alone(engine, widths, form, monkeypatch):
+    if form == "transposed":
+        transposed_form(engine, monkeypatch)
     engine.set_adapters({"B": 1.0})  # the UI's stack: requests naming no adapters get it
     reqs = requests(seed=0, n=15)
     expected = [alone(engine, r, {"B": 1.0}) for r in reqs]
@@ -111,8 +123,11 @@ def test_random_arrivals_each_get_their_text_alone(engine, widths):
     engine.clear_adapters()
 
 
-def test_single_adapter_rows_match_plain_peft(engine, llama_loras, gguf_models):
+@pytest.mark.parametrize("form", ["measured", "transposed"])
+def test_single_adapter_rows_match_plain_peft(engine, llama_loras, gguf_models, form, monkeypatch):
     """The mixed rows against plain PEFT (not our own generate): base, A and B side by side."""
+    if form == "transposed":
+        transposed_form(engine, monkeypatch)
     reqs = [{"prompt": p, "stack": s, "max": 10, "delay": 0.01 * i}
             for i, (p, s) in enumerate([("The quick brown fox", {"A": 1.0}), ("Seven wizards", {"B": 1.0}),
                                          ("A lazy dog", {}), ("Old songs", {"A": 1.0})])]
