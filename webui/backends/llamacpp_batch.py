@@ -5,7 +5,9 @@ path and scoring), each in its own sequence of the KV cache:
 
 - each step is one `llama_decode` of one `llama_batch`: the next token of every running row, plus a chunk of
   the prompt of each row still prefilling (a long prompt goes in pieces of `busy_chunk` tokens while other rows
-  are generating, so they are not stalled for long; in pieces of n_batch when nothing else runs);
+  are generating, so they are not stalled for long; in pieces of n_batch when nothing else runs); a short
+  prompt that arrives while others generate gets a step of its own first (prefill first, as SGLang schedules),
+  the generating rows never skipping two steps in a row;
 - every row has its own sampler: llama.cpp's sampler chain built as llama-cpp-python builds it for
   `Llama.generate` (penalties, the response-format grammar, then greedy at temperature 0, else top-k,
   typical, top-p, min-p, temperature and a distribution seeded with the row's seed), so a row gives the tokens
@@ -98,6 +100,7 @@ class LlamaCppDecoder(Decoder):
         self.slots = [_Slot(seq) for seq in range(capacity)]
         self._rows: dict = {}
         self._stack: tuple = ()       # the adapter stack set on this context
+        self._skipped = False         # the last step was prompts alone (the generating rows waited)
         self._clock = 0
 
     def _kv_bytes_per_token(self) -> int:
@@ -225,8 +228,14 @@ class LlamaCppDecoder(Decoder):
             n += 1
 
         sampling, before = [], {key: len(row.slot.tokens) for key, row in self._rows.items()}
-        for row in self._rows.values():  # every generating row's next token first: they never wait
-            if row.next is not None:
+        # Prefill first (SGLang's default policy): a newcomer whose whole prompt fits in one chunk gets a step of
+        # prompts alone, so its first token does not wait for the generating rows' tokens as well; they skip this
+        # one step, and never two in a row (the next step always carries their tokens)
+        prefill_only = (busy and not self._skipped
+                        and any(r.pending and len(r.pending) <= self.busy_chunk for r in self._rows.values()))
+        self._skipped = prefill_only
+        for row in self._rows.values():  # every generating row's next token first
+            if row.next is not None and not prefill_only:
                 put(row.next, row, True)
                 row.next = None
                 sampling.append(row)
