@@ -372,8 +372,8 @@ class TrainingParams:
                                               "them: less memory, more compute (non-reentrant, so the adapter gets "
                                               "its gradients). Off: fastest, most memory.")
     checkpoint_every: int = _opt(2, "With gradient checkpointing: recompute every Nth layer (transformers' "
-                                    "every_n_layers). 1: all of them (least memory, TRL's default); 2: half (about "
-                                    "half the activation memory, a quarter of the recompute).", min=1, max=1000, step=1)
+                                    "every_n_layers). 1: all of them (least memory, TRL's default); 2: half of them "
+                                    "(about half the recompute, more memory).", min=1, max=1000, step=1)
     optim: Optimizer = _opt("adamw_torch", "Optimizer (transformers' names); adamw_8bit and paged_* are bitsandbytes' "
                                            "8-bit / paged optimizers, which save GPU memory.")
     weight_decay: float = _opt(0.0, "AdamW weight decay on the adapter weights.", min=0.0, max=1.0, step=0.01)

@@ -37,8 +37,7 @@ class FewRowsLinear(nn.Linear):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
             if rows in FEW:
                 out = torch.matmul(self.weight, x.reshape(rows, x.shape[-1]).T).T
-                if self.bias is not None:
-                    out = out + self.bias
+                out = out + self.bias if self.bias is not None else out.contiguous()  # laid out as F.linear's
                 return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -56,7 +55,8 @@ def rows_product():
 
 def _faster_transposed(weight: torch.Tensor, rows: int = 4, reps: int = 5) -> bool:
     """Whether W·xᵀ beats F.linear on this weight for `rows` rows (best of `reps`, by a clear margin)."""
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    # its own generator: a seeded generation in another thread keeps the global one's sequence
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
 
     def best(fn) -> float:
         times = []

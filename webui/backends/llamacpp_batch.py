@@ -68,6 +68,7 @@ class _Row:
     next: int | None = None  # the last sampled token, decoded on the next step
     logits_at: int = -1      # its index in the current batch, when this step samples for it
     generated: int = 0
+    started: bool = False    # a piece of its prompt has been decoded
 
 
 class LlamaCppDecoder(Decoder):
@@ -228,20 +229,23 @@ class LlamaCppDecoder(Decoder):
             n += 1
 
         sampling, before = [], {key: len(row.slot.tokens) for key, row in self._rows.items()}
-        # Prefill first (SGLang's default policy): a newcomer whose whole prompt fits in one chunk gets a step of
-        # prompts alone, so its first token does not wait for the generating rows' tokens as well; they skip this
+        # Prefill first (SGLang's default policy): newcomers whose whole prompts fit in one chunk get a step of
+        # their prompts alone, so their first tokens do not wait for the generating rows' tokens too; those skip this
         # one step, and never two in a row (the next step always carries their tokens)
-        prefill_only = (busy and not self._skipped
-                        and any(r.pending and len(r.pending) <= self.busy_chunk for r in self._rows.values()))
+        newcomers = [r for r in self._rows.values()
+                     if r.pending and not r.started and len(r.pending) <= self.busy_chunk]
+        prefill_only = busy and not self._skipped and bool(newcomers)
         self._skipped = prefill_only
         for row in self._rows.values():  # every generating row's next token first
             if row.next is not None and not prefill_only:
                 put(row.next, row, True)
                 row.next = None
                 sampling.append(row)
-        for row in self._rows.values():  # then prompt chunks, in order of arrival, as far as the batch holds
+        # then prompt chunks, in order of arrival, as far as the batch holds (in a prefill-first step: those prompts)
+        for row in newcomers if prefill_only else self._rows.values():
             if not row.pending or n >= self.n_batch:
                 continue
+            row.started = True
             room = min(self.n_batch - n, self.busy_chunk if busy else self.n_batch)
             chunk, row.pending = row.pending[:room], row.pending[room:]
             for i, token in enumerate(chunk):

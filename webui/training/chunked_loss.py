@@ -3,7 +3,7 @@
 transformers' causal LMs apply the output layer to every position and then compute the loss (ForCausalLMLoss),
 which upcasts all the logits to float32 and keeps their log-softmax for the backward pass: batch x length x vocab
 floats, several times over (0.4 GB per copy for 8 x 256 tokens of a 49k vocabulary, 4 GB at 8 x 1024 x 128k). Here
-the model runs with `logits_to_keep=1`, and the loss is made from its last hidden state: only the labelled
+the model runs with `logits_to_keep=1`, and the loss is made from its last hidden state (the only one it returns): only the labelled
 positions, a slice at a time, each slice's logits made by the model's own output layer inside
 torch.utils.checkpoint and made again in the backward pass (one more pass of the output layer, a few % of a step).
 The libraries that do this (Liger's fused linear cross-entropy, Unsloth's) are CUDA/Triton kernels; this is the
@@ -20,6 +20,9 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 SLICE_ELEMENTS = 1 << 23  # logits per slice: 32 MB in float32 whatever the vocabulary
+# transformers returns only this hidden state (the others are None): under mixed precision accelerate copies every
+# returned tensor to float32, which for all layers' states would cost as much as the logits
+LAST = -1
 
 
 def fits(model, ids: list[int]) -> bool:
@@ -34,9 +37,9 @@ def fits(model, ids: list[int]) -> bool:
         x = torch.tensor([ids[:16]], device=device)
         with torch.no_grad():
             full = model(input_ids=x).logits.float()
-            last = model(input_ids=x, logits_to_keep=1, output_hidden_states=True)
+            last = model(input_ids=x, logits_to_keep=1, output_hidden_states=LAST)
             made = model.get_output_embeddings()(last.hidden_states[-1]).float()
-    except (TypeError, ValueError, AttributeError, IndexError):  # no logits_to_keep, no hidden states, no head
+    except Exception:  # noqa: BLE001 - no logits_to_keep, no hidden states, no head, a kernel that fails: the plain loss
         return False
     finally:
         model.train(was_training)

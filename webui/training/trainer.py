@@ -72,7 +72,7 @@ def _load_model(path: Path, quantization: str = "none", precision_name: str = "a
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     cuda = torch.cuda.is_available()
-    dtype = precision.resolve(precision_name).dtype  # training.precision (auto: bf16 / fp16 on CUDA, fp32 on CPU)
+    dtype = precision.resolve(precision_name).dtype  # training.precision (auto: bf16 where the hardware has it)
     loader = backend_class(detect(path))
     return loader, loader.training_model(path, "cuda" if cuda else "cpu", dtype, quantization), tok
 
@@ -272,7 +272,7 @@ class LossInSlices(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        outputs = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+        outputs = model(**inputs, logits_to_keep=1, output_hidden_states=chunked_loss.LAST)
         with self.accelerator.autocast():  # the output layer under the mixed precision the model's forward runs in
             loss = chunked_loss.causal_lm_loss(self.head, self.vocab_size, outputs.hidden_states[-1], labels,
                                                num_items_in_batch)
