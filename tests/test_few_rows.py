@@ -25,6 +25,7 @@ def test_values_equal_nn_linear_and_only_inside(bias):
             with few_rows.rows_product():
                 got = ours(x)
             assert got.shape == plain(x).shape
+            assert got.is_contiguous()  # as F.linear's: in-place users (xgrammar's token mask) need that
             torch.testing.assert_close(got, plain(x), rtol=1e-5, atol=1e-5)
     x = torch.randn(4, 96, requires_grad=True)
     with few_rows.rows_product():  # autograd on: nn.Linear's own path
