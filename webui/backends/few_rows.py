@@ -36,8 +36,10 @@ class FewRowsLinear(nn.Linear):
                 and not torch.is_grad_enabled():
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
             if rows in FEW:
-                out = torch.matmul(self.weight, x.reshape(rows, x.shape[-1]).T).T
-                out = out + self.bias if self.bias is not None else out.contiguous()  # laid out as F.linear's
+                # laid out as F.linear's output (row-major): in-place users such as a grammar's token mask need it
+                out = torch.matmul(self.weight, x.reshape(rows, x.shape[-1]).T).T.contiguous()
+                if self.bias is not None:
+                    out = out + self.bias
                 return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
