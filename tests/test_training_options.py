@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.helpers import write_data
 from webui.config import DatasetConfig, TrainConfig, TrainingParams
 from webui.errors import BadInput, Unsupported
-from webui.training import packing, precision
+from webui.training import chunked_loss, packing, precision
 from webui.training.data import IGNORE, conversations, load_files
 from webui.training.trainer import train, training_arguments
 
@@ -81,10 +81,15 @@ def test_packing_refused_without_position_ids(tiny_models):
         packing.prepare_model(model)
 
 
-def test_packed_training_step_loss_equals_reference_and_packed_run_learns(dirs):
+def test_packed_training_step_loss_equals_reference_and_packed_run_learns(dirs, monkeypatch):
     """Step 1 of a packed run (learning rate 0, the adapter starts as a no-op) logs the mean token loss of all the
-    samples, each run alone in plain transformers; a packed run with a learning rate learns."""
+    samples, each run alone in plain transformers; a packed run with a learning rate learns. The trainer's loss is
+    the one made a slice at a time (webui/training/chunked_loss.py)."""
+    calls = []
+    sliced = chunked_loss.causal_lm_loss
+    monkeypatch.setattr(chunked_loss, "causal_lm_loss", lambda *a, **k: calls.append(1) or sliced(*a, **k))
     rows = run(dirs, "packed-lr0", batch_size=16, max_steps=1, learning_rate=0.0, packing=True)
+    assert calls
     tok = AutoTokenizer.from_pretrained(str(dirs["base"]))
     samples = load_files([dirs["data"]["chat"]], "chat", tok, 64)
     assert len(samples) <= 16  # all of them in the one packed batch

@@ -277,8 +277,10 @@ class LossInSlices(Trainer):
             loss = chunked_loss.causal_lm_loss(self.head, self.vocab_size, outputs.hidden_states[-1], labels,
                                                num_items_in_batch)
         # as Trainer.compute_loss: a loss divided by the items of every process is scaled back for DDP's average
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+        if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None):
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                           else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -298,8 +300,8 @@ def training_arguments(t, run_dir: Path, has_eval: bool) -> TrainingArguments:
         prediction_loss_only=True,  # evaluation reports eval_loss only: no logits gathered
         # (transformers 5's name for gradient checkpointing) non-reentrant: gradients reach the adapter without
         # PEFT's input-grad hook
-        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False,
-                                                                            "every_n_layers": t.checkpoint_every},
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": t.checkpoint_every},
         optim=t.optim, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         # packed rows have no padding (and no attention mask to count it by)
         include_num_input_tokens_seen="all" if t.packing else "non_padding",
