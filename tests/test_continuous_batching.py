@@ -163,6 +163,36 @@ def test_merged_ui_stack_is_merged_again(engine, widths):
     engine.clear_adapters()
 
 
+def test_a_request_naming_a_cached_adapter_joins_the_running_batch(engine, monkeypatch):
+    """A request naming its adapter has it checked before it is queued (`Engine.prepare_adapters`, as every API
+    route does). A running batch holds the model until its last row ends, so that check must not wait for the
+    model when the adapter is cached: the request joins the batch at its next step."""
+    widths, gate, stepping = [], threading.Event(), threading.Event()
+    real_step = hf_continuous.HfDecoder.step
+
+    def step(self):  # the first step waits for the gate: the batch is running and holds the model meanwhile
+        widths.append(len(self._order))
+        stepping.set()
+        assert gate.wait(30)
+        return real_step(self)
+
+    monkeypatch.setattr(hf_continuous.HfDecoder, "step", step)
+    params = GenerationParams(temperature=0, max_new_tokens=12)
+    first = engine.scheduler.submit("The quick brown fox", params, {})
+    assert stepping.wait(30)
+    checked = threading.Event()
+    threading.Thread(target=lambda: (engine.prepare_adapters(["A"]), checked.set()), daemon=True).start()
+    try:
+        assert checked.wait(30), "checking a cached adapter waited for the running batch to end"
+        second = engine.scheduler.submit("a lazy dog", params, {"A": 1.0})
+    finally:
+        gate.set()
+    texts = first.text(), second.text()
+    assert max(widths) == 2  # the second request ran in the first one's batch
+    assert texts == (alone(engine, {"prompt": "The quick brown fox", "stack": {}, "max": 12}, {}),
+                     alone(engine, {"prompt": "a lazy dog", "stack": {"A": 1.0}, "max": 12}, {}))
+
+
 def test_a_bad_request_fails_alone(engine):
     good = engine.scheduler.submit("The quick brown fox", GenerationParams(temperature=0, max_new_tokens=5), {})
     bad = engine.scheduler.submit("The quick brown fox", GenerationParams(temperature=0, max_new_tokens=5),

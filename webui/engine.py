@@ -382,9 +382,25 @@ class Engine:
             raise
         return added
 
+    def _cached(self, names, paths: dict | None) -> bool:
+        """Are these adapters all cached by the loaded model, their files unchanged? Read without the model's
+        lock, which a running batch holds until its last row ends: a request naming cached adapters is then
+        queued at once and joins that batch, instead of waiting for it to drain (and, while waiting, holding
+        back every request behind it). Whatever this cannot tell goes to the locked path, which reports it."""
+        backend = self._backend
+        if backend is None or not names:
+            return False
+        try:
+            loaded = backend.adapters_loaded
+            return all(loaded.get(n) == read_adapter(self._adapter_path(n, paths), n).signature() for n in names)
+        except Exception:  # an unreadable adapter, or the cache changing under us: the locked path decides
+            return False
+
     def prepare_adapters(self, names, paths: dict | None = None) -> None:
         """Make sure these adapters are cached (checked and loaded, not activated): what a request that
         names its own adapters needs before it is queued."""
+        if self._cached(names, paths):
+            return
         with self._lock:
             backend = self._require()
             if names and not backend.capabilities.adapters:
