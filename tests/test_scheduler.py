@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from webui.config import GenerationParams
-from webui.scheduler import Scheduler
+from webui.scheduler import Job, JobHandle, Scheduler
 
 PARAMS = GenerationParams(temperature=0, max_new_tokens=64)
 WAIT = 10  # seconds: a bound for waits that end at once when the code works
@@ -210,6 +210,25 @@ def test_stop_strings_apply_per_request():
     assert texts == [full[:full.index(stop)], full, full[:full.index("five")]]
     assert [h.finish_reason for h in handles] == ["stop", "eos", "stop"]
     assert handles[1].completion_tokens == len(range(0, len(full), 3))
+
+
+def test_a_whole_reply_wakes_its_reader_once():
+    """`JobHandle.text()` (a non-streamed reply) gets the deltas queued before it was called, then the rest in
+    one piece with the end: its thread is not woken for every token while the batch computes."""
+    job = Job("p", PARAMS, {})
+    job.emit("delta", "one ")
+    job.whole = True  # what text() sets, here before the rest arrives
+    for piece in ("two ", "three ", "four"):
+        job.emit("delta", piece)
+    assert job.events.qsize() == 1
+    job.emit("done", "length", 4)
+    assert [e[0] for e in list(job.events.queue)] == ["delta", "delta", "done"]
+    handle = JobHandle(job)
+    assert handle.text() == "one two three four" and handle.finish_reason == "length"
+    streamed = Job("p", PARAMS, {})
+    for piece in ("a", "b"):
+        streamed.emit("delta", piece)
+    assert streamed.events.qsize() == 2  # a streamed reply still gets every delta as it comes
 
 
 def test_request_closed_before_its_batch_is_cancelled():

@@ -43,14 +43,26 @@ class Job:
     finished: bool = False
     ids: list[int] | None = None  # the prompt tokenized by the caller's thread ...
     ids_for: object = None        # ... with this backend (tokenized again if the model changed since)
+    whole: bool = False           # the consumer wants the reply at the end, not delta by delta
 
     def __post_init__(self):
         self.stops = StopStringFilter(self.params.stop)
+        self._held: list[str] = []
 
     def emit(self, kind: str, *payload) -> None:
-        if not self.finished:
-            self.events.put((kind, *payload))
-            self.finished = kind in ("done", "error")
+        """Queue an event for the consumer. For a consumer of the whole reply, deltas are held and queued as
+        one at the end: a thread waking on every token of every row costs the batch's own compute threads
+        their cores (measured on 2 cores: 4 non-streamed replies woke 4 threads per decode step)."""
+        if self.finished:
+            return
+        if kind == "delta" and self.whole:
+            self._held.append(payload[0])
+            return
+        if self._held:
+            self.events.put(("delta", "".join(self._held)))
+            self._held = []
+        self.events.put((kind, *payload))
+        self.finished = kind in ("done", "error")
 
 
 class JobHandle:
@@ -80,6 +92,8 @@ class JobHandle:
             self.close()
 
     def text(self) -> str:
+        """The whole reply, once it ends (the deltas queued before this call come first, in order)."""
+        self.job.whole = True
         return "".join(self)
 
     def close(self) -> None:
