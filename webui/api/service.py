@@ -75,8 +75,10 @@ class Service:
         return info.name
 
     def adapter_names(self) -> list[str]:
-        """The adapters a request may name: the adapters folder, then those loaded at run time."""
-        return [*self.engine.list_adapters(), *(n for n in self.runtime if n not in self.engine.list_adapters())]
+        """The adapters a request may name: the adapters folder, then those loaded at run time (a copy of the
+        runtime names: another request may load or unload one meanwhile)."""
+        folder = self.engine.list_adapters()
+        return [*folder, *(n for n in list(self.runtime) if n not in folder)]
 
     # -- which adapters ------------------------------------------------------------------------------------
     def stack(self, *, model: str | None = None, adapters: dict | None = None, adapter_id: str | None = None,
