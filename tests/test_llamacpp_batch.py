@@ -189,3 +189,27 @@ def test_through_the_scheduler_each_request_gets_its_text_alone(tiny):
         tiny.set_adapters(stack)
         assert results[i] == tiny.generate(prompt, GenerationParams(temperature=0, max_new_tokens=n)), i
     tiny.set_adapters({})
+
+
+def test_no_second_context_where_two_rows_do_not_fit(gguf_models, llama_loras, monkeypatch):
+    """Where fewer than two rows of the whole context fit in the decoder's KV budget (a big model at a long
+    context), the loader makes no decoder, whose one row would only double the KV memory: concurrent requests
+    with different stacks run one after another on the model's own context, each with the text it gets alone."""
+    from webui.backends import llamacpp_batch
+
+    monkeypatch.setattr(llamacpp_batch, "KV_BUDGET", 1)
+    e = Engine(gguf_models, llama_loras)
+    e.load(ModelSpec(model="tiny-llama.gguf", n_ctx=256))
+    try:
+        e.prepare_adapters(["A"])
+        assert e._backend.decoder() is None
+        params = GenerationParams(temperature=0, max_new_tokens=12)
+        stacks = [{}, {"A": 1.0}, {}, {"A": 1.0}]
+        handles = [e.scheduler.submit(PROMPTS[k], params, stacks[k]) for k in range(len(stacks))]
+        texts = [h.text() for h in handles]
+        assert e._backend._decoder is None and e.active_adapters == {}
+        for k, stack in enumerate(stacks):
+            e.set_adapters(stack)
+            assert texts[k] == e.generate(PROMPTS[k], params), k
+    finally:
+        e.unload()

@@ -201,7 +201,8 @@ def test_dialects_against_loradeck_routes(back, loras, engine):
 
 
 def test_auto_detects_engines_and_refuses_bad_addresses(back, loras):
-    from webui.backends.remote_engines import Http, LoraDeck, detect
+    from webui.backends.remote_engines import LoraDeck, detect
+    from webui.backends.remote_http import Http
     from webui.errors import BadInput, EngineUnavailable
 
     assert detect(Http(back.url)) is LoraDeck

@@ -248,10 +248,13 @@ class LlamaCppBackend(Backend):
 
     def decoder(self):
         """Continuous batching over this model (llama.cpp's batch API, one sequence per row, a context of its own
-        made once and kept until unload: see webui/backends/llamacpp_batch.py)."""
-        if self._decoder is None:
-            from webui.backends.llamacpp_batch import LlamaCppDecoder
+        made once and kept until unload: see webui/backends/llamacpp_batch.py); None where fewer than two rows of
+        the whole context fit in its KV budget (requests then run one after another on the model's own context)."""
+        if self._decoder is None and self.llm is not None:
+            from webui.backends.llamacpp_batch import LlamaCppDecoder, rows_that_fit
 
+            if rows_that_fit(self.llm) < 2:
+                return None
             self._decoder = LlamaCppDecoder(self)
         return self._decoder
 

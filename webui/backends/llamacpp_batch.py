@@ -25,8 +25,9 @@ that runs alone also runs in a batch. The sequences share one pool of `capacity`
 sequence (0.80-0.87 of llama-server against 0.68-0.70). Every row fits (each is at most n_ctx), but kept
 prompt caches of free slots take cells too: when llama.cpp finds no room for a step, those caches are dropped
 and the step is tried again. The cost is memory: `capacity` x n_ctx cells, so the capacity is as
-many rows (8 at most) as fit in KV_BUDGET bytes, and 1 where even one does not (a big model at a long context:
-then requests run one after another, as before, and a smaller n_ctx buys rows).
+many rows (8 at most) as fit in KV_BUDGET bytes. Where fewer than two fit (a big model at a long context) the
+loader makes no decoder: one row would be the model's own context again at twice the KV memory, so requests
+run one after another on that context (the scheduler's static path), and a smaller n_ctx buys rows.
 """
 from __future__ import annotations
 
@@ -71,6 +72,14 @@ class _Row:
     started: bool = False    # a piece of its prompt has been decoded
 
 
+def rows_that_fit(llm) -> int:
+    """How many rows of the whole context (n_ctx each) fit in KV_BUDGET bytes of f16 K and V, 8 at most."""
+    lc, model = _lc(), llm.model
+    n_embd, n_head = lc.llama_model_n_embd(model), max(1, lc.llama_model_n_head(model))
+    per_token = lc.llama_model_n_layer(model) * 2 * lc.llama_model_n_head_kv(model) * (n_embd // n_head) * 2
+    return min(8, KV_BUDGET // max(1, llm.n_ctx() * per_token))
+
+
 class LlamaCppDecoder(Decoder):
     busy_chunk = 128  # prompt tokens per step for a row prefilling while others generate
 
@@ -80,9 +89,7 @@ class LlamaCppDecoder(Decoder):
         llm = backend.llm
         self.model, self.vocab = llm.model, llm._model.vocab
         per_seq = llm.n_ctx()
-        if capacity is None:
-            capacity = max(1, min(8, KV_BUDGET // max(1, per_seq * self._kv_bytes_per_token())))
-        self.capacity = capacity
+        self.capacity = capacity = capacity or max(1, rows_that_fit(llm))
         params = lc.llama_context_params()
         ctypes.memmove(ctypes.byref(params), ctypes.byref(llm.context_params), ctypes.sizeof(params))
         params.n_seq_max = capacity
@@ -103,11 +110,6 @@ class LlamaCppDecoder(Decoder):
         self._stack: tuple = ()       # the adapter stack set on this context
         self._skipped = False         # the last step was prompts alone (the generating rows waited)
         self._clock = 0
-
-    def _kv_bytes_per_token(self) -> int:
-        lc = _lc()
-        n_embd, n_head = lc.llama_model_n_embd(self.model), max(1, lc.llama_model_n_head(self.model))
-        return lc.llama_model_n_layer(self.model) * 2 * lc.llama_model_n_head_kv(self.model) * (n_embd // n_head) * 2
 
     # -- the Decoder contract --------------------------------------------------------------------
     @property
