@@ -360,7 +360,7 @@ def test_cancel_keeps_the_partial_file_and_a_rerun_completes(online, repos, tmp_
 def test_hashes_taken_while_writing_match_the_file_after_resume_and_rewind(tmp_path):
     """The hashes fed as bytes are written (no second read): a resumed `.incomplete` is hashed from its
     existing part first; a server that ignores Range makes http_get rewind (seek + truncate) and send it all."""
-    from webui.hub.download import _HashingWriter
+    from webui.hub.checksums import HashingWriter
     from webui.hub.files import RemoteFile
     from webui.testing.fake_hub import git_blob_sha1
 
@@ -371,7 +371,7 @@ def test_hashes_taken_while_writing_match_the_file_after_resume_and_rewind(tmp_p
         part = tmp_path / f"{f.path}.incomplete"
         part.write_bytes(data[:1_000_000])  # left by an interrupted run
         with open(part, "ab") as fh:
-            out = _HashingWriter(fh, part, f)
+            out = HashingWriter(fh, part, f)
             out.write(data[1_000_000:2_000_000])
             out.seek(max(out.tell() - 2_000_000, 0))  # http_get's rewind when the server answers 200 to a Range
             out.truncate()
@@ -379,13 +379,13 @@ def test_hashes_taken_while_writing_match_the_file_after_resume_and_rewind(tmp_p
         assert part.read_bytes() == data
         assert out.digest_if_matches(f) == hashlib.sha256(data).hexdigest()
         with open(part, "ab") as fh:  # one byte too many: the size check fails
-            out = _HashingWriter(fh, part, f)
+            out = HashingWriter(fh, part, f)
             out.write(b"x")
         assert out.digest_if_matches(f) is None
     wrong = RemoteFile(lfs.path, len(data), hashlib.sha256(b"other").hexdigest(), None)
     part = tmp_path / "w2.incomplete"
     with open(part, "ab") as fh:
-        out = _HashingWriter(fh, part, wrong)
+        out = HashingWriter(fh, part, wrong)
         out.write(data)
     assert out.digest_if_matches(wrong) is None
 

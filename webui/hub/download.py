@@ -17,7 +17,6 @@ time (a file lock); a folder already downloaded at another commit is updated thr
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ from huggingface_hub.utils import build_hf_headers
 from huggingface_hub.utils import tqdm as hf_tqdm
 
 from webui.errors import BadInput, DownloadFailed, NotFound
+from webui.hub.checksums import HashingWriter, hashes, verify
 from webui.hub.atomic import dest_lock, swap_into_place
 from webui.hub.files import (
     ADAPTER_CONFIG,
@@ -140,99 +140,6 @@ def _target(p: Plan, f: RemoteFile) -> Path:
     return p.dest / (Path(f.path).name if flat else f.path)
 
 
-def _hashes(path: Path) -> tuple[str, str]:
-    """(sha256, git blob sha1) in one pass; the hub publishes the first for LFS files, the second for all.
-    (huggingface_hub.utils.sha has each, but its git_hash wants the whole file in memory and a second read.)"""
-    h = _Hasher(path.stat().st_size)
-    h.update_from(path, None)
-    return h.hexdigests()
-
-
-def _matches(sha256: str, sha1: str | None, size: int, f: RemoteFile) -> bool:
-    """Whether the hashes and size of some bytes are what the hub published for `f`."""
-    ok = sha256 == f.sha256 if f.sha256 else (f.blob_id is None or sha1 == f.blob_id)
-    return ok and size == f.size
-
-
-def _verify(path: Path, f: RemoteFile) -> str | None:
-    """The file's sha256 when it matches what the hub published, else None."""
-    sha256, sha1 = _hashes(path)
-    return sha256 if _matches(sha256, sha1, path.stat().st_size, f) else None
-
-
-class _Hasher:
-    """sha256 and the git blob sha1 of a file of `size` bytes, fed piece by piece. (The blob header names
-    the size up front: a file that ends up another size fails the size check anyway.) `sha1=False` skips
-    the second: an LFS file is checked by its sha256 alone, and it is the big one."""
-
-    def __init__(self, size: int, sha1: bool = True):
-        self.size = size
-        self.sha256, self.sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size) if sha1 else None
-
-    def update(self, data) -> None:
-        self.sha256.update(data)  # hashlib releases the GIL for large buffers: other transfers go on
-        if self.sha1 is not None:
-            self.sha1.update(data)
-
-    def update_from(self, path: Path, length: int | None) -> None:
-        """Feed the first `length` bytes of `path` (all of it for None)."""
-        left = length
-        with open(path, "rb") as fh:
-            while left is None or left > 0:
-                chunk = fh.read(1 << 20 if left is None else min(1 << 20, left))
-                if not chunk:
-                    break
-                self.update(chunk)
-                if left is not None:
-                    left -= len(chunk)
-
-    def hexdigests(self) -> tuple[str, str | None]:
-        return self.sha256.hexdigest(), self.sha1.hexdigest() if self.sha1 is not None else None
-
-
-class _HashingWriter:
-    """The `.incomplete` file as `http_get` sees it: every chunk written is hashed on its way to disk, so the
-    check after the transfer costs nothing and the file is never read back. A resumed file's existing part
-    is hashed first. `http_get` rewinds (seek + truncate) when a server ignores `Range` and sends the whole
-    file again; the hashes then restart from what is left on disk."""
-
-    def __init__(self, fh, path: Path, f: RemoteFile):
-        self.fh, self.path, self.size, self.sha1 = fh, path, f.size, not f.sha256
-        self.written = fh.tell()  # "ab": positioned at the end of what an earlier run left
-        self.hasher = _Hasher(self.size, self.sha1)
-        if self.written:
-            self.hasher.update_from(path, self.written)
-
-    def write(self, data) -> int:
-        n = self.fh.write(data)
-        self.hasher.update(data)
-        self.written += len(data)
-        return n
-
-    def tell(self) -> int:
-        return self.fh.tell()
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        return self.fh.seek(pos, whence)
-
-    def truncate(self, size: int | None = None) -> int:
-        n = self.fh.truncate(size)
-        self.fh.flush()
-        self.written = n
-        self.hasher = _Hasher(self.size, self.sha1)
-        if n:
-            self.hasher.update_from(self.path, n)
-        return n
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-    def digest_if_matches(self, f: RemoteFile) -> str | None:
-        """The sha256 when what was written is the file the hub published, else None."""
-        sha256, sha1 = self.hasher.hexdigests()
-        return sha256 if _matches(sha256, sha1, self.written, f) else None
-
-
 class _Cancelled(Exception):
     """Raised inside a transfer (from its progress bar) to stop it; the `.incomplete` file stays for a resume."""
 
@@ -296,9 +203,13 @@ def _fetch(p: Plan, f: RemoteFile, token, max_retries: int, tally: _Tally, place
             if urlsplit(meta.location).netloc != urlsplit(url).netloc:
                 headers.pop("authorization", None)  # a signed CDN URL: the token stays on the hub
             with open(part, "ab") as fh:
-                out = _HashingWriter(fh, part, f)  # hashed as it streams: no second read of the file
-                http_get(meta.location, out, resume_size=resume, headers=headers, expected_size=f.size,
-                         displayed_filename=f.path, tqdm_class=_bar_class(tally, f.path))
+                out = HashingWriter(fh, part, f)  # hashed as it streams: no second read of the file
+                try:
+                    http_get(meta.location, out, resume_size=resume, headers=headers, expected_size=f.size,
+                             displayed_filename=f.path, tqdm_class=_bar_class(tally, f.path))
+                except BaseException:
+                    out.close()
+                    raise
             sha256 = out.digest_if_matches(f)
             if sha256 is None:
                 part.unlink()
@@ -366,7 +277,7 @@ def _staging(p: Plan, old: dict, clean: bool) -> Path | None:
             src, dst = _target(p, f), stage / _target(p, f).relative_to(p.dest)
             if dst.exists() or not src.is_file() or src.stat().st_size != f.size:
                 continue
-            if f.sha256 and old.get("sha256", {}).get(f.path) != f.sha256 or not f.sha256 and not _verify(src, f):
+            if f.sha256 and old.get("sha256", {}).get(f.path) != f.sha256 or not f.sha256 and not verify(src, f):
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -400,10 +311,10 @@ def _download_into(p: Plan, old: dict, *, threads: int, clean: bool, max_retries
         if clean:
             part.unlink(missing_ok=True)
         elif target.is_file() and target.stat().st_size == f.size and (
-                old.get("sha256", {}).get(f.path, f.sha256) == f.sha256 if f.sha256 else _verify(target, f)):
+                old.get("sha256", {}).get(f.path, f.sha256) == f.sha256 if f.sha256 else verify(target, f)):
             # Finished earlier (it got its final name only after its hash matched): not fetched again.
             # Large (LFS) files are trusted by size and recorded hash; small ones are cheap to re-hash.
-            sha256s[f.path] = f.sha256 or _hashes(target)[0]
+            sha256s[f.path] = f.sha256 or hashes(target)[0]
             continue
         todo.append(f)
     need = sum(f.size - _partial_size(_target(p, f)) for f in todo)
@@ -494,6 +405,6 @@ def check(spec: str, **plan_kwargs) -> list[str]:
         target = _target(p, f)
         if not target.is_file():
             problems.append(f"missing: {target}")
-        elif _verify(target, f) is None:
+        elif verify(target, f) is None:
             problems.append(f"checksum mismatch: {target}")
     return problems
