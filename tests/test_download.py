@@ -353,6 +353,7 @@ def test_cancel_keeps_the_partial_file_and_a_rerun_completes(online, repos, tmp_
     worker.join(60)
     assert errors and "cancelled" in errors[0]
     assert part.stat().st_size >= 10 * 1024 * 1024 and not (part.parent / shard2).exists()
+    assert not [t for t in threading.enumerate() if t.name == "download-hash"]  # the transfers' hashing threads ended
     out = download_fn("test/big", model_dir=tmp_path / "models")
     assert (out / shard2).read_bytes() == repos["test/big"][shard2]
 

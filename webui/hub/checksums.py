@@ -70,7 +70,7 @@ class BackgroundHasher(Hasher):
 
     def __init__(self, size: int, sha1: bool = True):
         super().__init__(size, sha1)
-        self._queue: queue.Queue = queue.Queue(maxsize=8)  # at most 8 chunks (80 MB of http_get's) held
+        self._queue: queue.Queue = queue.Queue(maxsize=4)  # at most 4 chunks (40 MB of http_get's) held
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="download-hash", daemon=True)
         self._thread.start()

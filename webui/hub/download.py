@@ -36,8 +36,8 @@ from huggingface_hub.utils import build_hf_headers
 from huggingface_hub.utils import tqdm as hf_tqdm
 
 from webui.errors import BadInput, DownloadFailed, NotFound
-from webui.hub.checksums import HashingWriter, hashes, verify
 from webui.hub.atomic import dest_lock, swap_into_place
+from webui.hub.checksums import HashingWriter, hashes, verify
 from webui.hub.files import (
     ADAPTER_CONFIG,
     METADATA,
