@@ -207,6 +207,8 @@ def test_no_second_context_where_two_rows_do_not_fit(gguf_models, llama_loras, m
         stacks = [{}, {"A": 1.0}, {}, {"A": 1.0}]
         handles = [e.scheduler.submit(PROMPTS[k], params, stacks[k]) for k in range(len(stacks))]
         texts = [h.text() for h in handles]
+        with e.locked_backend():  # the batch has ended and put the UI's stack back (after its last reply)
+            pass
         assert e._backend._decoder is None and e.active_adapters == {}
         for k, stack in enumerate(stacks):
             e.set_adapters(stack)
