@@ -123,7 +123,7 @@ def test_quantization_is_a_transformers_option(bnb_dirs, gguf_models, gptq_dirs)
 def test_cli_flag(capsys):
     import argparse
 
-    from webui.config import add_arguments, from_namespace
+    from webui.config_flags import add_arguments, from_namespace
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, ServerConfig)

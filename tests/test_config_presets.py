@@ -5,7 +5,8 @@ import argparse
 import pytest
 
 from tests.helpers import ROOT
-from webui.config import GenerationParams, ModelSpec, ServerConfig, add_arguments, from_namespace
+from webui.config import GenerationParams, ModelSpec, ServerConfig
+from webui.config_flags import add_arguments, from_namespace
 from webui.errors import BadInput
 from webui.presets import list_presets, load_preset, save_preset
 

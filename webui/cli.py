@@ -18,7 +18,8 @@ import yaml
 from webui.adapters.library_cli import add_arguments as add_library_arguments
 from webui.adapters.library_cli import run as run_library_cli
 from webui.adapters.types import COMBINATIONS
-from webui.config import EvalConfig, ModelSpec, ServerConfig, TrainConfig, add_arguments, from_namespace
+from webui.config import EvalConfig, ModelSpec, ServerConfig, TrainConfig
+from webui.config_flags import add_arguments, from_namespace
 from webui.errors import BadInput, LoraDeckError
 from webui.export import FORMATS
 from webui.hub.cli import add_arguments as add_download_arguments

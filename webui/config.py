@@ -6,13 +6,12 @@ option here makes it appear everywhere.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Literal, get_args, get_origin
 
 from webui.backends.registry import loader_choices
 from webui.errors import BadInput
@@ -199,37 +198,6 @@ class ServerConfig:
     def paths(self) -> dict[str, Path]:
         return {"models": Path(self.models_dir), "loras": Path(self.loras_dir), "presets": Path(self.presets_dir),
                 "user": Path(self.user_dir), "runs": Path(self.runs_dir)}
-
-
-_LIST_ITEM_TYPES = {"lora": str, "lora_weights": float, "extensions": str}
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add a --flag per dataclass field (underscores become dashes), with its help, choices and default."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        # argparse formats help with %: a literal one (95% interval) is written %%
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "").replace("%", "%%"),
-                                  "default": default}
-        hint = hints[f.name]
-        if choices_of(cls, f.name) is not None:
-            kwargs["choices"] = choices_of(cls, f.name)
-        elif hint is bool:
-            kwargs["action"] = "store_true"
-        elif hint is list:
-            kwargs.update(nargs="*", type=_LIST_ITEM_TYPES.get(f.name, str))
-        else:
-            kwargs["type"] = hint
-        if f.metadata.get("required"):  # the command line must give it (the UI fills it in itself)
-            kwargs["required"] = True
-        parser.add_argument(flag, **kwargs)
-
-
-def from_namespace(cls, ns: argparse.Namespace):
-    """Build a dataclass from the parsed flags that add_arguments made."""
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
 
 
 # -- training (python -m webui train --config FILE.yaml; the Training tab) -------------------------------

@@ -71,7 +71,8 @@ def served_routes(args: list[str]) -> tuple[list[tuple[str, str]], list[tuple[st
     from starlette.routing import Mount
 
     from webui.cli import _parser
-    from webui.config import ServerConfig, from_namespace
+    from webui.config import ServerConfig
+    from webui.config_flags import from_namespace
     from webui.engine import Engine
     from webui.server import build_app
 
