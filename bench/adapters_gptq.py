@@ -15,10 +15,10 @@ from pathlib import Path
 
 from bench.adapters_transformers import MESSAGES
 from bench.common import Row, hot_swap_vs_reload, side_by_side, timed, write_ab_adapters
-from webui import embedded
-from webui.config import GenerationParams, ModelSpec
-from webui.embedded import ensure_gptq_folder
+from webui.backends import embedded
+from webui.backends.embedded import ensure_gptq_folder
 from webui.engine import Engine
+from webui.options.config import GenerationParams, ModelSpec
 
 ROWS = ("hot_swap_vs_reload.gptq", "decode_unmerged_vs_base.gptq", "decode_gptq_vs_float.transformers")
 

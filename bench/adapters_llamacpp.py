@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from bench.common import Row, hot_swap_vs_reload, side_by_side, timed, write_ab_adapters
-from webui import embedded
-from webui.config import GenerationParams, ModelSpec
+from webui.backends import embedded
 from webui.engine import Engine
+from webui.options.config import GenerationParams, ModelSpec
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 ROWS = ("hot_swap_vs_reload.llamacpp", "decode_unmerged_vs_base.llamacpp", "engine_vs_direct.llamacpp",

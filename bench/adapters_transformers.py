@@ -10,9 +10,9 @@ import tempfile
 from pathlib import Path
 
 from bench.common import Row, hot_swap_vs_reload, side_by_side, timed, write_ab_adapters
-from webui import embedded
-from webui.config import GenerationParams, ModelSpec
+from webui.backends import embedded
 from webui.engine import Engine
+from webui.options.config import GenerationParams, ModelSpec
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 ROWS = ("hot_swap_vs_reload.transformers", "decode_unmerged_vs_base.transformers",

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from bench.common import Row, side_by_side, timed
-from webui import embedded
-from webui.config import GenerationParams, ModelSpec, ServerConfig
+from webui.backends import embedded
 from webui.engine import Engine
+from webui.options.config import GenerationParams, ModelSpec, ServerConfig
 
 ROWS = ("mixed_batch_vs_sequential.transformers", "api_vs_direct.transformers")
 PROMPTS = ["Tell me about the sea.", "Name three fruits.", "What is a LoRA adapter?", "Write a haiku about rain."]
@@ -25,7 +25,7 @@ PROMPTS = ["Tell me about the sea.", "Name three fruits.", "What is a LoRA adapt
 def _server(engine: Engine) -> tuple[str, object]:
     import uvicorn
 
-    from webui.server import build_app
+    from webui.web.server import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,7 +60,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
 
         if not only or ROWS[0] in only:
             def batched():
-                handles = [engine.scheduler.submit(p, params, {n: 1.0}) for p, n in zip(prompts, names)]
+                handles = [engine.submit(p, params, {n: 1.0}) for p, n in zip(prompts, names)]
                 start = time.perf_counter()
                 texts = [h.text() for h in handles]
                 seconds = time.perf_counter() - start
@@ -70,7 +70,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
                 total, seconds = 0, 0.0
                 for p, n in zip(prompts, names):
                     start = time.perf_counter()
-                    h = engine.scheduler.submit(p, params, {n: 1.0})
+                    h = engine.submit(p, params, {n: 1.0})
                     t = h.text()
                     seconds += time.perf_counter() - start
                     total += h.completion_tokens or engine.count_tokens(t)
@@ -90,7 +90,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
                 return r["usage"]["completion_tokens"] / (time.perf_counter() - start)
 
             def direct():
-                seconds = timed(lambda: out.__setitem__("t", engine._backend.generate(prompts[0], params)))
+                seconds = timed(lambda: out.__setitem__("t", engine.generate(prompts[0], params)))
                 return engine.count_tokens(out["t"]) / seconds
 
             out = {}

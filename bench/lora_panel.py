@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import Row
-from webui import embedded
+from webui.backends import embedded
 
 ROWS = ("lora_panel_first_paint",)
 ADAPTERS = 100

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import Row, posted_tokens, side_by_side, timed, together
-from webui import embedded
+from webui.backends import embedded
 
 ROWS = ("remote_vs_direct.loradeck", "remote_vs_direct.llama-server")
 PROMPTS = ["Tell me about the sea.", "Name three fruits.", "What is a LoRA adapter?", "Write a haiku about rain."]
@@ -123,7 +123,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
                 print("remote_vs_direct.llama-server skipped: llama-server is not built "
                       "(bash scripts/build-llama-server.sh builds it in about 10 minutes)", file=sys.stderr)
                 return rows
-            from webui.backends.llama_server_cmd import command, convert_for_llama_server
+            from webui.backends.llamacpp.server_cmd import command, convert_for_llama_server
 
             path = binary.stdout.strip().splitlines()[-1]
             converted = convert_for_llama_server(embedded.gguf_path(), [loras / n for n in NAMES])

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.common import Row, posted_tokens, side_by_side, together
 from bench.remote import ROOT, _start, _stop
-from webui import embedded
+from webui.backends import embedded
 
 ROWS = ("gguf_vs_llama_server.single_base", "gguf_vs_llama_server.single_adapter",
         "gguf_vs_llama_server.concurrent4_same", "gguf_vs_llama_server.concurrent4_mixed",
@@ -52,7 +52,7 @@ def _llama_server_binary() -> str | None:
 
 
 def _against_llama_server(models_dir: Path, binary: str, names: list[str], quick: bool) -> list[Row]:
-    from webui.backends.llama_server_cmd import command, convert_for_llama_server
+    from webui.backends.llamacpp.server_cmd import command, convert_for_llama_server
     from webui.testing.tiny_models import write_adapter
 
     reps = 3 if quick else 7
@@ -111,8 +111,8 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
         rows += _against_llama_server(models_dir, binary, server_rows, quick)
     if wanted(ROWS[4]) or wanted(ROWS[5]):  # in this process, through the scheduler, as for the other loaders
         from bench.serving import rows_for
-        from webui.config import ModelSpec
         from webui.engine import Engine
+        from webui.options.config import ModelSpec
 
         engine = Engine(models_dir, models_dir / "loras")
         engine.load(ModelSpec(loader="llamacpp", n_threads=THREADS))  # the embedded GGUF

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from bench.common import Row, side_by_side
-from webui import embedded
+from webui.backends import embedded
 from webui.training import precision
 
 ROWS = ("train_vs_trl", "train_peak_rss_vs_trl", "train_qlora_nf4_vs_float", "train_ddp2_vs_single")

@@ -48,7 +48,7 @@ def models_dir(tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def embedded_folder(tmp_path_factory) -> Path:
     """The embedded SmolLM2 converted once for the whole session (as the app does on first start)."""
-    from webui import embedded
+    from webui.backends import embedded
 
     return embedded.ensure_transformers_folder(tmp_path_factory.mktemp("embedded-models"))
 
@@ -93,7 +93,7 @@ def llama_loras(gguf_models, tmp_path_factory) -> Path:
 def gptq_dirs(tmp_path_factory):
     """models/{tiny-float, tiny-gptq (4-bit, group 32, quantized with the project's calibration text),
     other-float} and loras/{A, B, other} shared by the whole session."""
-    from webui.export.gptq_quantize import quantize_folder
+    from webui.backends.hf.gptq_quantize import quantize_folder
     from webui.testing.tiny_models import write_adapter
 
     root = tmp_path_factory.mktemp("gptq")

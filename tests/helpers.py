@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from webui.config import GenerationParams
+from webui.options.config import GenerationParams
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox"
@@ -30,7 +30,7 @@ GPTQ_GROUP = 32
 GPTQ_REL_TOL = 0.25
 # Ours vs plain PEFT on the same bitsandbytes model (relative L2 distance of all logits): transformers' own
 # model runs bitsandbytes' repacked bfloat16 CPU kernel on CPUs with AVX512-BF16 (our loader keeps it off:
-# see webui/backends/bnb.py), measured 0.005 on the 128-wide tiny Llama; on other CPUs both are the same
+# see webui/backends/hf/bnb.py), measured 0.005 on the 128-wide tiny Llama; on other CPUs both are the same
 # computation. The adapters move the logits by 1.1-1.2.
 BNB_REL_TOL = 0.02
 

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import GREEDY, PROMPT, ROOT, peft_reference
-from webui.config import ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput, Incompatible
+from webui.options.config import ModelSpec
 from webui.testing.tiny_models import build_model, build_tokenizer, write_adapter
 
 

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import GREEDY, PROMPT, ROOT, hf_logits, peft_reference
-from webui.config import ModelSpec
 from webui.engine import Engine
+from webui.options.config import ModelSpec
 from webui.testing.tiny_models import ARCHITECTURES, write_adapter
 
 _LLAMA = (["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"])
@@ -105,7 +105,7 @@ def test_adapter_folders_with_dots_in_their_names(two_adapters):
     assert engine.set_adapters({"style-v1.2": 1.0}) == {"style-v1.2": 1.0}
     assert engine.generate(PROMPT, GREEDY) == expected
     engine.set_adapters({})
-    batch = [engine.scheduler.submit(PROMPT, GREEDY, {"style-v1.2": 1.0}), engine.scheduler.submit(PROMPT, GREEDY, {})]
+    batch = [engine.submit(PROMPT, GREEDY, {"style-v1.2": 1.0}), engine.submit(PROMPT, GREEDY, {})]
     assert batch[0].text() == expected and batch[1].text() == engine.generate(PROMPT, GREEDY)
     path = engine.blend_adapters({"style-v1.2": 1.0, "B": 0.5}, "mix.v2", combination_type="cat")
     assert path == loras / "mix.v2" and (path / "adapter_config.json").is_file()

@@ -3,8 +3,8 @@ generates; greedy output equals a plain `model.generate`, and streaming yields t
 import pytest
 
 from tests.helpers import reference_greedy
-from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
+from webui.options.config import GenerationParams, ModelSpec
 from webui.testing.tiny_models import ARCHITECTURES
 
 PROMPT = "The quick brown fox"

@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.helpers import BNB_REL_TOL, GREEDY, PROMPT, bnb_load_kwargs, hf_logits, peft_reference, rel_err
-from webui.config import ModelSpec, ServerConfig, TrainConfig
 from webui.engine import Engine
 from webui.errors import BadInput, Unsupported
+from webui.options.config import ModelSpec, ServerConfig, TrainConfig
 
 pytest.importorskip("bitsandbytes")
 
@@ -60,10 +60,9 @@ def test_mixed_batch_each_row_its_adapter(engine):
         engine.set_adapters({name: 1.0} if name else {})
         single.append(engine.generate(prompt, GREEDY))
     engine.set_adapters({"B": 0.5})
-    texts = [""] * 3
-    for event in engine._backend.stream_batch(prompts, GREEDY, names):
-        if event[0] == "delta":
-            texts[event[1]] += event[2]
+    # queued together through the one door: the rows share the running batch, each with its own adapter
+    handles = [engine.submit(p, GREEDY, {n: 1.0} if n else {}) for p, n in zip(prompts, names)]
+    texts = [h.text() for h in handles]
     assert texts == single and len(set(single)) == 3
     assert engine.active_adapters == {"B": 0.5}  # the batch restored the active stack
     engine.clear_adapters()
@@ -123,7 +122,7 @@ def test_quantization_is_a_transformers_option(bnb_dirs, gguf_models, gptq_dirs)
 def test_cli_flag(capsys):
     import argparse
 
-    from webui.config_flags import add_arguments, from_namespace
+    from webui.options.flags import add_arguments, from_namespace
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, ServerConfig)

@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import PROMPT
 from webui.cli import main
-from webui.config import ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput
 from webui.export.run import export_model
+from webui.options.config import ModelSpec
 from webui.testing.tiny_models import write_adapter
 
 STACK = {"R4": 1.0, "R8": -0.6}

@@ -3,6 +3,8 @@ non-zero exit; a non-loopback host without auth warns; download-model.py is `pyt
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, free_port
 from webui.testing.tiny_models import write_adapter
 
@@ -62,3 +64,21 @@ def test_app_applies_loras_at_start(start_app, tiny_models, tmp_path):
     assert r.returncode == 1 and "adapter not found: missing" in r.stderr
     r = run("app.py", "--lora", "A", "B", "--lora-weights", "1")
     assert r.returncode == 2 and "lora_weights" in r.stderr
+
+
+@pytest.mark.parametrize("argv, field, expected", [
+    (["serve", "--lora", "A", "--lora", "B"], "lora", ["A", "B"]),
+    (["serve", "--lora", "A", "B", "--lora-weights", "0.5", "--lora-weights", "2"], "lora_weights", [0.5, 2.0]),
+    (["eval", "--dataset", "d.jsonl", "--format", "raw", "--out", "r.json", "--lora", "A", "--lora", "B"], "lora", ["A", "B"]),
+    (["eval", "--dataset", "d.jsonl", "--format", "raw", "--out", "r.json", "--stack", "A=1,B=0.5", "--stack", "C=1"], "stack",
+     ["A=1,B=0.5", "C=1"]),
+    (["llama-server-command", "--model", "m.gguf", "--lora", "A", "--lora", "B"], "lora", ["A", "B"]),
+])
+def test_every_list_flag_accumulates(argv, field, expected):
+    """A repeated list flag keeps every value (argparse's nargs alone keeps only the last, silently), and the
+    default list is not shared between two parses."""
+    from webui.cli import _parser
+
+    parser = _parser()
+    assert getattr(parser.parse_args(argv), field) == expected
+    assert parser.parse_args(["serve"]).lora == []  # the default list was not appended to

@@ -5,10 +5,10 @@ import argparse
 import pytest
 
 from tests.helpers import ROOT
-from webui.config import GenerationParams, ModelSpec, ServerConfig
-from webui.config_flags import add_arguments, from_namespace
 from webui.errors import BadInput
-from webui.presets import list_presets, load_preset, save_preset
+from webui.options.config import GenerationParams, ModelSpec, ServerConfig
+from webui.options.flags import add_arguments, from_namespace
+from webui.options.presets import list_presets, load_preset, save_preset
 
 
 @pytest.mark.parametrize("kwargs, field", [

@@ -12,9 +12,10 @@ import threading
 import pytest
 
 from tests.helpers import peft_model
-from webui.backends import few_rows, hf_continuous
-from webui.config import GenerationParams, ModelSpec
+from webui.backends.hf import continuous as hf_continuous
+from webui.backends.hf import few_rows
 from webui.engine import Engine
+from webui.options.config import GenerationParams, ModelSpec
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old songs".split()
 STACKS = [None, {}, {"A": 1.0}, {"B": 1.0}, {"A": 0.5, "B": 0.7}]
@@ -53,7 +54,7 @@ def run_concurrently(engine: Engine, reqs: list[dict]) -> list:
     def client(i: int, req: dict) -> None:
         threading.Event().wait(req["delay"])
         params = GenerationParams(temperature=0, max_new_tokens=req["max"], stop=req.get("stop", []))
-        handle = engine.scheduler.submit(req["prompt"], params, req["stack"])
+        handle = engine.submit(req["prompt"], params, req["stack"])
         if req.get("cancel"):
             next(iter(handle), None)
             handle.close()
@@ -90,7 +91,7 @@ def widths(monkeypatch):
 
 
 def transposed_form(engine, monkeypatch) -> None:
-    """The decode steps' Linear layers as W·xᵀ (webui/backends/few_rows.py) whether or not this CPU measured that
+    """The decode steps' Linear layers as W·xᵀ (webui/backends/hf/few_rows.py) whether or not this CPU measured that
     faster on the tiny model; it stays installed for the module's later tests (as it would in the app)."""
     model = engine._backend.model
     few_rows._decided.pop(model, None)
@@ -178,13 +179,13 @@ def test_a_request_naming_a_cached_adapter_joins_the_running_batch(engine, monke
 
     monkeypatch.setattr(hf_continuous.HfDecoder, "step", step)
     params = GenerationParams(temperature=0, max_new_tokens=12)
-    first = engine.scheduler.submit("The quick brown fox", params, {})
+    first = engine.submit("The quick brown fox", params, {})
     assert stepping.wait(30)
     checked = threading.Event()
     threading.Thread(target=lambda: (engine.prepare_adapters(["A"]), checked.set()), daemon=True).start()
     try:
         assert checked.wait(30), "checking a cached adapter waited for the running batch to end"
-        second = engine.scheduler.submit("a lazy dog", params, {"A": 1.0})
+        second = engine.submit("a lazy dog", params, {"A": 1.0})
     finally:
         gate.set()
     texts = first.text(), second.text()
@@ -194,8 +195,8 @@ def test_a_request_naming_a_cached_adapter_joins_the_running_batch(engine, monke
 
 
 def test_a_bad_request_fails_alone(engine):
-    good = engine.scheduler.submit("The quick brown fox", GenerationParams(temperature=0, max_new_tokens=5), {})
-    bad = engine.scheduler.submit("The quick brown fox", GenerationParams(temperature=0, max_new_tokens=5),
+    good = engine.submit("The quick brown fox", GenerationParams(temperature=0, max_new_tokens=5), {})
+    bad = engine.submit("The quick brown fox", GenerationParams(temperature=0, max_new_tokens=5),
                                   {"missing": 1.0})
     with pytest.raises(Exception, match="not loaded"):
         bad.text()

@@ -89,7 +89,7 @@ def one_line_error(r) -> str:
 
 
 def test_model_repo_lands_in_models_with_exact_bytes_and_metadata(hub, repos, tmp_path):
-    from webui.models import list_models
+    from webui.backends.models import list_models
 
     r = download(hub, tmp_path, "test/tiny-llama")
     assert r.returncode == 0, r.stderr

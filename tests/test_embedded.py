@@ -4,9 +4,9 @@ and chats with the model's own chat template."""
 import pytest
 import torch
 
-from webui import embedded
-from webui.config import GenerationParams, ModelSpec
+from webui.backends import embedded
 from webui.engine import Engine
+from webui.options.config import GenerationParams, ModelSpec
 
 
 @pytest.fixture(scope="module")

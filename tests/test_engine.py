@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from webui.backends.hf_sampling import PresenceFrequencyPenalty
-from webui.config import GenerationParams, ModelSpec
+from webui.backends.hf.sampling import PresenceFrequencyPenalty
 from webui.engine import Engine
 from webui.errors import LoadFailed, NoModelLoaded, NotFound
+from webui.options.config import GenerationParams, ModelSpec
 
 PROMPT = "Hello! How can"
 GREEDY = GenerationParams(temperature=0, max_new_tokens=16)
@@ -155,10 +155,22 @@ def test_concurrent_callers_each_get_their_own_answer(engine):
     assert got == expected
 
 
-def test_model_change_waits_for_running_generation(engine):
-    events = []
-    chunks = engine.stream(PROMPT, GenerationParams(temperature=0, max_new_tokens=8))
-    next(chunks)
+def test_model_change_waits_for_running_generation(engine, monkeypatch):
+    """A load asked for while a request generates waits for it: the request runs to its end on the model it
+    started on, and only then is the model replaced."""
+    from webui.backends.hf import continuous
+
+    events, gate, stepping = [], threading.Event(), threading.Event()
+    real_step = continuous.HfDecoder.step
+
+    def step(self):  # the decode steps wait for the gate: the request is mid-generation meanwhile
+        stepping.set()
+        assert gate.wait(30)
+        return real_step(self)
+
+    monkeypatch.setattr(continuous.HfDecoder, "step", step)
+    handle = engine.submit(PROMPT, GenerationParams(temperature=0, max_new_tokens=8))
+    assert stepping.wait(30)
 
     def reload():
         engine.load(ModelSpec(model="tiny-llama"))
@@ -168,9 +180,13 @@ def test_model_change_waits_for_running_generation(engine):
     t.start()
     time.sleep(0.5)
     events.append("generation ends")
-    list(chunks)
+    gate.set()
+    text = handle.text()
     t.join(60)
     assert events == ["generation ends", "loaded"]
+    # the request ended whole, on the model it started on (the reload is the same model: the same text)
+    assert handle.finish_reason in ("stop", "length")
+    assert text == engine.generate(PROMPT, GenerationParams(temperature=0, max_new_tokens=8))
 
 
 def test_seeded_sampling_is_reproducible(engine):

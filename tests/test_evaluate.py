@@ -17,10 +17,10 @@ import torch
 
 from tests.browser import ARTIFACTS
 from tests.helpers import ROOT, converted_lora, peft_model, peft_reference, reference_greedy, write_data
-from webui.config import EvalConfig, ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput, Incompatible, NotFound
 from webui.evaluate.run import evaluate, write_report
+from webui.options.config import EvalConfig, ModelSpec
 from webui.training.data import IGNORE, load_samples
 
 RESULT_KEYS = {"name", "adapters", "loss", "perplexity", "tokens", "delta_loss_vs_base", "ci95"}
@@ -136,7 +136,7 @@ def test_gptq_loss_equals_plain_transformers_on_the_same_gptq_model(gptq_dirs, d
 
 
 def test_an_adapter_trained_on_a_style_scores_best_on_that_style(gguf_models, tmp_path):
-    from webui.config import TrainConfig
+    from webui.options.config import TrainConfig
     from webui.training.trainer import train
 
     styles = {"keeper": "The lighthouse keeper counts the ships. One, two, three ships pass by. ",

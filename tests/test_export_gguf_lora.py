@@ -18,10 +18,10 @@ from peft.tuners.lora import LoraLayer
 
 from tests.helpers import GREEDY, PROMPT, _greedy, _load
 from webui.cli import main
-from webui.config import ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput
 from webui.export.run import export_model
+from webui.options.config import ModelSpec
 from webui.testing.tiny_models import write_adapter
 
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, peft_reference
-from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput
 from webui.extensions import Extensions
+from webui.options.config import GenerationParams, ModelSpec
 from webui.testing.tiny_models import write_adapter
 
 TRACE = """
@@ -126,7 +126,7 @@ def test_lora_router_answers_with_the_triggered_adapter(tiny_models, tmp_path):
         prompt = engine.chat_prompt(messages)
         if adapters:
             engine.prepare_adapters(list(adapters))
-        return prompt, adapters, state, engine.scheduler.submit(prompt, params, adapters).text()
+        return prompt, adapters, state, engine.submit(prompt, params, adapters).text()
 
     for text, adapter in (("Arr, where is the treasure?", "pirate"), ("Write a QUERY for users", "sql")):
         prompt, adapters, state, reply = answer(text)

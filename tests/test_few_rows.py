@@ -1,4 +1,4 @@
-"""webui/backends/few_rows.py: the W·xᵀ form of a decode step's Linear layers gives nn.Linear's values (to float32
+"""webui/backends/hf/few_rows.py: the W·xᵀ form of a decode step's Linear layers gives nn.Linear's values (to float32
 rounding) and only inside rows_product(), for 2-16 rows; outside, the layers compute exactly as nn.Linear; it is
 installed on the base's layers and never on LoRA's A and B, only where it was measured faster; and a continuous
 batch using it still gives every request its own greedy text (the full check is tests/test_continuous_batching.py)."""
@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from webui.backends import few_rows
+from webui.backends.hf import few_rows
 from webui.testing.tiny_models import build_model, build_tokenizer
 
 

@@ -25,9 +25,9 @@ from tests.helpers import (
     reference_greedy,
     rel_err,
 )
-from webui.config import ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput
+from webui.options.config import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +64,9 @@ def test_mixed_batch_each_row_its_adapter(engine):
         engine.set_adapters({name: 1.0} if name else {})
         single.append(engine.generate(prompt, GREEDY))
     engine.set_adapters({"B": 0.5})  # the UI's stack: the batch must not use it, and must restore it
-    texts = [""] * 3
-    for event in engine._backend.stream_batch(prompts, GREEDY, names):
-        if event[0] == "delta":
-            texts[event[1]] += event[2]
+    # queued together through the one door: the rows share the running batch, each with its own adapter
+    handles = [engine.submit(p, GREEDY, {n: 1.0} if n else {}) for p, n in zip(prompts, names)]
+    texts = [h.text() for h in handles]
     assert texts == single and len(set(single)) == 3
     assert engine.active_adapters == {"B": 0.5}
     engine.clear_adapters()
@@ -89,7 +88,7 @@ def test_blend_on_gptq_equals_the_stack(engine):
 def test_group_size_must_divide_the_layers(tmp_path):
     """GPTQModel's CPU int4 kernel fails at the first forward pass when a layer's input size is not a multiple
     of the group size (SmolLM2: 576 with 128), so export picks one that fits or refuses before any work."""
-    from webui.export.gptq_quantize import pick_group_size
+    from webui.backends.hf.gptq_quantize import pick_group_size
 
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 576, "intermediate_size": 1536}))
     assert pick_group_size(tmp_path) == 64 and pick_group_size(tmp_path, 32) == 32
@@ -128,7 +127,7 @@ def test_export_gptq_merges_then_quantizes(gptq_dirs, tmp_path):
 
 
 def test_qlora_training_on_gptq_base_lowers_loss(gptq_dirs, tmp_path):
-    from webui.config import TrainConfig
+    from webui.options.config import TrainConfig
     from webui.training.trainer import train
 
     models, _ = gptq_dirs
@@ -150,8 +149,8 @@ def test_qlora_training_on_gptq_base_lowers_loss(gptq_dirs, tmp_path):
 def test_embedded_gptq_folder_is_reused(gptq_dirs, tmp_path):
     """With no --model and --loader gptq the embedded model is quantized once into models/<name>-GPTQ/; a
     finished folder (its marker written) is reused without quantizing again."""
-    from webui import models as model_lookup
-    from webui.embedded import GPTQ_DONE, gptq_folder
+    from webui.backends import models as model_lookup
+    from webui.backends.embedded import GPTQ_DONE, gptq_folder
 
     models, _ = gptq_dirs
     target = gptq_folder(tmp_path)

@@ -16,9 +16,9 @@ import pytest
 from tests.helpers import PROMPT, peft_reference, write_llama
 from webui.adapters import library
 from webui.adapters.report_cache import DiskCache, ReportService, status_of
-from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput, NotFound
+from webui.options.config import GenerationParams, ModelSpec
 from webui.testing.tiny_models import write_adapter
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from tests.helpers import GREEDY, PROMPT, converted_lora, llamacpp_logits, peft_reference, reference_greedy
-from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput, LoadFailed
 from webui.export.hf_to_gguf import hf_to_gguf
 from webui.export.run import export_model
+from webui.options.config import GenerationParams, ModelSpec
 from webui.testing.tiny_models import write_adapter
 
 pytest.importorskip("llama_cpp")
@@ -146,7 +146,7 @@ def test_sampling_seed_and_cancel(engine):
 
 
 def test_load_errors_are_clear_and_keep_the_model(engine, loras, tmp_path):
-    from webui.backends.llamacpp import LlamaCppBackend
+    from webui.backends.llamacpp.loader import LlamaCppBackend
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")

@@ -1,4 +1,4 @@
-"""Continuous batching on the llama.cpp loader (webui/backends/llamacpp_batch.py): rows that join a running batch
+"""Continuous batching on the llama.cpp loader (webui/backends/llamacpp/batch.py): rows that join a running batch
 at different steps, with different max_tokens, one cancelled midway, each give exactly the tokens the
 single-request path (`stream_tokens`, llama-cpp-python's own generate loop) gives for that prompt alone with the
 same adapter stack — on the embedded SmolLM2 Q4_1 GGUF and on the f32 tiny Llama with its GGUF LoRAs, one
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput
+from webui.options.config import GenerationParams, ModelSpec
 
 pytest.importorskip("llama_cpp")
 
@@ -177,7 +177,7 @@ def test_through_the_scheduler_each_request_gets_its_text_alone(tiny):
     def client(i: int) -> None:
         prompt, stack, n, delay = reqs[i]
         threading.Event().wait(delay)
-        handle = tiny.scheduler.submit(prompt, GenerationParams(temperature=0, max_new_tokens=n), stack)
+        handle = tiny.submit(prompt, GenerationParams(temperature=0, max_new_tokens=n), stack)
         results[i] = handle.text()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
@@ -195,7 +195,7 @@ def test_no_second_context_where_two_rows_do_not_fit(gguf_models, llama_loras, m
     """Where fewer than two rows of the whole context fit in the decoder's KV budget (a big model at a long
     context), the loader makes no decoder, whose one row would only double the KV memory: concurrent requests
     with different stacks run one after another on the model's own context, each with the text it gets alone."""
-    from webui.backends import llamacpp_batch
+    from webui.backends.llamacpp import batch as llamacpp_batch
 
     monkeypatch.setattr(llamacpp_batch, "KV_BUDGET", 1)
     e = Engine(gguf_models, llama_loras)
@@ -205,7 +205,7 @@ def test_no_second_context_where_two_rows_do_not_fit(gguf_models, llama_loras, m
         assert e._backend.decoder() is None
         params = GenerationParams(temperature=0, max_new_tokens=12)
         stacks = [{}, {"A": 1.0}, {}, {"A": 1.0}]
-        handles = [e.scheduler.submit(PROMPTS[k], params, stacks[k]) for k in range(len(stacks))]
+        handles = [e.submit(PROMPTS[k], params, stacks[k]) for k in range(len(stacks))]
         texts = [h.text() for h in handles]
         with e.locked_backend():  # the batch has ended and put the UI's stack back (after its last reply)
             pass

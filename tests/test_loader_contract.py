@@ -42,16 +42,17 @@ from tests.helpers import (
     reference_greedy,
     rel_err,
 )
-from webui.config import GenerationParams, ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput, Incompatible, Unsupported
+from webui.options.config import GenerationParams, ModelSpec
 
 LOADERS = ("transformers", "gptq", "llamacpp", "bitsandbytes")
 STACKS = ({"A": 1.0, "B": 0.5}, {"A": 0.3, "B": -0.7})
 # Float32 rounding on the tiny Llama (logits up to ~6; the adapters move them by ~1), max |difference| over all
 # positions measured here: a stack (each adapter's output summed) vs PEFT's one concatenated adapter 3e-5;
-# merged vs unmerged 2.3e-4 (W + BA rounds differently); unmerged again vs the base 2e-5.
-FLOAT_TOL, MERGE_TOL = 1e-4, 1e-3
+# merged vs unmerged 2.3e-4 (W + BA rounds differently); unmerged again vs the base 2e-5. That was on AMD EPYC
+# machines; an Intel Xeon (other MKL kernels) measured 1.2e-4 for a weighted stack, hence 3e-4.
+FLOAT_TOL, MERGE_TOL = 3e-4, 1e-3
 
 
 class Loader:

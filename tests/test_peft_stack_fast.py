@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import PROMPT
 from webui.adapters.peft_stack import peft_key
-from webui.config import ModelSpec
 from webui.engine import Engine
+from webui.options.config import ModelSpec
 from webui.testing.tiny_models import write_adapter
 
 # A: attention r=4; B: all-linear r=8; C: rsLoRA with dropout (identity in eval mode); D: a LoRA bias on B.

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.helpers import ROOT, AppProcess, api_app
-from webui.config import GenerationParams, ModelSpec
+from webui.options.config import GenerationParams, ModelSpec
 
 MAX = 12
 QUESTION = [{"role": "user", "content": "Name three colors."}]
@@ -201,14 +201,14 @@ def test_dialects_against_loradeck_routes(back, loras, engine):
 
 
 def test_auto_detects_engines_and_refuses_bad_addresses(back, loras):
-    from webui.backends.remote_engines import LoraDeck, detect
-    from webui.backends.remote_http import Http
+    from webui.backends.remote.engines import LoraDeck, detect
+    from webui.backends.remote.http import Http
     from webui.errors import BadInput, EngineUnavailable
 
     assert detect(Http(back.url)) is LoraDeck
     with pytest.raises(EngineUnavailable, match="no serving engine"):
         detect(Http("http://127.0.0.1:9"))
-    from webui import models
+    from webui.backends import models
 
     with pytest.raises(BadInput, match="--loader remote"):
         models.resolve(back.url, "transformers", loras)
@@ -258,7 +258,7 @@ class LlamaServer:
         import os
 
         from tests.helpers import free_port
-        from webui.backends.llama_server_cmd import command
+        from webui.backends.llamacpp.server_cmd import command
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -307,7 +307,7 @@ def llama_direct(url: str, name: str, messages=QUESTION) -> str:
 
 @pytest.fixture(scope="module")
 def llama_setup(llama_server_binary, gguf_models, loras):
-    from webui.backends.llama_server_cmd import convert_for_llama_server
+    from webui.backends.llamacpp.server_cmd import convert_for_llama_server
 
     base = gguf_models / "tiny-llama.gguf"
     converted = convert_for_llama_server(base, [loras / "A", loras / "B"])

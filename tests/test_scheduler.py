@@ -15,8 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from webui.config import GenerationParams
-from webui.scheduler import Job, JobHandle, Scheduler
+from webui.backends.base import RowDelta, RowDone
+from webui.engine.scheduler import Delta, Done, Job, JobHandle, Scheduler
+from webui.options.config import GenerationParams
 
 PARAMS = GenerationParams(temperature=0, max_new_tokens=64)
 WAIT = 10  # seconds: a bound for waits that end at once when the code works
@@ -83,9 +84,9 @@ class FakeBackend:
                     self.stopped_by_cancel.append(True)
                     return
                 if step < len(rows_pieces):
-                    yield ("delta", row, rows_pieces[step])
+                    yield RowDelta(row, rows_pieces[step])
                     if step == len(rows_pieces) - 1:
-                        yield ("done", row, "eos", len(rows_pieces))
+                        yield RowDone(row, "eos", len(rows_pieces))
             step += 1
         self.stopped_by_cancel.append(False)
 
@@ -216,18 +217,18 @@ def test_a_whole_reply_wakes_its_reader_once():
     """`JobHandle.text()` (a non-streamed reply) gets the deltas queued before it was called, then the rest in
     one piece with the end: its thread is not woken for every token while the batch computes."""
     job = Job("p", PARAMS, {})
-    job.emit("delta", "one ")
+    job.emit(Delta("one "))
     job.whole = True  # what text() sets, here before the rest arrives
     for piece in ("two ", "three ", "four"):
-        job.emit("delta", piece)
+        job.emit(Delta(piece))
     assert job.events.qsize() == 1
-    job.emit("done", "length", 4)
-    assert [e[0] for e in list(job.events.queue)] == ["delta", "delta", "done"]
+    job.emit(Done("length", 4))
+    assert [type(e) for e in list(job.events.queue)] == [Delta, Delta, Done]
     handle = JobHandle(job)
     assert handle.text() == "one two three four" and handle.finish_reason == "length"
     streamed = Job("p", PARAMS, {})
     for piece in ("a", "b"):
-        streamed.emit("delta", piece)
+        streamed.emit(Delta(piece))
     assert streamed.events.qsize() == 2  # a streamed reply still gets every delta as it comes
 
 

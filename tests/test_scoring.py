@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.helpers import GREEDY, PROMPT, peft_model
-from webui.config import ModelSpec
 from webui.engine import Engine
 from webui.errors import BadInput
+from webui.options.config import ModelSpec
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello! How can I help you today?", PROMPT]
 

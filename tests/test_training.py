@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, write_data
-from webui.config import LoraTrainConfig, TrainConfig
 from webui.errors import BadInput
+from webui.options.config import LoraTrainConfig, TrainConfig
 from webui.training.runner import TrainingRunner
 from webui.training.trainer import latest_checkpoint, train
 

@@ -7,10 +7,10 @@ import math
 import pytest
 
 from tests.helpers import write_run
-from webui.config import DatasetConfig, LoraTrainConfig, TrainingParams
+from webui.options.config import DatasetConfig, LoraTrainConfig, TrainingParams
 from webui.training.runner import TrainingRunner
-from webui.ui import training_tab
-from webui.ui.training_charts import curves, ema, eta_text, history, history_row
+from webui.ui.training import tab as training_tab
+from webui.ui.training.charts import curves, ema, eta_text, history, history_row
 
 
 def tensorboard_smooth(values, weight):

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import write_data
-from webui.config import DatasetConfig, TrainConfig, TrainingParams
 from webui.errors import BadInput, Unsupported
+from webui.options.config import DatasetConfig, TrainConfig, TrainingParams
 from webui.training import chunked_loss, packing, precision
 from webui.training.data import IGNORE, conversations, load_files
 from webui.training.trainer import train, training_arguments

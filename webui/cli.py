@@ -1,5 +1,5 @@
 """Command line of LoRA Deck: `python -m webui SUBCOMMAND` (the `loradeck` command once installed). `app.py`
-is `serve` and `download-model.py` is `download`. The flags of `serve` come from `webui.config.ServerConfig`,
+is `serve` and `download-model.py` is `download`. The flags of `serve` come from `webui.options.config.ServerConfig`,
 so they, the defaults and the help texts have one home; the loader choices come from the registry.
 
 Each subcommand imports its own modules when it runs: `serve` pulls in torch and gradio, which `--help`,
@@ -18,14 +18,14 @@ import yaml
 from webui.adapters.library_cli import add_arguments as add_library_arguments
 from webui.adapters.library_cli import run as run_library_cli
 from webui.adapters.types import COMBINATIONS
-from webui.config import EvalConfig, ModelSpec, ServerConfig, TrainConfig
-from webui.config_flags import add_arguments, from_namespace
 from webui.errors import BadInput, LoraDeckError
 from webui.export import FORMATS
 from webui.hub.cli import add_arguments as add_download_arguments
 from webui.hub.cli import run_cli
+from webui.options.config import EvalConfig, ModelSpec, ServerConfig, TrainConfig
+from webui.options.flags import add_arguments, from_namespace
+from webui.options.lora_options import yaml_hint
 from webui.training import launch
-from webui.training.lora_options import yaml_hint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     llama = sub.add_parser("llama-server-command", help="print the llama-server command that serves a GGUF base "
                            "with our adapters (for --loader remote); converts the adapters to GGUF LoRAs")
     llama.add_argument("--model", required=True, help="the GGUF base (a models-dir name or a path)")
-    llama.add_argument("--lora", nargs="*", default=[], help="adapter names in the loras dir, or paths")
+    llama.add_argument("--lora", action="extend", nargs="*", default=[], help="adapter names in the loras dir, or paths")
     llama.add_argument("--binary", default="llama-server", help="the llama-server executable")
     llama.add_argument("--port", type=int, default=8080)
     llama.add_argument("--models-dir", default="models")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         except BadInput as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        from webui.server import serve  # torch, gradio: see the module docstring
+        from webui.web.server import serve  # torch, gradio: see the module docstring
         return serve(cfg)
     if args.command == "inspect":
         return _inspect(args)
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _llama_server_command(args) -> int:
     from webui.adapters.files import locate_adapter  # torch: see the docstring
-    from webui.backends.llama_server_cmd import command, convert_for_llama_server, printable
-    from webui.models import resolve_model_path
+    from webui.backends.llamacpp.server_cmd import command, convert_for_llama_server, printable
+    from webui.backends.models import resolve_model_path
 
     try:
         base = resolve_model_path(args.model, Path(args.models_dir))
@@ -203,7 +203,7 @@ def _describe_model(model: str, models_dir):
     from transformers import AutoConfig  # torch: see the docstring
 
     from webui.adapters.targets import describe_config
-    from webui.models import resolve_model_path
+    from webui.backends.models import resolve_model_path
 
     path = resolve_model_path(model, models_dir)
     if not (path.is_dir() and (path / "config.json").is_file()):

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from webui.config import GenerationParams
 from webui.errors import BadInput, NotFound
+from webui.options.config import GenerationParams
 from webui.paths import inside
 
 log = logging.getLogger(__name__)

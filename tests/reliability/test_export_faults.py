@@ -175,8 +175,8 @@ def test_blend_killed_mid_write(wide):
     from safetensors.torch import load_file
 
     from webui.adapters.files import list_adapters
-    from webui.config import ModelSpec
     from webui.engine import Engine
+    from webui.options.config import ModelSpec
 
     models, loras = wide
     args = ["blend", "--model", "wide", "--models-dir", str(models), "--loras-dir", str(loras), "--lora", "A",

@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from tests.helpers import GREEDY, PROMPT, peft_reference
-from webui.config import ModelSpec
 from webui.engine import Engine
 from webui.errors import LoadFailed
+from webui.options.config import ModelSpec
 
 STACK = {"A": 0.7, "B": 0.4}
 

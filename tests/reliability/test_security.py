@@ -71,10 +71,10 @@ def served_routes(args: list[str]) -> tuple[list[tuple[str, str]], list[tuple[st
     from starlette.routing import Mount
 
     from webui.cli import _parser
-    from webui.config import ServerConfig
-    from webui.config_flags import from_namespace
     from webui.engine import Engine
-    from webui.server import build_app
+    from webui.options.config import ServerConfig
+    from webui.options.flags import from_namespace
+    from webui.web.server import build_app
 
     cfg = from_namespace(ServerConfig, _parser().parse_args(["serve", *args]))
     app = build_app(Engine(cfg.models_dir, cfg.loras_dir), cfg)
@@ -178,10 +178,10 @@ def test_symlinked_adapter_is_refused_in_every_dialect(app, setup):
 
 
 def test_symlinked_presets_and_conversations_are_refused(tmp_path):
-    from webui.config import GenerationParams
     from webui.conversations import load_conversation, save_conversation
     from webui.errors import BadInput
-    from webui.presets import load_preset, save_preset
+    from webui.options.config import GenerationParams
+    from webui.options.presets import load_preset, save_preset
 
     secret = tmp_path / "secret"
     secret.mkdir()

@@ -10,10 +10,7 @@ is not here. Engines that serve one adapter per request (vLLM, SGLang) get a sta
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +21,7 @@ from webui.adapters.exact_blend import refuse_unblendable
 from webui.adapters.files import load_weights, read_adapter
 from webui.adapters.gguf_lora import peft_scale
 from webui.adapters.types import CONFIG, SAFETENSORS, split_key
+from webui.atomic import write_into_place
 from webui.errors import BadInput
 
 _PREFIX = "base_model.model."  # how PEFT names the saved tensors
@@ -69,11 +67,7 @@ def cat_blend(sources: list[tuple[Path, float]], out: Path) -> Path:
               "init_lora_weights": True, "modules_to_save": None,
               "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules})}
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with write_into_place(out) as tmp:
         save_file(tensors, str(tmp / SAFETENSORS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

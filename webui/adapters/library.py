@@ -23,6 +23,7 @@ from pathlib import Path
 
 from webui.adapters.files import check_adapter_name, list_adapters
 from webui.adapters.types import BIN, CONFIG, SAFETENSORS
+from webui.atomic import write_text_into_place
 from webui.errors import BadInput, NotFound
 from webui.paths import inside
 
@@ -253,9 +254,7 @@ def empty_trash(loras_dir: Path) -> int:
 def _write_meta(path: Path, **changes) -> dict:
     meta = {**read_meta(path), **changes}
     target = meta_path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, target)  # readers see the old file or the new one, never half of it
+    write_text_into_place(target, json.dumps(meta, indent=2, ensure_ascii=False))
     return meta
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from webui.adapters import library
+from webui.atomic import write_text_into_place
 from webui.errors import LoraDeckError, first_line
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,7 @@ class DiskCache:
             fcntl.flock(lock, fcntl.LOCK_EX)
             merged = {k: v for k, v in self.read().items() if keep(k)}
             merged.update(records)
-            tmp = self.dir / f".{FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
-            tmp.write_text(json.dumps({"version": VERSION, "reports": merged}), encoding="utf-8")
-            os.replace(tmp, self.file)
+            write_text_into_place(self.file, json.dumps({"version": VERSION, "reports": merged}))
 
 
 class ReportService:

@@ -100,7 +100,7 @@ class LoRAX:
                 "model_pipeline_tag": "lorax", "max_concurrent_requests": 128, "max_best_of": 1,
                 "max_stop_sequences": 16, "max_input_length": info.context_length,
                 "max_total_tokens": info.context_length, "waiting_served_ratio": 1.2,
-                "max_batch_total_tokens": info.context_length * self.engine.scheduler.max_batch,
+                "max_batch_total_tokens": info.context_length * self.engine.max_batch,
                 "max_waiting_tokens": 20, "validation_workers": 1, "version": __version__, "sha": None,
                 "docker_label": None, "loader": info.loader, "adapters": self.service.adapter_names()}
 

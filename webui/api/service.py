@@ -1,5 +1,5 @@
 """What every API dialect shares (OpenAI, LoRAX, vLLM, llama-server, SGLang): the API key, which adapters a
-request asks for, its sampling settings and context check, running it through the Engine's scheduler (so
+request asks for, its sampling settings and context check, running it through Engine.submit (so
 requests of every dialect batch together, each with its own adapters), and the token log-probabilities
 some requests want. A dialect module only maps its request and response shapes onto these.
 
@@ -20,12 +20,12 @@ from starlette.concurrency import run_in_threadpool
 
 from webui.adapters.files import locate_adapter
 from webui.adapters.peft_stack import COMBINATIONS
-from webui.config import GenerationParams
 from webui.engine import Engine, check_weights
+from webui.engine.scheduler import JobHandle
 from webui.errors import BadInput, LoraDeckError, NoModelLoaded, NotFound, Unauthorized, first_line
 from webui.extensions import Extensions
 from webui.hub.fetch import fetch_adapter
-from webui.scheduler import JobHandle
+from webui.options.config import GenerationParams
 
 MERGE_CACHE = ".merged"  # blends made for LoRAX `merged_adapters` requests live in loras/.merged/ (hidden)
 
@@ -233,7 +233,7 @@ class Service:
             for i in range(n):
                 p = params if i == 0 or params.seed < 0 else GenerationParams.from_dict(
                     {**params.to_dict(), "seed": params.seed + i})
-                handles.append(self.engine.scheduler.submit(prompt, p, stack))
+                handles.append(self.engine.submit(prompt, p, stack))
         return handles
 
     async def finish(self, handle: JobHandle, state: dict | None = None) -> Output:

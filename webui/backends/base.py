@@ -2,9 +2,10 @@
 declares about itself for the registry (webui/backends/registry.py): its name, its settings, which model
 paths it claims, its optional dependency, how it provides the embedded model and how it trains.
 
-A backend owns one loaded model and knows nothing of the UI, the API or the other backends. The Engine
-serializes calls into it (a backend never sees two generations at once unless its capabilities say it
-batches). Each backend declares its `Capabilities` so that the UI and API can show only what the loader
+A backend owns one loaded model and knows nothing of the UI, the API or the other backends. It generates only
+for the Engine's scheduler (Engine.submit is the one door): through its `decoder()` (a continuous batch), or
+`stream_batch` / `stream_tokens` where it has none. The Engine serializes calls into it (a backend never sees
+two generations at once unless its capabilities say it batches). Each backend declares its `Capabilities` so that the UI and API can show only what the loader
 can do; operations a loader lacks raise `Unsupported` with a message meant for the user.
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from webui.config import GenerationParams, ModelSpec
 from webui.errors import Unsupported
+from webui.options.config import GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
 
 # Every sampling field of GenerationParams; a loader that lacks one declares a smaller set.
@@ -64,6 +65,25 @@ class Capabilities:
     concurrent: bool = False      # serves many requests at once itself (a remote engine): the scheduler
                                   # hands each request over as it arrives, with its own adapter stack
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RowDelta:
+    """A piece of row `row`'s reply, as `stream_batch` yields it."""
+
+    row: int
+    text: str
+
+
+@dataclass(frozen=True)
+class RowDone:
+    """Row `row` ended: `reason` "stop" (end of sequence) or "length" (its token budget); `tokens` generated (None
+    when the loader cannot tell); `ids` the generated ids when it can, ending with the end-of-sequence token."""
+
+    row: int
+    reason: str
+    tokens: int | None
+    ids: list[int] | None = None
 
 
 @dataclass
@@ -249,16 +269,6 @@ class Backend(ABC):
         with its active adapters (one forward pass, no sampling): what loss, perplexity, `echo` and prompt
         logprobs are made of. `top_k` > 0 also returns the k most likely tokens at each position."""
 
-    @abstractmethod
-    def generate(self, prompt: str, params: GenerationParams, cancel: threading.Event | None = None) -> str:
-        """Generate the whole continuation of `prompt` (no stop-string handling: the Engine does that)."""
-
-    @abstractmethod
-    def stream(self, prompt: str, params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[str]:
-        """Yield the continuation of `prompt` as text deltas. Closing the iterator early, or setting
-        `cancel`, stops the generation and frees the model for the next caller."""
-
     def prepare_response_format(self, response_format: str) -> None:
         """Check (and compile, once) a GenerationParams.response_format before requests that use it are queued,
         so a schema this loader cannot enforce is refused up front."""
@@ -271,11 +281,10 @@ class Backend(ABC):
         return None
 
     def stream_batch(self, prompts: list[str], params: GenerationParams, adapter_names: list | None = None,
-                     cancel: threading.Event | None = None) -> Iterator[tuple]:
-        """Several prompts; events ("delta", row, text) and ("done", row, finish_reason, tokens, token_ids or
-        None). This default runs them one after another through `stream_tokens`; loaders with
-        capabilities.mixed_batch do one pass and honour `adapter_names` (one adapter per row); loaders
-        with capabilities.concurrent also take a row's whole {name: weight} stack as its entry."""
+                     cancel: threading.Event | None = None) -> Iterator[RowDelta | RowDone]:
+        """Several prompts; events RowDelta (a piece of a row's reply) and, once per row, RowDone. This default
+        runs them one after another through `stream_tokens`; loaders with capabilities.concurrent (a remote
+        engine) run them at once and take a row's whole {name: weight} stack as its `adapter_names` entry."""
         if adapter_names and any(adapter_names):  # [None, None, ...] = all plain base: fine only without adapters
             raise Unsupported(f"the {self.name} loader cannot mix adapters within one batch")
         for row, prompt in enumerate(prompts):
@@ -284,18 +293,19 @@ class Backend(ABC):
                 text += delta
                 ids = None if delta_ids is None or ids is None else ids + delta_ids
                 if delta:
-                    yield ("delta", row, delta)
+                    yield RowDelta(row, delta)
             eos = bool(ids) and self.is_end_of_sequence(ids[-1])
             # without ids, re-tokenizing the reply approximates its token count (exact for most tokenizers)
             n = len(ids) - eos if ids is not None else self.count_tokens(text) if text else 0
-            yield ("done", row, "length" if n >= params.max_new_tokens else "stop", n, ids)
+            yield RowDone(row, "length" if n >= params.max_new_tokens else "stop", n, ids)
 
     def stream_tokens(self, prompt: str, params: GenerationParams,
                       cancel: threading.Event | None = None) -> Iterator[tuple[str, list[int] | None]]:
-        """`stream` with the token ids behind each text delta ((text, ids); ids None when the loader cannot
-        tell), the last ids ending with the end-of-sequence token the reply stopped on."""
-        for delta in self.stream(prompt, params, cancel):
-            yield delta, None
+        """One request alone, for loaders without a decoder and without a `stream_batch` of their own: text
+        deltas with the token ids behind each ((text, ids); ids None when the loader cannot tell), the last
+        ids ending with the end-of-sequence token the reply stopped on. Closing the iterator early, or setting
+        `cancel`, stops the generation."""
+        raise Unsupported(f"the {self.name} loader cannot generate")
 
     # -- adapters (loaders without them keep these defaults; capabilities.adapters says which) --------
     def describe_base(self):

@@ -1,41 +1,42 @@
 """The loader registry: the one place that lists LoRA Deck's loaders. Everything else about a loader — its
 settings, which model paths it claims, how it provides the embedded model, whether its optional dependency
 is installed, how it trains — is declared on its Backend class (webui/backends/base.py); `models.py`, the
-Model tab, the CLI's choices and the trainer all ask this module. Adding a loader is one module plus one
-line in LOADERS.
+Model tab, the CLI's choices and the trainer all ask this module. Adding a loader is one module, one line
+in LOADERS and its key in the options' `LoaderName`.
 
 LOADERS is ordered like PEFT's dispatcher list: for `--loader auto` the first loader whose dependency is
 installed and that claims a path gets it, so specific loaders (a GGUF file, a GPTQ folder) come before the
 general one (transformers, which reads all three and is the fallback when an optional loader is missing).
 
-This module imports no loader at import time (config.py reads `names()` for the CLI choices); a loader's
-module is imported by `backend_class` on first use.
+The options (webui/options/config.py, `LoaderName`) name the loaders by key for the CLI's and the Model tab's
+choices; this module maps each key to its class and refuses to start when the two lists disagree. It imports
+no loader at import time; a loader's module is imported by `backend_class` on first use.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import typing
 from pathlib import Path
 
 from webui.errors import BadInput, LoadFailed, NotFound
+from webui.options.config import LoaderName
 
 # name -> "module:Class", in claim order
 LOADERS: dict[str, str] = {
-    "llamacpp": "webui.backends.llamacpp:LlamaCppBackend",
-    "gptq": "webui.backends.gptq:GptqBackend",
-    "transformers": "webui.backends.transformers:TransformersBackend",
-    "remote": "webui.backends.remote:RemoteBackend",  # an engine's URL (claims_address), never a path
+    "llamacpp": "webui.backends.llamacpp.loader:LlamaCppBackend",
+    "gptq": "webui.backends.hf.gptq:GptqBackend",
+    "transformers": "webui.backends.hf.transformers:TransformersBackend",
+    "remote": "webui.backends.remote.loader:RemoteBackend",  # an engine's URL (claims_address), never a path
 }
 FALLBACK = "transformers"  # needs only the core dependencies, and reads every format the others claim
+if set(LOADERS) != set(typing.get_args(LoaderName)) - {"auto"}:  # a loader added in one place only
+    raise ImportError(f"the loaders in LOADERS ({', '.join(LOADERS)}) and in webui.options.config.LoaderName "
+                      f"({', '.join(typing.get_args(LoaderName))}) differ: name a new loader in both")
 
 
 def names() -> tuple[str, ...]:
     return tuple(LOADERS)
-
-
-def loader_choices() -> tuple[str, ...]:
-    """What `--loader` and the Model tab offer."""
-    return ("auto", *LOADERS)
 
 
 def backend_class(name: str):

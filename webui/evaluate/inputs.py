@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from webui.config import EvalConfig
 from webui.engine import Engine
 from webui.errors import BadInput, NotFound
+from webui.options.config import EvalConfig
 from webui.training.data import IGNORE, Sample, TextCodec, load_samples
 
 RAW_CHUNK_FALLBACK = 2048  # raw chunk length with cutoff_len 0 when the model does not state its context

@@ -1,7 +1,7 @@
 """One evaluation on a loaded Engine: check everything first (adapters, dataset, prompts, output path: a bad
 one stops the run before any work, naming the file, line or adapter), then score every sample under the base
 and each adapter or stack (`Engine.score`, batched; the active stack is left as it was), answer the prompts
-with each of them through the Engine's scheduler (greedy; one batched pass where the loader mixes adapters),
+with each of them through Engine.submit (greedy; one batched pass where the loader mixes adapters),
 and build the report: `evaluate` returns it as a dict (None when cancelled), `write_report` writes it as JSON
 and, for a `.html` path, as a self-contained page with the JSON beside it. `run_cli` is `python -m webui eval`.
 """
@@ -10,18 +10,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from webui.config import EvalConfig, GenerationParams, ModelSpec
+from webui.atomic import write_text_into_place
 from webui.engine import Engine
 from webui.errors import BadInput, LoraDeckError, NoModelLoaded, first_line
 from webui.evaluate import page
 from webui.evaluate.inputs import load_dataset, render_prompts
 from webui.evaluate.stats import SampleNll, mean_loss, paired_bootstrap, perplexity, sample_nll, verdict
+from webui.options.config import EvalConfig, GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
 from webui.training.data import IGNORE, Sample
 
@@ -127,7 +127,7 @@ def _generate(engine: Engine, cfg: EvalConfig, configs, prompts, cancel: threadi
     if not prompts:
         return []
     params = GenerationParams(temperature=0, max_new_tokens=cfg.max_new_tokens)
-    handles = [[engine.scheduler.submit(text, params, stack) for _, stack in configs] for _, text in prompts]
+    handles = [[engine.submit(text, params, stack) for _, stack in configs] for _, text in prompts]
     out, k = [], 0
     try:
         for (prompt, _), row in zip(prompts, handles):
@@ -154,14 +154,6 @@ def _generate(engine: Engine, cfg: EvalConfig, configs, prompts, cancel: threadi
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Written beside its final name, then renamed: a report under its name is always whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_report(report: dict, out: Path) -> list[Path]:
@@ -169,10 +161,10 @@ def write_report(report: dict, out: Path) -> list[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = out.with_suffix(".json")
-    _write_atomic(json_path, json.dumps(report, indent=2, ensure_ascii=False))
+    write_text_into_place(json_path, json.dumps(report, indent=2, ensure_ascii=False))
     if out.suffix.lower() != ".html":
         return [json_path]
-    _write_atomic(out, page.render(report))
+    write_text_into_place(out, page.render(report))
     return [out, json_path]
 
 

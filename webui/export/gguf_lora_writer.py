@@ -10,15 +10,14 @@ stack's exactly (PEFT's `cat`), whatever the ranks.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-from webui import embedded
 from webui.adapters.gguf_lora import OUTTYPES, display_name, lora_pairs, read_base, stack_pairs, write_gguf_lora
+from webui.atomic import write_into_place
+from webui.backends import embedded
+from webui.backends.models import resolve_model_path
 from webui.errors import BadInput, Unsupported
 from webui.export.gguf_writer import read_adapters
-from webui.models import resolve_model_path
 from webui.progress import Progress, no_progress
 
 
@@ -68,13 +67,7 @@ def export_gguf_lora(model: str, loras: list[str], weights: list[float], out: Pa
         base_model = display_name(path.name)
     tag = "+".join(a[0].name for a in adapters)
     target = out_file(Path(out), tag, outtype)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, part = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    try:
-        write_gguf_lora(pairs, base, Path(part), name, alpha, base_model, outtype)
-        os.replace(part, target)
-    finally:
-        Path(part).unlink(missing_ok=True)
+    with write_into_place(target, folder=False) as part:
+        write_gguf_lora(pairs, base, part, name, alpha, base_model, outtype)
     progress(1.0, f"wrote {target} ({outtype}; load it next to {path.name})")
     return target

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from webui import models
 from webui.adapters.files import load_weights, locate_adapter, read_adapter
 from webui.adapters.gguf_lora import lora_pairs, read_base
 from webui.adapters.inspect import inspect_adapter
+from webui.atomic import write_into_place
+from webui.backends import models
 from webui.errors import BadInput, Incompatible, Unsupported
 from webui.export.hf_to_gguf import hf_to_gguf
 from webui.export.merged import export_safetensors
@@ -213,16 +214,15 @@ def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, m
                           "rounding error of its own (keep the base's type, or pick Q8_0/F16, to avoid it)")
         target = _out_file(out, stem, loras, quant)
         progress(0.85, f"quantizing to {quant}")
-        part = Path(tmp) / target.name
-        quantize(merged, part, quant)
-        if deltas:
-            kept = kept_fraction(part, originals, deltas)
-            message = f"{quant} keeps {kept:.0%} of the adapters' change to the weights"
-            if kept < KEEP_AT_LEAST:
-                message = (f"warning: {message}: quantizing to {quant} erases most of it (the change is smaller "
-                           f"than the {quant} grid); use Q8_0, Q4_K_M or F16 instead")
-                log.warning(message)
-            progress(0.95, message)
-        os.replace(part, target)
+        with write_into_place(target, folder=False) as part:
+            quantize(merged, part, quant)
+            if deltas:
+                kept = kept_fraction(part, originals, deltas)
+                message = f"{quant} keeps {kept:.0%} of the adapters' change to the weights"
+                if kept < KEEP_AT_LEAST:
+                    message = (f"warning: {message}: quantizing to {quant} erases most of it (the change is smaller "
+                               f"than the {quant} grid); use Q8_0, Q4_K_M or F16 instead")
+                    log.warning(message)
+                progress(0.95, message)
     progress(1.0, f"wrote {target}")
     return target

@@ -9,15 +9,13 @@ base's own dtype. The GGUF and GPTQ writers start from this folder when the base
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from webui.adapters.files import locate_adapter
-from webui.config import ModelSpec
+from webui.atomic import write_into_place
 from webui.engine import Engine
 from webui.errors import BadInput
+from webui.options.config import ModelSpec
 from webui.progress import Progress, no_progress
 
 
@@ -35,16 +33,9 @@ def export_safetensors(model: str, loras: list[str], weights: list[float], out: 
         engine.set_adapters(dict(zip(paths, weights)), paths)
     progress(0.7, "merging and saving")
     base_path = engine.loaded.path
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with write_into_place(out) as tmp:  # an empty folder may stand at `out`; a non-empty one is refused above
         engine.save_merged(tmp)
         (tmp / "lora-deck-export.json").write_text(json.dumps(
             {"base": base_path, "adapters": dict(zip(paths, weights)), "format": "safetensors"}, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     progress(1.0, f"wrote {out}")
     return out

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from webui.adapters.gguf_lora import field_value, gguf_module
+from webui.atomic import write_into_place
 from webui.errors import BadInput
 from webui.export.gguf_lora_writer import export_gguf_lora, gguf_base_path
 from webui.export.ollama_template import translate
@@ -71,9 +71,7 @@ def export_ollama(model: str, loras: list[str], weights: list[float], out: Path,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out} already exists and is not an empty folder; choose another --out")
     base = gguf_base_path(model, models_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with write_into_place(out) as tmp:
         how = _link_or_copy(base, tmp / base.name)
         progress(0.1, f"{how} {base.name} into the folder")
         adapter = export_gguf_lora(model, loras, weights, tmp, models_dir, loras_dir, outtype, progress) \
@@ -81,10 +79,5 @@ def export_ollama(model: str, loras: list[str], weights: list[float], out: Path,
         text, note = modelfile(base.name, adapter.name if adapter else None, gguf_module().GGUFReader(str(base)))
         progress(0.95, note)
         (tmp / MODELFILE).write_text(text, encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     progress(1.0, f"wrote {out}: ollama create NAME -f {out / MODELFILE}")
     return out

@@ -35,8 +35,8 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers
 from huggingface_hub.utils import tqdm as hf_tqdm
 
+from webui.atomic import dest_lock, swap_into_place, write_text_into_place
 from webui.errors import BadInput, DownloadFailed, NotFound
-from webui.hub.atomic import dest_lock, swap_into_place
 from webui.hub.checksums import HashingWriter, hashes, verify
 from webui.hub.files import (
     ADAPTER_CONFIG,
@@ -373,9 +373,7 @@ def _fetch_all(p: Plan, todo: list[RemoteFile], sha256s: dict, need: int, *, thr
         _place(p, f)
     if not p.single_file:
         text = metadata_text(f"{p.endpoint}/{p.repo}", p.branch, p.commit, sha256s)
-        tmp = p.dest / (METADATA + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p.dest / METADATA)
+        write_text_into_place(p.dest / METADATA, text)
     if progress:
         progress(1.0, f"done: {p.dest if not p.single_file else _target(p, p.files[0])}")
     return p.dest if not p.single_file else _target(p, p.files[0])

@@ -2,7 +2,7 @@
 hub repository to webui/hub/download.py and an `s3://` URL or a local path to webui/hub/sources.py, and
 `fetch_adapter(adapter_id, source)` answers LoRAX-style requests (`adapter_source` = hub | local | s3): a
 hub or S3 adapter is fetched into the loras folder once and reused after (concurrent requests for the same
-new one wait on one download: webui/hub/atomic.py's lock); a local one must lie inside the loras folder when
+new one wait on one download: webui/atomic.py's lock); a local one must lie inside the loras folder when
 the caller says so (the API does).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 
 from webui.adapters.files import locate_adapter
+from webui.atomic import dest_lock
 from webui.errors import BadInput
-from webui.hub.atomic import dest_lock
 from webui.hub.download import download_hub
 from webui.hub.files import ADAPTER_CONFIG, METADATA, REPO_ID, folder_name, parse_spec, read_metadata
 from webui.hub.sources import copy_local, download_s3, s3_adapter_folder

@@ -13,8 +13,8 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
+from webui.atomic import dest_lock, swap_into_place
 from webui.errors import BadInput, DownloadFailed, NotFound
-from webui.hub.atomic import dest_lock, swap_into_place
 from webui.hub.files import ADAPTER_CONFIG
 from webui.paths import safe_relative
 from webui.progress import Progress

@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from webui.adapters.files import check_adapter_name
-from webui.config import TrainConfig
 from webui.errors import BadInput
+from webui.options.config import TrainConfig
 from webui.training.run_folder import (
     CONFIG,
     METRICS,

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,14 +33,16 @@ from transformers import (
     set_seed,
 )
 
-from webui import embedded
 from webui.adapters.files import check_adapter_name
 from webui.adapters.model_card import write_adapter_card
+from webui.atomic import write_into_place
+from webui.backends import embedded
+from webui.backends.models import resolve_model_path
 from webui.backends.registry import backend_class, detect
-from webui.config import TrainConfig
 from webui.errors import BadInput, NotFound, Unsupported, first_line
-from webui.models import resolve_model_path
-from webui.training import chunked_loss, lora_options, packing, precision
+from webui.options import lora_options
+from webui.options.config import TrainConfig
+from webui.training import chunked_loss, packing, precision
 from webui.training.data import load_files, split, warnings_for
 from webui.training.run_folder import CONFIG, METRICS, STOP, latest_checkpoint, pid_fields, read_status, write_status
 
@@ -334,10 +334,9 @@ def _save_adapter(peft_model, cfg: TrainConfig, base_id: str, loras_dir: Path, s
                   initial: Path | None = None) -> Path:
     """Write loras/NAME atomically, with the training config and the base model's id; `initial`: the adapter
     as initialized, to convert a PiSSA/OLoRA adapter into one for the original base."""
-    loras_dir.mkdir(parents=True, exist_ok=True)
     target = loras_dir / cfg.output
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.output}.", dir=loras_dir))
-    try:
+    # replace: a resumed run of ours that finished again replaces its own adapter, in one step
+    with write_into_place(target, replace=True) as tmp:
         peft_model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=(
             str(initial) if initial else None))
         config_file = tmp / "adapter_config.json"
@@ -345,13 +344,4 @@ def _save_adapter(peft_model, cfg: TrainConfig, base_id: str, loras_dir: Path, s
         adapter_cfg["base_model_name_or_path"] = base_id
         config_file.write_text(json.dumps(adapter_cfg, indent=2))
         (tmp / "training_config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "steps": steps}, sort_keys=False))
-        old = None
-        if target.exists():  # a resumed run of ours that finished again: replace its own adapter, moved aside
-            old = Path(tempfile.mkdtemp(prefix=f".{cfg.output}.old.", dir=loras_dir))  # first, so that a kill
-            os.replace(target, old / "adapter")  # never leaves a half-deleted adapter under its name
-        os.replace(tmp, target)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

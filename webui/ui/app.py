@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import gradio as gr
 
-from webui.config import ServerConfig
 from webui.engine import Engine
 from webui.extensions import Extensions
+from webui.options.config import ServerConfig
 from webui.training.runner import TrainingRunner
 from webui.ui.chat_tab import ChatTab
 from webui.ui.evaluate_tab import EvaluateTab
 from webui.ui.extensions_area import extensions_area
 from webui.ui.model_tab import ModelTab
 from webui.ui.parameters_tab import ParametersTab
-from webui.ui.training_tab import TrainingTab
+from webui.ui.training.tab import TrainingTab
 
 
 def build_ui(engine: Engine, cfg: ServerConfig, extensions: Extensions) -> gr.Blocks:

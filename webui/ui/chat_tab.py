@@ -84,12 +84,12 @@ class ChatTab:
         return f"Last reply: **{info.name if info else '?'}** with {who}{note}"
 
     def _stream(self, history: list, prompt: str, params, adapters, request: gr.Request, state: dict):
-        """Stream a reply to `prompt` into history[-1] through the Engine's scheduler (which batches
+        """Stream a reply to `prompt` into history[-1] through Engine.submit (which batches
         concurrent users); yields (history, answered-by line)."""
         key = request.session_hash if request else "default"
         text = message_text(history[-1]["content"])
         try:
-            handle = self._handles[key] = self.engine.scheduler.submit(prompt, params, adapters)
+            handle = self._handles[key] = self.engine.submit(prompt, params, adapters)
             for delta in handle:
                 text += delta
                 history[-1]["content"] = text

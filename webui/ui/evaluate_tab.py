@@ -15,11 +15,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from webui.config import EvalConfig
 from webui.engine import Engine
 from webui.errors import LoraDeckError, ui_message
 from webui.evaluate import page
 from webui.evaluate.run import evaluate, write_report
+from webui.options.config import EvalConfig
 from webui.paths import child
 from webui.ui import forms
 

@@ -1,4 +1,4 @@
-"""Form controls generated from the option dataclasses of webui.config: a field with choices (a Literal, or
+"""Form controls generated from the option dataclasses of webui.options.config: a field with choices (a Literal, or
 choices in its metadata such as the registered loaders) becomes a dropdown, a bool a checkbox, a number a number box with its range, anything else a text box — labels, defaults and
 help texts all come from the dataclass, and `parse` turns the UI values back into dataclass fields by name.
 """
@@ -9,7 +9,7 @@ import typing
 
 import gradio as gr
 
-from webui.config import choices_of
+from webui.options.config import choices_of
 
 
 def _default(f: dataclasses.Field):

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from webui import embedded
-from webui.backends import registry
-from webui.config import ModelSpec
+from webui.backends import embedded, registry
 from webui.engine import Engine
 from webui.errors import LoraDeckError, ui_message
 from webui.hub.download import plan
 from webui.hub.fetch import download as fetch
+from webui.options.config import ModelSpec
 from webui.ui import forms
 from webui.ui.lora_panel import LoraPanel
 from webui.ui.status import adapters_text

@@ -1,5 +1,5 @@
 """The Parameters tab: one control per GenerationParams field, built from the dataclass itself (label,
-range, step and help text come from webui.config), plus presets loaded from and saved to presets/*.yaml.
+range, step and help text come from webui.options.config), plus presets loaded from and saved to presets/*.yaml.
 The values live in each browser tab, so users on different tabs can sample differently.
 """
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from webui.config import GenerationParams
 from webui.errors import LoraDeckError, ui_message
-from webui.presets import list_presets, load_preset, save_preset
+from webui.options.config import GenerationParams
+from webui.options.presets import list_presets, load_preset, save_preset
 
 FIELDS = [f for f in dataclasses.fields(GenerationParams)]
 

@@ -5,7 +5,7 @@ LoRA panel and the API work the same whether the model runs here or on a GPU ser
 `--loader remote --model http://HOST:PORT` (or any http(s) URL with `--loader auto`). The engine batches:
 the scheduler hands every request over at once (`Capabilities.concurrent`), each with its own adapter
 stack, and `stream_batch` runs its rows in threads, one HTTP stream each. Adapters are the engine's, in its
-own terms (webui/backends/remote_engines.py). What an engine cannot do — merge into its base, train on it,
+own terms (webui/backends/remote/engines/__init__.py). What an engine cannot do — merge into its base, train on it,
 score tokens — is refused with the reason. An engine that is down, slow or broke off gives EngineUnavailable
 (503/502); the next request tries again, and after a failure the engine's adapter state is read again (a
 restarted engine has forgotten runtime registrations). An engine that serves one adapter per request (vLLM,
@@ -21,10 +21,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores, incremental_texts
-from webui.backends.remote_engines import ENGINES, Dialect, Http, detect
-from webui.config import GenerationParams, ModelSpec
+from webui.backends.base import Backend, Capabilities, LoadedInfo, RowDelta, RowDone, TokenScores, incremental_texts
+from webui.backends.remote.engines import ENGINES, Dialect, Http, detect
 from webui.errors import BadInput, EngineUnavailable, LoadFailed, Unsupported
+from webui.options.config import GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
 
 
@@ -117,15 +117,6 @@ class RemoteBackend(Backend):
         if response_format and not self.dialect.response_format:
             raise Unsupported(f"the {self.dialect.name} engine is not sent response formats by LoRA Deck")
 
-    def generate(self, prompt: str, params: GenerationParams, cancel: threading.Event | None = None) -> str:
-        return "".join(self.stream(prompt, params, cancel))
-
-    def stream(self, prompt: str, params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[str]:
-        for text, _, _ in self._events(prompt, params, dict(self._active), cancel):
-            if text:
-                yield text
-
     def stream_batch(self, prompts: list[str], params: GenerationParams, adapter_names: list | None = None,
                      cancel: threading.Event | None = None) -> Iterator[tuple]:
         """Every row as its own request to the engine, all at once (threads): the engine batches them. A row's
@@ -146,11 +137,11 @@ class RemoteBackend(Backend):
                 for delta, reason, count in self._events(prompts[row], params, stack_of(row), cancel):
                     if delta:
                         text += delta
-                        events.put(("delta", row, delta))
+                        events.put(RowDelta(row, delta))
                     finish, tokens = reason or finish, count if count is not None else tokens
-                events.put(("done", row, finish, tokens, None))
+                events.put(RowDone(row, finish, tokens))
             except Exception as e:  # handed to the consumer, which raises it
-                events.put(("error", row, e))
+                events.put(e)
 
         threads = [threading.Thread(target=run, args=(row,), name="remote-row", daemon=True)
                    for row in range(len(prompts))]
@@ -160,10 +151,10 @@ class RemoteBackend(Backend):
             for _ in range(len(prompts)):
                 while True:
                     event = events.get()
-                    if event[0] == "error":
-                        raise event[2]
+                    if isinstance(event, Exception):
+                        raise event
                     yield event
-                    if event[0] == "done":
+                    if isinstance(event, RowDone):
                         break
         finally:
             cancel.set()  # rows still streaming (the consumer left early) drop their connections

@@ -1,4 +1,4 @@
-"""The HTTP connection to a remote serving engine (webui/backends/remote_engines.py speaks its dialects over it):
+"""The HTTP connection to a remote serving engine (webui/backends/remote/engines/__init__.py speaks its dialects over it):
 one thread-safe connection pool per engine, server-sent events, and connection failures, time-outs and engine
 errors turned into LoRA Deck's error family (EngineUnavailable for down/slow/broken, BadInput for a 4xx), so a
 request to an engine that went away gets a clear error and nothing else is affected.

@@ -1,4 +1,4 @@
-"""Two LoRA options whose meaning needs more than a field's choices (webui/config.py reads this module; it
+"""Two LoRA options whose meaning needs more than a field's choices (webui/options/config.py reads this module; it
 imports nothing of ours but the errors, so config stays free of cycles):
 
 - `init_lora_weights`: which of PEFT's initializations can run here, and which rewrite the base weights

@@ -1,7 +1,7 @@
 """The Training tab: the options in groups (data with a preview, LoRA variant, optimisation, quantization,
 checkpoints; the main ones shown, every other one a fold away), Start / Stop, live progress (step, ETA,
 tokens/s), a loss chart (train and eval) and the run's log, the history of past runs with their curves
-overlaid (webui.ui.training_history; smoothing and log scale apply to both charts), import/export of the YAML
+overlaid (webui.ui.training.history; smoothing and log scale apply to both charts), import/export of the YAML
 config, and — when the run is done — one click to apply the new adapter in the chat (a hot-swap: the base is
 not reloaded). Runs are child processes (webui.training.runner); a reloaded page re-attaches to the run that
 is going on. The controls are built from the config dataclasses' fields, so a new option appears by itself
@@ -17,18 +17,18 @@ import gradio as gr
 import yaml
 from transformers import AutoTokenizer
 
-from webui.config import DatasetConfig, LoraTrainConfig, TrainConfig, TrainingParams
 from webui.engine import Engine
 from webui.errors import BadInput, LoraDeckError, ui_message
+from webui.options.config import DatasetConfig, LoraTrainConfig, TrainConfig, TrainingParams
+from webui.options.lora_options import yaml_hint
 from webui.paths import child
 from webui.training.data import load_files, warnings_for
 from webui.training.data import preview as preview_samples
-from webui.training.lora_options import yaml_hint
 from webui.training.runner import TrainingRunner
 from webui.training.trainer import resolve_base
 from webui.ui import forms
-from webui.ui.training_charts import LOSS, curves, eta_text
-from webui.ui.training_history import RunHistory, chart_update
+from webui.ui.training.charts import LOSS, curves, eta_text
+from webui.ui.training.history import RunHistory, chart_update
 
 EMBEDDED = "(embedded) SmolLM2-135M-Instruct"
 

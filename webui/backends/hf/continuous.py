@@ -25,14 +25,22 @@ import torch
 from transformers import DynamicCache
 
 from webui.adapters.peft_stack import peft_key
-from webui.backends import few_rows
 from webui.backends.base import Decoder
-from webui.backends.hf_batch import eos_ids
-from webui.backends.hf_sampling import RowSampler
-from webui.config import GenerationParams
+from webui.backends.hf import few_rows
+from webui.backends.hf.sampling import RowSampler
 from webui.errors import BadInput
+from webui.options.config import GenerationParams
 
 PREFILL_CHUNK = 256  # prompt tokens per prefill pass: about one decode step of 8 rows on a small CPU model
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends a reply: the generation config's (one or a list) and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
 
 
 @dataclass

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from webui.backends.hf.gptq_quantize import quantize_folder
 from webui.errors import LoadFailed, first_line
-from webui.export.gptq_quantize import quantize_folder
 from webui.progress import Progress, no_progress
 
 NAME = "SmolLM2-135M-Instruct"

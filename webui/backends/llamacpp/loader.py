@@ -10,7 +10,7 @@ mixing and clearing never reload the base. A prompt prefix already in the KV cac
 llama-cpp-python does) only while the adapter stack is unchanged; a new stack resets the cache.
 
 Concurrent requests (the scheduler) run in a continuous batch of their own, `decoder()`
-(webui/backends/llamacpp_batch.py): one more llama.cpp context over the same model, a sequence per request,
+(webui/backends/llamacpp/batch.py): one more llama.cpp context over the same model, a sequence per request,
 giving each request the tokens this single-request path gives it.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Iterator
 
 import numpy as np
 
-from webui import embedded
 from webui.adapters.gguf_lora import cached_conversion, field_value, gguf_module, read_base
+from webui.backends import embedded
 from webui.backends.base import SAMPLERS, Backend, Capabilities, LoadedInfo, TokenScores, plain_transcript
-from webui.config import GenerationParams, ModelSpec
 from webui.errors import BadInput, LoadFailed, NotFound, Unsupported, first_line
+from webui.options.config import GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
 
 
@@ -68,7 +68,7 @@ class LlamaCppBackend(Backend):
         self._formatters: dict[bool, object] = {}
         self._stack_changed = False
         self._grammars: dict[str, object] = {}  # response_format -> LlamaGrammar (GBNF made once per schema)
-        self._decoder = None  # the continuous batch (webui/backends/llamacpp_batch.py), made on first use
+        self._decoder = None  # the continuous batch (webui/backends/llamacpp/batch.py), made on first use
 
     # -- what the registry asks ------------------------------------------------------------------
     @classmethod
@@ -248,10 +248,10 @@ class LlamaCppBackend(Backend):
 
     def decoder(self):
         """Continuous batching over this model (llama.cpp's batch API, one sequence per row, a context of its own
-        made once and kept until unload: see webui/backends/llamacpp_batch.py); None where fewer than two rows of
+        made once and kept until unload: see webui/backends/llamacpp/batch.py); None where fewer than two rows of
         the whole context fit in its KV budget (requests then run one after another on the model's own context)."""
         if self._decoder is None and self.llm is not None:
-            from webui.backends.llamacpp_batch import LlamaCppDecoder, rows_that_fit
+            from webui.backends.llamacpp.batch import LlamaCppDecoder, rows_that_fit
 
             if rows_that_fit(self.llm) < 2:
                 return None
@@ -316,15 +316,6 @@ class LlamaCppBackend(Backend):
             llm.reset()
             llm._ctx.kv_cache_clear()
         return out
-
-    def generate(self, prompt: str, params: GenerationParams, cancel: threading.Event | None = None) -> str:
-        return "".join(self.stream(prompt, params, cancel))
-
-    def stream(self, prompt: str, params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[str]:
-        for text, _ in self.stream_tokens(prompt, params, cancel):
-            if text:
-                yield text
 
     def stream_tokens(self, prompt: str, params: GenerationParams,
                       cancel: threading.Event | None = None) -> Iterator[tuple[str, list[int]]]:

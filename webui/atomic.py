@@ -1,4 +1,11 @@
-"""The two guarantees every fetch into the models and adapters folders relies on.
+"""Writing into place: the guarantees every writer into the models, adapters, runs and user folders relies on
+(downloads, exports, blends, training results, reports, caches). Nothing is ever half-written under its final
+name: a writer works under a hidden name beside it and renames at the end, so a crash or a SIGKILL leaves the
+old copy (or nothing) and a hidden leftover that the listings skip.
+
+`write_into_place(dest)`: the one way to write a file or a folder: yields a hidden staging path beside `dest`,
+which takes `dest`'s name when the block ends normally and is removed when it does not. `write_text_into_place`
+is that for a text file.
 
 `dest_lock(dest)`: one fetch per destination at a time. A file lock beside the destination (filelock, the
 library huggingface_hub uses for its own cache) makes two API requests naming the same new adapter, or two
@@ -13,7 +20,11 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from filelock import FileLock
 
@@ -67,3 +78,33 @@ def swap_into_place(staging: Path, dest: Path) -> None:
     os.replace(dest, old)
     os.replace(staging, dest)
     _remove(old)
+
+
+@contextmanager
+def write_into_place(dest: Path, folder: bool = True, replace: bool = False) -> Iterator[Path]:
+    """Yield a hidden staging path in `dest`'s folder (a new empty folder, or with `folder=False` a file path not
+    yet created) to write the result into; when the block ends normally the staging takes `dest`'s name in one
+    rename, and whatever the block leaves behind on an error is removed. An existing `dest` is replaced in one
+    step (`swap_into_place`) with `replace`; without it only an empty folder may stand there (a non-empty one
+    makes the rename fail, and the user's files stay)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    else:  # pid and thread: two writers of the same file never share a staging name
+        staging = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        yield staging
+        if replace:
+            swap_into_place(staging, dest)
+        else:
+            os.replace(staging, dest)
+    finally:
+        if staging.exists() or staging.is_symlink():
+            _remove(staging)
+
+
+def write_text_into_place(path: Path, text: str) -> None:
+    """A text file written whole under its name or not at all: readers see the old content or the new."""
+    with write_into_place(path, folder=False) as staging:
+        staging.write_text(text, encoding="utf-8")

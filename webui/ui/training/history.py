@@ -7,7 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from webui.training.runner import TrainingRunner
-from webui.ui.training_charts import HISTORY_COLUMNS, LOG_LOSS, LOSS, curves, history
+from webui.ui.training.charts import HISTORY_COLUMNS, LOG_LOSS, LOSS, curves, history
 
 
 def chart_update(df, log_scale: bool):

@@ -1,7 +1,7 @@
 """The transformers loader: a local Hugging Face model folder (safetensors preferred, `.bin` loaded by
 transformers with `weights_only=True`) or a `.gguf` file (dequantized through `gguf_file=`), in
-float32/bfloat16/float16, on CUDA when present else CPU. Generation goes through `model.generate` with
-the usual samplers; streaming uses transformers' TextIteratorStreamer on a worker thread.
+float32/bfloat16/float16, on CUDA when present else CPU. Generation is a continuous batch (`decoder()`,
+webui/backends/hf/continuous.py) that every request joins through Engine.submit.
 
 The checks in `preflight` run before the Engine unloads the previous model, so a folder that is missing
 files or has a broken config is refused with a message naming the problem and costs the user nothing.
@@ -9,12 +9,7 @@ files or has a broken config is refused with a message naming the problem and co
 from __future__ import annotations
 
 import json
-import random
-import threading
-from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -22,16 +17,11 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LogitsProcessorList,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
-    set_seed,
 )
 
-from webui import embedded
 from webui.adapters.peft_stack import PeftAdapterStack
 from webui.adapters.targets import describe_base
-from webui.backends import bnb
+from webui.backends import embedded
 from webui.backends.base import (
     SAMPLERS,
     Backend,
@@ -41,12 +31,11 @@ from webui.backends.base import (
     incremental_texts,
     plain_transcript,
 )
-from webui.backends.grammar import Grammars
-from webui.backends.hf_batch import stream_batch
-from webui.backends.hf_continuous import HfDecoder
-from webui.backends.hf_sampling import PresenceFrequencyPenalty
-from webui.config import GenerationParams, ModelSpec
+from webui.backends.hf import bnb
+from webui.backends.hf.continuous import HfDecoder
+from webui.backends.hf.grammar import Grammars
 from webui.errors import BadInput, LoadFailed, NotFound, Unsupported, first_line
+from webui.options.config import ModelSpec
 from webui.progress import Progress, no_progress
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
@@ -72,17 +61,6 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return getattr(torch, requested)
 
 
-class _Cancelled:
-    """A StoppingCriteria (duck-typed: transformers calls it with input_ids and scores) that ends
-    generation when the caller sets its event — how a closed stream or a Stop click frees the model."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 def _find_weights(path: Path) -> list[Path]:
     found: list[Path] = []
     for pattern in WEIGHT_PATTERNS:
@@ -103,7 +81,7 @@ class TransformersBackend(Backend):
         self._base_description = None
         self.source_dtype = ""  # the dtype the model folder was saved in (exports keep it)
         self.grammars: Grammars | None = None  # structured output, compiled per schema on first use
-        self.quantization = "none"  # bitsandbytes quantization applied while loading (webui/backends/bnb.py)
+        self.quantization = "none"  # bitsandbytes quantization applied while loading (webui/backends/hf/bnb.py)
 
     # -- what the registry asks ------------------------------------------------------------------
     @classmethod
@@ -318,11 +296,6 @@ class TransformersBackend(Backend):
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
 
-    def _encode(self, prompt: str) -> dict:
-        ids = torch.tensor([self.tokenize(prompt)], device=self.device)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    @torch.inference_mode()
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[TokenScores]:
         """Right-padded batches through the model (causal attention: padding after a row changes nothing
         before it), log-softmax in float32. Rows are batched so the logits stay under SCORE_LOGITS_BYTES."""
@@ -353,84 +326,8 @@ class TransformersBackend(Backend):
             i += len(chunk)
         return out
 
-    def _generate_kwargs(self, prompt_len: int, params: GenerationParams, cancel: threading.Event | None) -> dict:
-        kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-        if params.greedy:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                      top_k=params.top_k or None, min_p=params.min_p or None, typical_p=params.typical_p)
-        if params.repetition_penalty != 1.0:
-            kw["repetition_penalty"] = params.repetition_penalty
-        processors = LogitsProcessorList()
-        if params.presence_penalty or params.frequency_penalty:
-            processors.append(PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty, prompt_len))
-        if params.response_format:
-            processors.append(self.grammar_processor(params.response_format))
-        if processors:
-            kw["logits_processor"] = processors
-        if cancel is not None:
-            kw["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
-        if not params.greedy:
-            set_seed(params.seed if params.seed >= 0 else random.randrange(2**31))
-        return kw
-
-    @torch.inference_mode()
-    def generate(self, prompt: str, params: GenerationParams, cancel: threading.Event | None = None) -> str:
-        inputs = self._encode(prompt)
-        out = self.model.generate(**inputs, **self._generate_kwargs(inputs["input_ids"].shape[1], params, cancel))
-        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-    def stream(self, prompt: str, params: GenerationParams,
-               cancel: threading.Event | None = None) -> Iterator[str]:
-        cancel = cancel or threading.Event()
-        inputs = self._encode(prompt)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kw = self._generate_kwargs(inputs["input_ids"].shape[1], params, cancel)
-        failure: list[BaseException] = []
-
-        def work():
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**inputs, **kw, streamer=streamer)
-            except BaseException as e:  # surfaced to the consumer below
-                failure.append(e)
-                streamer.end()
-
-        worker = threading.Thread(target=work, name="generate", daemon=True)
-        worker.start()
-        try:
-            for delta in streamer:
-                if delta:
-                    yield delta
-        finally:
-            cancel.set()  # a consumer that stops early ends the generation
-            worker.join()
-        if failure:
-            raise failure[0]
-
-
     def decoder(self) -> HfDecoder:
         return HfDecoder(self)
-
-    def stream_batch(self, prompts: list[str], params: GenerationParams, adapter_names: list | None = None,
-                     cancel: threading.Event | None = None):
-        """Several prompts in one pass (left-padded); `adapter_names` gives each row its own adapter
-        (None = the plain base) through PEFT's mixed batch. Yields hf_batch events."""
-        cancel = cancel or threading.Event()
-        encoded = [self.tokenize(p) for p in prompts]
-        self.tokenizer.padding_side = "left"  # generation continues at the right end of every row
-        inputs = self.tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt").to(self.device)
-        kw = self._generate_kwargs(inputs["input_ids"].shape[1], params, cancel)
-        names = [n or "__base__" for n in (adapter_names or [])]
-        use_mixed = bool(self.adapters and self.adapters.peft is not None and names)
-        if not use_mixed and any(n != "__base__" for n in names):
-            raise BadInput("adapters named for the batch are not loaded")
-        # without any adapter loaded, "__base__" rows are simply the model itself
-        context = self.adapters.mixed(names) if use_mixed else nullcontext()
-        with context as peft_names:
-            generate_fn = partial(self.adapters.peft.generate, adapter_names=peft_names) if use_mixed else None
-            yield from stream_batch(self.model, self.tokenizer, inputs, kw, generate_fn, cancel)
 
 
 def _check_shards(path: Path) -> None:

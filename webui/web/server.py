@@ -1,7 +1,7 @@
 """The HTTP server: one FastAPI app on one host and port, with the Gradio UI mounted at `/` and the
 OpenAI-compatible routes under `/v1`. It creates the one Engine, loads the start-up
 model, and hands the Engine to the UI. Binds to 127.0.0.1 unless told otherwise. With --auth every Gradio
-route but the login page's needs a session (webui/ui_gate.py); with --api-key every API route but /health
+route but the login page's needs a session (webui/web/gate.py); with --api-key every API route but /health
 needs the key, and the API's schema pages (/docs, /openapi.json) are not served. The loaded extensions are
 shared by the Chat tab and the API.
 """
@@ -16,12 +16,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from webui.api.routes import install
-from webui.config import ServerConfig
 from webui.engine import Engine
 from webui.errors import LoraDeckError
 from webui.extensions import Extensions
+from webui.options.config import ServerConfig
 
-log = logging.getLogger("webui.server")
+log = logging.getLogger("webui.web.server")
 
 
 def is_loopback(host: str) -> bool:
@@ -58,7 +58,7 @@ def build_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         import gradio as gr  # slow to import: only when the web UI is served
 
         from webui.ui import build_ui
-        from webui.ui_gate import gate_gradio
+        from webui.web.gate import gate_gradio
 
         auth = tuple(cfg.auth.split(":", 1)) if cfg.auth else None
         demo = build_ui(engine, cfg, extensions)

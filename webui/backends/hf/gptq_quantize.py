@@ -19,7 +19,7 @@ from pathlib import Path
 from webui.errors import BadInput, Unsupported
 from webui.progress import Progress, no_progress
 
-CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+CALIBRATION = Path(__file__).resolve().parents[2] / "data" / "calibration.txt"  # webui/data/
 BITS = (2, 3, 4, 8)        # what GPTQModel's GPTQ kernels pack
 MAX_SAMPLES = 128          # GPTQ papers use 128 samples; more adds time, not accuracy
 SAMPLE_CHARS = 1000        # ~250 tokens of English per sample: enough context, and more samples

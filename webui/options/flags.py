@@ -1,4 +1,4 @@
-"""Command-line flags derived from the option dataclasses of webui/config.py: a --flag per field (underscores
+"""Command-line flags derived from the option dataclasses of webui/options/config.py: a --flag per field (underscores
 become dashes) with its help, choices and default, and the dataclass back from the parsed flags, so a new
 option appears on the command line without a line of its own here.
 """
@@ -9,8 +9,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from webui.config import choices_of
-
+from webui.options.config import choices_of
 
 _LIST_ITEM_TYPES = {"lora": str, "lora_weights": float, "extensions": str}
 
@@ -30,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif hint is bool:
             kwargs["action"] = "store_true"
         elif hint is list:
-            kwargs.update(nargs="*", type=_LIST_ITEM_TYPES.get(f.name, str))
+            # extend: `--lora A --lora B` and `--lora A B` both give [A, B] (with nargs alone argparse keeps only
+            # the last of a repeated flag, silently); a copy of the default, which extend appends to
+            kwargs.update(action="extend", nargs="*", type=_LIST_ITEM_TYPES.get(f.name, str), default=list(default))
         else:
             kwargs["type"] = hint
         if f.metadata.get("required"):  # the command line must give it (the UI fills it in itself)

@@ -18,13 +18,13 @@ import torch
 from peft.tuners.lora.gptq import GPTQLoraLinear
 from transformers import AutoModelForCausalLM, GPTQConfig
 
-from webui import embedded
 from webui.adapters.targets import Layer, describe_base
+from webui.backends import embedded
 from webui.backends.base import SAMPLERS, Capabilities, LoadedInfo
-from webui.backends.transformers import TransformersBackend
-from webui.config import ModelSpec
+from webui.backends.hf.gptq_quantize import gptqmodel_env, quantization_config
+from webui.backends.hf.transformers import TransformersBackend
 from webui.errors import BadInput, LoadFailed, Unsupported
-from webui.export.gptq_quantize import gptqmodel_env, quantization_config
+from webui.options.config import ModelSpec
 from webui.progress import Progress, no_progress
 
 MERGE_REFUSED = ("a LoRA cannot be merged into GPTQ-quantized weights (PEFT cannot: the weights would "

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from webui.config import GenerationParams
 from webui.errors import BadInput, NotFound
+from webui.options.config import GenerationParams
 from webui.paths import inside
 
 _NAME = re.compile(r"^[\w][\w .+-]{0,63}$")

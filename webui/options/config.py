@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from webui.backends.registry import loader_choices
 from webui.errors import BadInput
-from webui.training import lora_options
+from webui.options import lora_options
 
+# The loaders by key, as the options name them; webui/backends/registry.py maps each key to its Backend class
+# (and checks, when it is imported, that the two lists agree). Options never import the registry: the loaders
+# depend on the options, not the reverse.
+LoaderName = Literal["auto", "llamacpp", "gptq", "transformers", "remote"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 QuantizationName = Literal["none", "nf4", "fp4", "int8"]
@@ -127,8 +130,7 @@ class ModelSpec:
     """What to load and how. `model` is a name in the models dir, or a path; empty = the embedded model."""
 
     model: str = _opt("", "Model: a folder or .gguf file in the models dir, or a path (empty = embedded SmolLM2).")
-    loader: str = _opt("auto", "Loader: auto picks llamacpp for .gguf, gptq for GPTQ folders, else transformers.",
-                       choices=loader_choices)
+    loader: LoaderName = _opt("auto", "Loader: auto picks llamacpp for .gguf, gptq for GPTQ folders, else transformers.")
     dtype: DtypeName = _opt("auto", "Weights dtype on the transformers loader (auto: bfloat16/float16 on CUDA, float32 on CPU).")
     device: DeviceName = _opt("auto", "Device (auto: CUDA when present, else CPU).")
     n_ctx: int = _opt(4096, "Context length (llama.cpp).", min=128, max=1 << 20, step=128)
@@ -156,7 +158,7 @@ class ServerConfig:
     """Start-up options of the app (the flags of `python app.py`)."""
 
     model: str = _opt("", "Model to load at start (a models-dir name or a path; default: the embedded SmolLM2).")
-    loader: str = _opt("auto", "Loader for --model.", choices=loader_choices)
+    loader: LoaderName = _opt("auto", "Loader for --model.")
     dtype: DtypeName = _opt("auto", "Weights dtype (transformers loader).")
     quantization: QuantizationName = _opt("none", _QUANTIZATION_HELP)
     remote_engine: RemoteEngineName = _opt("auto", _REMOTE_ENGINE_HELP)

@@ -19,16 +19,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from webui import models
 from webui.adapters.files import check_adapter_name, list_adapters, load_weights, read_adapter, resolve_adapter
 from webui.adapters.inspect import Report, inspect_adapter
+from webui.backends import models
 from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores
 from webui.backends.registry import backend_class, loader_options
-from webui.config import GenerationParams, ModelSpec
+from webui.engine.scheduler import JobHandle, Scheduler
 from webui.errors import BadInput, Incompatible, LoadFailed, NoModelLoaded, Unsupported, first_line
+from webui.options.config import GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
-from webui.scheduler import Scheduler
-from webui.stop_strings import StopStringFilter, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,8 @@ class Engine:
         # waits for a generation (a request is tokenized while others run) but does wait for a load.
         self._swap = threading.Lock()
         self.last_load_seconds = 0.0
-        self._scheduler = None
+        # private: batches the requests `submit` queues (its worker thread starts with the first request)
+        self._scheduler = Scheduler(self)
         self._reports: dict = {}  # adapter_report cache
         self._adapter_paths: dict[str, Path] = {}  # each cached adapter's folder (a failed load restores from it)
 
@@ -190,13 +190,6 @@ class Engine:
         meanwhile (the scheduler tokenizes a prompt in the caller's thread and checks it is still this one)."""
         return self._backend
 
-    @property
-    def scheduler(self) -> Scheduler:
-        """The request scheduler (batches concurrent API requests); created on first use."""
-        if self._scheduler is None:
-            self._scheduler = Scheduler(self)
-        return self._scheduler
-
     def _require(self) -> Backend:
         if self._backend is None:
             raise NoModelLoaded()
@@ -260,38 +253,42 @@ class Engine:
                 if was_merged and not backend.merged:
                     backend.merge_adapters()
 
-    def generate(self, prompt: str, params: GenerationParams | None = None,
-                 cancel: threading.Event | None = None) -> str:
-        """The whole reply at once, cut before the first stop string."""
+    # -- generation: one door ------------------------------------------------------------------------------
+    def submit(self, prompt: str | list[dict], params: GenerationParams | None = None,
+               adapters: dict[str, float] | None = None, cancel: threading.Event | None = None) -> JobHandle:
+        """The one way to generate: queue a request and get its handle at once (iterate it for text deltas, or
+        `text()` for the whole reply; closing it cancels the request). Every client — the Chat tab, compare
+        mode, evaluation, each API dialect, scripts — comes through here, so they all take the path that
+        batches (continuous batching where the loader has a decoder). `prompt` is text, or chat messages
+        rendered with the model's template; `adapters` is the request's own stack ({} = the plain base), None
+        = the stack active in the UI when the request runs (adapters it names must be cached first:
+        `prepare_adapters`); `cancel`, when given, is the request's cancel event. Stop strings end the reply."""
         params = params or GenerationParams()
-        with self._lock:
-            text = self._require().generate(prompt, params, cancel)
-        return cut_at_stop(text, params.stop)[0]
+        if not isinstance(prompt, str):
+            prompt = self.chat_prompt(prompt)
+        if adapters:
+            check_weights(adapters)
+        return self._scheduler.submit(prompt, params, adapters, cancel)
+
+    @property
+    def max_batch(self) -> int:
+        """Rows per forward pass on the static batch path (what an engine's /info reports)."""
+        return self._scheduler.max_batch
+
+    def generate(self, prompt: str | list[dict], params: GenerationParams | None = None,
+                 cancel: threading.Event | None = None, adapters: dict[str, float] | None = None) -> str:
+        """The whole reply at once (`submit`, then wait), cut before the first stop string."""
+        handle = self.submit(prompt, params, adapters, cancel)
+        try:
+            return handle.text()
+        finally:
+            handle.close()
 
     def stream(self, prompt: str | list[dict], params: GenerationParams | None = None,
-               cancel: threading.Event | None = None) -> Iterator[str]:
-        """Text deltas of the reply to a prompt (or to chat messages). The model is held for the caller
-        until the iterator ends or is closed; a stop string or `cancel` ends the generation early."""
-        params = params or GenerationParams()
-        cancel = cancel or threading.Event()
-        stops = StopStringFilter(params.stop)
-        with self._lock:
-            backend = self._require()
-            if not isinstance(prompt, str):
-                prompt = backend.chat_prompt(prompt)
-            chunks = backend.stream(prompt, params, cancel)
-            try:
-                for delta in chunks:
-                    out = stops.feed(delta)
-                    if out:
-                        yield out
-                    if stops.stopped:
-                        break
-                tail = stops.flush()
-                if tail:
-                    yield tail
-            finally:
-                chunks.close()  # stops the backend's worker if we left early
+               cancel: threading.Event | None = None, adapters: dict[str, float] | None = None) -> Iterator[str]:
+        """Text deltas of the reply to a prompt (or to chat messages), through `submit`; leaving the iteration
+        early, or setting `cancel`, ends the request."""
+        yield from self.submit(prompt, params, adapters, cancel)
 
     def stream_chat(self, messages: list[dict], params: GenerationParams | None = None,
                     cancel: threading.Event | None = None) -> Iterator[str]:

@@ -26,11 +26,38 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from webui.backends.base import Backend
-from webui.config import GenerationParams
-from webui.stop_strings import StopStringFilter
+from webui.backends.base import Backend, RowDelta
+from webui.engine.stop_strings import StopStringFilter
+from webui.options.config import GenerationParams
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of the reply's text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The reply ended: `reason` "stop", "length" or "cancelled"; `tokens` generated (None when a stop string ended
+    the reply: the backend's count is of no use then); `ids` the generated ids where the loader reports them."""
+
+    reason: str
+    tokens: int | None
+    ids: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request could not run; the consumer raises `error`."""
+
+    error: BaseException
+
+
+Event = Delta | Done | Failed
 
 
 @dataclass
@@ -49,20 +76,20 @@ class Job:
         self.stops = StopStringFilter(self.params.stop)
         self._held: list[str] = []
 
-    def emit(self, kind: str, *payload) -> None:
+    def emit(self, event: Event) -> None:
         """Queue an event for the consumer. For a consumer of the whole reply, deltas are held and queued as
         one at the end: a thread waking on every token of every row costs the batch's own compute threads
         their cores (measured on 2 cores: 4 non-streamed replies woke 4 threads per decode step)."""
         if self.finished:
             return
-        if kind == "delta" and self.whole:
-            self._held.append(payload[0])
+        if isinstance(event, Delta) and self.whole:
+            self._held.append(event.text)
             return
         if self._held:
-            self.events.put(("delta", "".join(self._held)))
+            self.events.put(Delta("".join(self._held)))
             self._held = []
-        self.events.put((kind, *payload))
-        self.finished = kind in ("done", "error")
+        self.events.put(event)
+        self.finished = not isinstance(event, Delta)
 
 
 class JobHandle:
@@ -79,15 +106,14 @@ class JobHandle:
     def __iter__(self):
         try:
             while True:
-                kind, *payload = self.job.events.get()
-                if kind == "delta":
-                    yield payload[0]
-                elif kind == "done":
-                    self.finish_reason, self.completion_tokens = payload[:2]
-                    self.token_ids = payload[2] if len(payload) > 2 else None
+                event = self.job.events.get()
+                if isinstance(event, Delta):
+                    yield event.text
+                elif isinstance(event, Done):
+                    self.finish_reason, self.completion_tokens, self.token_ids = event.reason, event.tokens, event.ids
                     return
                 else:
-                    raise payload[0]
+                    raise event.error
         finally:
             self.close()
 
@@ -130,8 +156,10 @@ class Scheduler:
         self._worker: threading.Thread | None = None
         self._keys = itertools.count()
 
-    def submit(self, prompt: str, params: GenerationParams, adapters: dict | None = None) -> JobHandle:
-        job = Job(prompt, params, None if adapters is None else dict(adapters))
+    def submit(self, prompt: str, params: GenerationParams, adapters: dict | None = None,
+               cancel: threading.Event | None = None) -> JobHandle:
+        """Queue a request (Engine.submit is the public door; this is its private part)."""
+        job = Job(prompt, params, None if adapters is None else dict(adapters), cancel=cancel or threading.Event())
         backend = self.engine.current_backend()
         if _has_decoder(backend):
             try:  # here, in the caller's thread, not in the worker that steps the batch
@@ -171,7 +199,7 @@ class Scheduler:
                     with self._cond:
                         jobs, self._pending = self._pending, []
                 for job in jobs:
-                    job.emit("error", e)
+                    job.emit(Failed(e))
 
     # -- continuous batching (loaders with a Decoder) -------------------------------------------------------
     def _run_continuous(self, backend, decoder) -> None:
@@ -187,12 +215,12 @@ class Scheduler:
                     if key in live:
                         self._deliver(decoder, live, key, token, text)
                 for key in [k for k, row in live.items() if row.job.cancel.is_set()]:
-                    live.pop(key).job.emit("done", "cancelled", 0)
+                    live.pop(key).job.emit(Done("cancelled", 0))
                     decoder.remove(key)
         except Exception as e:  # the batch is lost (its cache may be half-updated); every request in it hears why
             log.exception("continuous batch failed")
             for row in live.values():
-                row.job.emit("error", e)
+                row.job.emit(Failed(e))
         finally:
             try:
                 decoder.close()
@@ -210,14 +238,14 @@ class Scheduler:
                     return
                 self._pending.pop(0)
                 if job.cancel.is_set():
-                    job.emit("done", "cancelled", 0)
+                    job.emit(Done("cancelled", 0))
                     continue
                 key = next(self._keys)
                 try:
                     ids = job.ids if job.ids is not None and job.ids_for is backend else backend.tokenize(job.prompt)
                     live[key] = _Live(job, decoder.add(key, ids, job.params, spec))
                 except Exception as e:  # this request cannot run (too long, an adapter not loaded): only it fails
-                    job.emit("error", e)
+                    job.emit(Failed(e))
 
     def _deliver(self, decoder, live: dict, key: int, token: int, text: str) -> None:
         row = live[key]
@@ -227,9 +255,9 @@ class Scheduler:
         row.ids.append(token)
         out = job.stops.feed(text)
         if out:
-            job.emit("delta", out)
+            job.emit(Delta(out))
         if job.stops.stopped:
-            job.emit("done", "stop", None)
+            job.emit(Done("stop", None))
             live.pop(key)
             decoder.remove(key)
         elif len(row.ids) >= row.budget:
@@ -242,11 +270,11 @@ class Scheduler:
         if not job.stops.stopped:
             out += job.stops.flush()
         if out:
-            job.emit("delta", out)
+            job.emit(Delta(out))
         if job.stops.stopped:
-            job.emit("done", "stop", None)
+            job.emit(Done("stop", None))
         else:
-            job.emit("done", reason, len(row.ids), ids)
+            job.emit(Done(reason, len(row.ids), ids))
         decoder.remove(key)
 
     # -- static batches (loaders without one) -----------------------------------------------------------
@@ -258,7 +286,7 @@ class Scheduler:
         groups: dict[tuple, list[tuple[Job, dict]]] = {}
         for job in jobs:
             if job.cancel.is_set():
-                job.emit("done", "cancelled", 0)
+                job.emit(Done("cancelled", 0))
                 continue
             spec = default if job.adapters is None else job.adapters
             single = len(spec) == 0 or (len(spec) == 1 and next(iter(spec.values())) == 1.0)
@@ -308,28 +336,28 @@ class Scheduler:
         cancel = threading.Event()
         try:
             for event in backend.stream_batch([j.prompt for j in jobs], jobs[0].params, adapter_names, cancel):
-                job = jobs[event[1]]
+                job = jobs[event.row]
                 if job.finished:
                     pass
                 elif job.cancel.is_set():
-                    job.emit("done", "cancelled", 0)
-                elif event[0] == "delta":
-                    out = job.stops.feed(event[2])
+                    job.emit(Done("cancelled", 0))
+                elif isinstance(event, RowDelta):
+                    out = job.stops.feed(event.text)
                     if out:
-                        job.emit("delta", out)
+                        job.emit(Delta(out))
                     if job.stops.stopped:
-                        job.emit("done", "stop", None)
+                        job.emit(Done("stop", None))
                 else:
                     tail = job.stops.flush()
                     if tail:
-                        job.emit("delta", tail)
-                    job.emit("done", event[2], event[3], event[4] if len(event) > 4 else None)
+                        job.emit(Delta(tail))
+                    job.emit(Done(event.reason, event.tokens, event.ids))
                 if all(j.finished or j.cancel.is_set() for j in jobs):
                     cancel.set()  # nobody is listening any more: stop generating
         except Exception as e:
             for job in jobs:
-                job.emit("error", e)
+                job.emit(Failed(e))
             if not isinstance(e, (ValueError, RuntimeError)):
                 raise
         for job in jobs:  # a generation cut short by cancellation
-            job.emit("done", "cancelled", 0)
+            job.emit(Done("cancelled", 0))

@@ -1,7 +1,7 @@
 """Per-request token choice for the transformers-family loaders: the logits processors and warpers a
 GenerationParams asks for, built from transformers' own classes, and one request's next token from its row
 of logits. `model.generate` applies one set of settings to a whole batch; the continuous batch
-(webui/backends/hf_continuous.py) gives every row its own, so it calls these per row.
+(webui/backends/hf/continuous.py) gives every row its own, so it calls these per row.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from webui.config import GenerationParams
+from webui.options.config import GenerationParams
 
 
 class PresenceFrequencyPenalty:

@@ -37,8 +37,8 @@ import random
 from dataclasses import dataclass, field
 
 from webui.backends.base import Decoder
-from webui.config import GenerationParams
 from webui.errors import BadInput
+from webui.options.config import GenerationParams
 
 KV_BUDGET = 1 << 30  # bytes of KV cache the decoder may take (beyond the loaded context's own) for its rows
 MIN_REUSE = 16       # a cached prefix shorter than this is not worth keeping a slot's cache for
