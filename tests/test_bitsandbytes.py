@@ -104,7 +104,7 @@ def test_adapter_checks_see_quantized_layers_with_float_sizes(engine):
 def test_quantization_is_a_transformers_option(bnb_dirs, gguf_models, gptq_dirs):
     """ServerConfig carries it to the ModelSpec; `auto` picks a loader that takes it; other loaders refuse it;
     a GGUF or an already quantized folder is refused with what to do."""
-    assert ServerConfig(quantization="nf4").model_spec().quantization == "nf4"
+    assert ServerConfig(spec=ModelSpec(quantization="nf4")).spec.quantization == "nf4"
     with pytest.raises(BadInput, match="quantization"):
         ModelSpec(quantization="q4")
     models, loras = bnb_dirs
@@ -127,7 +127,7 @@ def test_cli_flag(capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser, ServerConfig)
     cfg = from_namespace(ServerConfig, parser.parse_args(["--quantization", "nf4", "--loader", "transformers"]))
-    assert cfg.model_spec() == ModelSpec(loader="transformers", quantization="nf4")
+    assert cfg.spec == ModelSpec(loader="transformers", quantization="nf4")
     with pytest.raises(SystemExit):
         parser.parse_args(["--quantization", "q4_k"])
     assert "{none,nf4,fp4,int8}" in capsys.readouterr().err

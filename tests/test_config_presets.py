@@ -57,7 +57,7 @@ def test_cli_flags_come_from_server_config():
     cfg = from_namespace(ServerConfig, parser.parse_args(
         ["--model", "m", "--loader", "transformers", "--dtype", "bfloat16", "--listen-host", "0.0.0.0",
          "--port", "7861", "--auth", "u:p", "--models-dir", "/x"]))
-    assert (cfg.model, cfg.loader, cfg.dtype, cfg.listen_host, cfg.port, cfg.auth, cfg.models_dir) == \
+    assert (cfg.spec.model, cfg.spec.loader, cfg.spec.dtype, cfg.listen_host, cfg.port, cfg.auth, cfg.models_dir) == \
         ("m", "transformers", "bfloat16", "0.0.0.0", 7861, "u:p", "/x")
     assert from_namespace(ServerConfig, parser.parse_args([])).listen_host == "127.0.0.1"
     with pytest.raises(SystemExit):

@@ -52,6 +52,10 @@ class FakeBackend:
     def decoder(self):
         return None  # a loader without continuous batching: the static path under test here
 
+    @property
+    def adapters_loaded(self) -> dict:
+        return {name: "cached" for name in "ABCD"}  # every adapter the tests name is cached
+
     def set_adapters(self, weights: dict) -> None:
         self.active_adapters, self.merged = dict(weights), False  # a new stack is never merged
         self.log.append(("set", dict(weights)))

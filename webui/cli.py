@@ -1,9 +1,11 @@
 """Command line of LoRA Deck: `python -m webui SUBCOMMAND` (the `loradeck` command once installed). `app.py`
-is `serve` and `download-model.py` is `download`. The flags of `serve` come from `webui.options.config.ServerConfig`,
-so they, the defaults and the help texts have one home; the loader choices come from the registry.
+is `serve` and `download-model.py` is `download`. Every subcommand's flags come from an options dataclass (`serve`:
+ServerConfig, `eval`: ModelSpec + EvalConfig, the tools: webui/options/commands.py), so flags, defaults and help
+texts have one home; `download` keeps text-generation-webui's flags and `loras` its own sub-subcommands.
 
 Each subcommand imports its own modules when it runs: `serve` pulls in torch and gradio, which `--help`,
-`download` and `inspect` should not wait for. Every LoraDeckError ends a command with one `error:` line.
+`download` and `inspect` should not wait for. One wrapper in `main` ends every command a user's input fails with one
+`error:` line: exit status 2 for flags that do not make sense, 1 for any other LoraDeckError.
 """
 from __future__ import annotations
 
@@ -17,11 +19,17 @@ import yaml
 
 from webui.adapters.library_cli import add_arguments as add_library_arguments
 from webui.adapters.library_cli import run as run_library_cli
-from webui.adapters.types import COMBINATIONS
 from webui.errors import BadInput, LoraDeckError
-from webui.export import FORMATS
 from webui.hub.cli import add_arguments as add_download_arguments
 from webui.hub.cli import run_cli
+from webui.options.commands import (
+    BlendOptions,
+    ExportOptions,
+    InspectOptions,
+    LlamaServerCommandOptions,
+    PublishOptions,
+    TrainOptions,
+)
 from webui.options.config import EvalConfig, ModelSpec, ServerConfig, TrainConfig
 from webui.options.flags import add_arguments, from_namespace
 from webui.options.lora_options import yaml_hint
@@ -40,75 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     add_download_arguments(download)
 
     inspect = sub.add_parser("inspect", help="does an adapter fit a base? the compatibility report")
-    inspect.add_argument("adapter", help="a name in the loras dir, or a path to an adapter folder")
-    inspect.add_argument("--model", help="base to check against (a models-dir name or a path; "
-                                         "only its config is read, no weights)")
-    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
-    inspect.add_argument("--models-dir", default="models")
-    inspect.add_argument("--loras-dir", default="loras")
-
+    add_arguments(inspect, InspectOptions)
     publish = sub.add_parser("publish", help="upload an adapter (or an exported model folder) to the hub or S3",
                              description="Upload loras/NAME (or any folder) to a Hugging Face repo (HF_TOKEN or "
                                          "--token; HF_ENDPOINT) or to s3://bucket/prefix (AWS_* variables). An "
                                          "adapter without a model card (README.md) gets one first.")
-    publish.add_argument("source", metavar="NAME_OR_PATH", help="an adapter name in the loras dir, or a folder path")
-    publish.add_argument("--to", required=True, metavar="DEST", help="hf:ORG/NAME or s3://bucket/prefix")
-    publish.add_argument("--private", action="store_true", help="create the hub repo private (an existing repo "
-                         "keeps its visibility)")
-    publish.add_argument("--token", default=None, help="a hub token with write access (default: HF_TOKEN, or the "
-                         "login saved by `hf auth login`)")
-    publish.add_argument("--loras-dir", default="loras")
-    publish.add_argument("--runs-dir", default="runs", help="training runs (the model card's losses come from here)")
-
+    add_arguments(publish, PublishOptions)
     train = sub.add_parser("train", help="train a LoRA from a YAML config (resumes a run of the same output)")
-    train.add_argument("--config", required=True, help="YAML with base_model, dataset, lora, training, output")
-    train.add_argument("--models-dir", default="models")
-    train.add_argument("--loras-dir", default="loras")
-    train.add_argument("--runs-dir", default="runs")
-    train.add_argument("--num-processes", type=int, default=0,
-                       help="train in N processes (one per GPU; on CPU, N processes sharing the cores) through "
-                            "`accelerate launch` (DDP); default: training.num_processes in the YAML, else 1")
-    train.add_argument("--accelerate-config", default=None,
-                       help="an Accelerate config file (accelerate config), passed to `accelerate launch` unchanged: "
-                            "FSDP, DeepSpeed, several machines")
-
+    add_arguments(train, TrainOptions)
     export = sub.add_parser("export", help="merge adapters into a base and write a model")
-    export.add_argument("--model", default="", help="base (default: the embedded SmolLM2)")
-    export.add_argument("--lora", action="extend", nargs="+", default=[], help="adapter name(s) or path(s)")
-    export.add_argument("--weights", action="extend", nargs="+", type=float, default=[],
-                        help="a weight per adapter (default 1.0 each)")
-    export.add_argument("--format", required=True, choices=FORMATS)
-    export.add_argument("--out", required=True)
-    export.add_argument("--quant", default=None, help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, "
-                        "Q4_0, Q4_1, ... (default Q8_0 for models under 3B parameters, else Q4_K_M)")
-    export.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8), help="GPTQ: bits per weight (default 4)")
-    export.add_argument("--group-size", type=int, default=None,
-                        help="GPTQ: weights sharing one scale (default 128, or the largest of 64/32/16 that divides "
-                             "the model's layer sizes; -1 = one per column)")
-    export.add_argument("--calibration", default=None,
-                        help="GPTQ: a text file to calibrate on (default: webui/data/calibration.txt)")
-    export.add_argument("--outtype", default=None, choices=("f32", "f16", "q8_0"),
-                        help="gguf-lora / ollama: how the LoRA's tensors are stored (default f32, exact)")
-    export.add_argument("--models-dir", default="models")
-    export.add_argument("--loras-dir", default="loras")
-
+    add_arguments(export, ExportOptions)
     blend = sub.add_parser("blend", help="combine adapters into a new one (exact for cat; refused where it cannot be)",
                            description="Write loras/NAME, an adapter whose output equals the weighted stack of the "
                                        "--lora adapters ('cat', the default; any ranks, rsLoRA included), or an "
                                        "approximation of it you ask for (linear, svd, ties, dare_*: the deviation is "
                                        "printed). DoRA and lora_bias adapters are refused with the reason.")
-    blend.add_argument("--lora", action="extend", nargs="+", default=[], required=True,
-                       help="adapter name(s) in the loras dir, or path(s)")
-    blend.add_argument("--weights", action="extend", nargs="+", type=float, default=[],
-                       help="a weight per adapter (default 1.0 each)")
-    blend.add_argument("--combination", default="cat", choices=COMBINATIONS)
-    blend.add_argument("--density", type=float, default=None, help="ties / dare: the fraction of values kept "
-                       "(default 0.5)")
-    blend.add_argument("--model", default="", help="the base the adapters were trained for (default: the embedded "
-                       "SmolLM2); blending runs on the transformers loader")
-    blend.add_argument("--models-dir", default="models")
-    blend.add_argument("--loras-dir", default="loras")
-    blend.add_argument("--out", required=True, help="the new adapter's name (written to the loras dir)")
+    add_arguments(blend, BlendOptions)
 
     loras = sub.add_parser("loras", help="the adapter library: list, rename, duplicate, delete, restore, note, tag")
     add_library_arguments(loras)
@@ -121,13 +76,20 @@ def _parser() -> argparse.ArgumentParser:
 
     llama = sub.add_parser("llama-server-command", help="print the llama-server command that serves a GGUF base "
                            "with our adapters (for --loader remote); converts the adapters to GGUF LoRAs")
-    llama.add_argument("--model", required=True, help="the GGUF base (a models-dir name or a path)")
-    llama.add_argument("--lora", action="extend", nargs="*", default=[], help="adapter names in the loras dir, or paths")
-    llama.add_argument("--binary", default="llama-server", help="the llama-server executable")
-    llama.add_argument("--port", type=int, default=8080)
-    llama.add_argument("--models-dir", default="models")
-    llama.add_argument("--loras-dir", default="loras")
+    add_arguments(llama, LlamaServerCommandOptions)
     return parser
+
+
+class _BadFlags(Exception):
+    """Options that do not make sense together or fail their checks: exit status 2, as argparse's own errors."""
+
+
+def _options(cls, args):
+    """The options dataclass of a subcommand from its parsed flags; a value its checks refuse is a usage error."""
+    try:
+        return from_namespace(cls, args)
+    except BadInput as e:
+        raise _BadFlags(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,33 +98,25 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
         return 2
-    if args.command == "serve":
-        try:
-            cfg = from_namespace(ServerConfig, args)
-        except BadInput as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        from webui.web.server import serve  # torch, gradio: see the module docstring
-        return serve(cfg)
-    if args.command == "inspect":
-        return _inspect(args)
-    if args.command == "export":
-        return _export(args)
-    if args.command == "blend":
-        return _blend(args)
-    if args.command == "train":
-        return _train(args)
-    if args.command == "eval":
-        return _eval(args)
-    if args.command == "download":
-        return run_cli(args)
-    if args.command == "publish":
-        return _publish(args)
-    if args.command == "loras":
-        return run_library_cli(args)
-    if args.command == "llama-server-command":
-        return _llama_server_command(args)
-    return 2
+    commands = {"serve": _serve, "inspect": _inspect, "export": _export, "blend": _blend, "train": _train,
+                "eval": _eval, "download": run_cli, "publish": _publish, "loras": run_library_cli,
+                "llama-server-command": _llama_server_command}
+    # one error wrapper: every command's failure a user can cause is one `error:` line
+    try:
+        return commands[args.command](args)
+    except _BadFlags as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except LoraDeckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _serve(args) -> int:
+    cfg = _options(ServerConfig, args)
+    from webui.web.server import serve  # torch, gradio: see the module docstring
+
+    return serve(cfg)
 
 
 def _llama_server_command(args) -> int:
@@ -170,14 +124,11 @@ def _llama_server_command(args) -> int:
     from webui.backends.llamacpp.server_cmd import command, convert_for_llama_server, printable
     from webui.backends.models import resolve_model_path
 
-    try:
-        base = resolve_model_path(args.model, Path(args.models_dir))
-        folders = [locate_adapter(a, Path(args.loras_dir), anywhere=True) for a in args.lora]
-        loras = convert_for_llama_server(base, folders)
-    except LoraDeckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(printable(command(args.binary, base, loras, args.port)))
+    o = _options(LlamaServerCommandOptions, args)
+    base = resolve_model_path(o.model, Path(o.models_dir))
+    folders = [locate_adapter(a, Path(o.loras_dir), anywhere=True) for a in o.lora]
+    loras = convert_for_llama_server(base, folders)
+    print(printable(command(o.binary, base, loras, o.port)))
     return 0
 
 
@@ -185,16 +136,13 @@ def _inspect(args) -> int:
     from webui.adapters.files import load_weights, locate_adapter, read_adapter  # torch: see the docstring
     from webui.adapters.inspect import inspect_adapter
 
-    try:
-        path = locate_adapter(args.adapter, Path(args.loras_dir), anywhere=True)
-        files = read_adapter(path, path.name)
-        state = load_weights(files)
-        base = _describe_model(args.model, Path(args.models_dir)) if args.model else None
-    except LoraDeckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    o = _options(InspectOptions, args)
+    path = locate_adapter(o.adapter, Path(o.loras_dir), anywhere=True)
+    files = read_adapter(path, path.name)
+    state = load_weights(files)
+    base = _describe_model(o.model, Path(o.models_dir)) if o.model else None
     report = inspect_adapter(files, state, base)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    print(json.dumps(report.to_dict(), indent=2) if o.json else report.text())
     return 0 if report.compatible else 3
 
 
@@ -217,15 +165,11 @@ def _describe_model(model: str, models_dir):
 def _export(args) -> int:
     from webui.export.run import export_model  # torch, gguf, llama.cpp: see the docstring
 
-    try:
-        out = export_model(args.model, args.lora, args.weights, args.format, Path(args.out),
-                           Path(args.models_dir), Path(args.loras_dir),
-                           progress=lambda f, msg: print(f"[export] {msg}", file=sys.stderr), quant=args.quant,
-                           bits=args.bits, group_size=args.group_size,
-                           calibration=Path(args.calibration) if args.calibration else None, outtype=args.outtype)
-    except LoraDeckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    o = _options(ExportOptions, args)
+    out = export_model(o.model, o.lora, o.weights, o.format, Path(o.out), Path(o.models_dir), Path(o.loras_dir),
+                       progress=lambda f, msg: print(f"[export] {msg}", file=sys.stderr), quant=o.quant,
+                       bits=o.bits, group_size=o.group_size,
+                       calibration=Path(o.calibration) if o.calibration else None, outtype=o.outtype)
     print(out)
     return 0
 
@@ -235,23 +179,20 @@ def _blend(args) -> int:
     from webui.adapters.files import locate_adapter
     from webui.engine import Engine
 
-    weights = args.weights or [1.0] * len(args.lora)
-    if len(weights) != len(args.lora):
-        print(f"error: {len(weights)} weight(s) given for {len(args.lora)} adapter(s)", file=sys.stderr)
-        return 2
-    engine = Engine(Path(args.models_dir), Path(args.loras_dir))
+    o = _options(BlendOptions, args)
+    weights = o.weights or [1.0] * len(o.lora)
+    if len(weights) != len(o.lora):
+        raise _BadFlags(f"{len(weights)} weight(s) given for {len(o.lora)} adapter(s)")
+    engine = Engine(Path(o.models_dir), Path(o.loras_dir))
     try:
-        paths = {Path(n).name: locate_adapter(n, Path(args.loras_dir), anywhere=True) for n in args.lora}
-        engine.load(ModelSpec(model=args.model, loader="transformers"))
-        out = engine.blend_adapters(dict(zip(paths, weights)), args.out, args.combination, args.density, paths=paths)
-    except LoraDeckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        paths = {Path(n).name: locate_adapter(n, Path(o.loras_dir), anywhere=True) for n in o.lora}
+        engine.load(ModelSpec(model=o.model, loader="transformers"))
+        out = engine.blend_adapters(dict(zip(paths, weights)), o.out, o.combination, o.density, paths=paths)
     finally:
         engine.unload()
     record = json.loads((out / RECORD).read_text()) if (out / RECORD).is_file() else {}
     if record.get("note"):
-        print(f"[blend] {args.out} {record['note']}", file=sys.stderr)
+        print(f"[blend] {o.out} {record['note']}", file=sys.stderr)
     print(out)
     return 0
 
@@ -259,60 +200,46 @@ def _blend(args) -> int:
 def _train(args) -> int:
     from webui.training.trainer import train  # torch: see the docstring
 
-    path = Path(args.config)
+    o = _options(TrainOptions, args)
+    path = Path(o.config)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         cfg = TrainConfig.from_dict(data)
     except OSError as e:
-        print(f"error: cannot read {path}: {e}", file=sys.stderr)
-        return 2
+        raise _BadFlags(f"cannot read {path}: {e}") from None
     except (yaml.YAMLError, BadInput) as e:
-        print(f"error: {path.name}: {e}{yaml_hint(e)}", file=sys.stderr)
-        return 2
+        raise _BadFlags(f"{path.name}: {e}{yaml_hint(e)}") from None
     files = [_beside(Path(p), path.parent) for p in cfg.dataset.paths]
     cfg.dataset.path = files if isinstance(cfg.dataset.path, list) else files[0]
-    num_processes = args.num_processes or cfg.training.num_processes
+    num_processes = o.num_processes or cfg.training.num_processes
     if num_processes < 1:
-        print("error: --num-processes must be at least 1", file=sys.stderr)
-        return 2
-    if launch.wanted(num_processes, args.accelerate_config):
-        return _launch(args, cfg, num_processes)
+        raise _BadFlags("--num-processes must be at least 1")
+    if launch.wanted(num_processes, o.accelerate_config):
+        return _launch(o, cfg, num_processes)
     launch.die_with_launcher()
-    try:
-        train(cfg, Path(args.models_dir), Path(args.loras_dir), Path(args.runs_dir),
-              log=lambda msg: print(msg, flush=True))
-    except LoraDeckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    train(cfg, Path(o.models_dir), Path(o.loras_dir), Path(o.runs_dir), log=lambda msg: print(msg, flush=True))
     return 0
 
 
-def _launch(args, cfg: TrainConfig, num_processes: int) -> int:
+def _launch(o: TrainOptions, cfg: TrainConfig, num_processes: int) -> int:
     """Check the run here (fast errors, one copy of the embedded model), then run the same command in
     `num_processes` processes under accelerate launch."""
     from webui.training.trainer import launched  # torch: see the docstring
 
-    dirs = [Path(args.models_dir), Path(args.loras_dir), Path(args.runs_dir)]
-    train_args = ["--config", args.config, "--models-dir", args.models_dir, "--loras-dir", args.loras_dir,
-                  "--runs-dir", args.runs_dir]
-    try:
-        return launched(cfg, *dirs, lambda: launch.run(train_args, num_processes, args.accelerate_config),
-                        num_processes, log=lambda msg: print(msg, flush=True))
-    except LoraDeckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    dirs = [Path(o.models_dir), Path(o.loras_dir), Path(o.runs_dir)]
+    train_args = ["--config", o.config, "--models-dir", o.models_dir, "--loras-dir", o.loras_dir,
+                  "--runs-dir", o.runs_dir]
+    return launched(cfg, *dirs, lambda: launch.run(train_args, num_processes, o.accelerate_config),
+                    num_processes, log=lambda msg: print(msg, flush=True))
 
 
 def _publish(args) -> int:
     from webui.hub.publish import publish  # huggingface_hub, boto3: see the docstring
 
-    try:
-        url = publish(args.source, args.to, loras_dir=Path(args.loras_dir), runs_dir=Path(args.runs_dir),
-                      token=args.token, private=args.private, anywhere=True,
-                      progress=lambda f, msg: print(f"[publish] {msg}", file=sys.stderr, flush=True))
-    except LoraDeckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    o = _options(PublishOptions, args)
+    url = publish(o.source, o.to, loras_dir=Path(o.loras_dir), runs_dir=Path(o.runs_dir), token=o.token,
+                  private=o.private, anywhere=True,
+                  progress=lambda f, msg: print(f"[publish] {msg}", file=sys.stderr, flush=True))
     print(url)
     return 0
 
@@ -320,17 +247,8 @@ def _publish(args) -> int:
 def _eval(args) -> int:
     from webui.evaluate.run import run_cli  # torch: see the docstring
 
-    try:
-        spec, cfg = from_namespace(ModelSpec, args), from_namespace(EvalConfig, args)
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        paths = run_cli(spec, cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except LoraDeckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for path in paths:
+    spec, cfg = _options(ModelSpec, args), _options(EvalConfig, args)
+    for path in run_cli(spec, cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
         print(path)
     return 0
 

@@ -6,15 +6,18 @@ each other.
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+from webui.options.commands import Combination
 
 CONFIG = "adapter_config.json"
 SAFETENSORS = "adapter_model.safetensors"
 BIN = "adapter_model.bin"
-# PEFT add_weighted_adapter's combination types that blends offer ('cat' first: the exact one, the default).
-# Here, not in peft_stack.py, so that the CLI's choices need no torch.
-COMBINATIONS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune")
+# PEFT add_weighted_adapter's combination types that blends offer ('cat' first: the exact one, the default),
+# named once with the blend options (webui/options/commands.py).
+COMBINATIONS = typing.get_args(Combination)
 
 _PREFIX = "base_model.model."
 _LORA_PART = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)")

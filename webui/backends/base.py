@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import threading
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,28 @@ from webui.progress import Progress, no_progress
 
 # Every sampling field of GenerationParams; a loader that lacks one declares a smaller set.
 SAMPLERS = frozenset(f.name for f in dataclasses.fields(GenerationParams))
+
+
+@contextmanager
+def stack_kept(backend: "Backend"):
+    """Whatever the block does to the active adapters (a request's own stack, a scoring pass, a blend), the stack
+    active when it started — merged or not — is active again afterwards: the UI's stack is never changed by
+    something that merely borrowed the model. Yields that stack."""
+    previous, was_merged = backend.active_adapters, backend.merged
+    try:
+        yield previous
+    finally:
+        restore_stack(backend, previous, was_merged)
+
+
+def restore_stack(backend: "Backend", weights: dict, merged: bool) -> None:
+    """Make `weights` the active stack again (leaving out adapters no longer cached), merged if it was."""
+    loaded = backend.adapters_loaded
+    kept = {n: w for n, w in weights.items() if n in loaded}
+    if backend.active_adapters != kept:
+        backend.set_adapters(kept)
+    if merged and kept and not backend.merged:
+        backend.merge_adapters()
 
 
 def incremental_texts(decode, ids: list[int]) -> list[str]:

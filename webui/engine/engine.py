@@ -22,7 +22,7 @@ from typing import Iterator
 from webui.adapters.files import check_adapter_name, list_adapters, load_weights, read_adapter, resolve_adapter
 from webui.adapters.inspect import Report, inspect_adapter
 from webui.backends import models
-from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores
+from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores, stack_kept
 from webui.backends.registry import backend_class, loader_options
 from webui.engine.scheduler import JobHandle, Scheduler
 from webui.errors import BadInput, Incompatible, LoadFailed, NoModelLoaded, Unsupported, first_line
@@ -243,15 +243,10 @@ class Engine:
                 return backend.score(ids, top_k)
             if adapters and not backend.capabilities.adapters:
                 raise Unsupported(f"the {backend.name} loader cannot apply LoRA adapters")
-            previous, was_merged = backend.active_adapters, backend.merged
-            self._load_missing(backend, adapters, paths)  # cached afterwards, as set_adapters leaves them
-            try:
+            with stack_kept(backend):
+                self._load_missing(backend, adapters, paths)  # cached afterwards, as set_adapters leaves them
                 backend.set_adapters(dict(adapters))
                 return backend.score(ids, top_k)
-            finally:
-                backend.set_adapters({n: w for n, w in previous.items() if n in backend.adapters_loaded})
-                if was_merged and not backend.merged:
-                    backend.merge_adapters()
 
     # -- generation: one door ------------------------------------------------------------------------------
     def submit(self, prompt: str | list[dict], params: GenerationParams | None = None,
@@ -454,13 +449,13 @@ class Engine:
         arguments, e.g. majority_sign_method; `paths`: folders for names outside the adapters dir). The active
         stack is the same afterwards."""
         check_adapter_name(new_name, self.loras_dir)
-        with self._lock:
-            active = self._require().active_adapters
-        self.set_adapters(weights, paths)  # reads and checks any that are not cached yet
+        check_weights(weights)
         with self._lock:
             backend = self._require()
-            try:
+            if not backend.capabilities.adapters:
+                raise Unsupported(f"the {backend.name} loader cannot apply LoRA adapters")
+            with stack_kept(backend):
+                self._load_missing(backend, weights, paths)  # reads and checks any that are not cached yet
+                backend.set_adapters(dict(weights))
                 return backend.blend_adapters(weights, new_name, combination_type, Path(out_dir or self.loras_dir),
                                               density, **options)
-            finally:
-                backend.set_adapters({n: w for n, w in active.items() if n in backend.adapters_loaded})

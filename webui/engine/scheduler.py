@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from webui.backends.base import Backend, RowDelta
+from webui.backends.base import Backend, RowDelta, stack_kept
 from webui.engine.stop_strings import StopStringFilter
 from webui.options.config import GenerationParams
 
@@ -281,7 +281,7 @@ class Scheduler:
     def _run(self, backend, jobs: list[Job]) -> None:
         if getattr(backend.capabilities, "concurrent", False):  # stand-in capabilities may lack it
             return self._run_concurrent(backend, jobs)
-        default, was_merged = backend.active_adapters, backend.merged
+        default = backend.active_adapters
         mixed = backend.capabilities.mixed_batch
         groups: dict[tuple, list[tuple[Job, dict]]] = {}
         for job in jobs:
@@ -292,15 +292,10 @@ class Scheduler:
             single = len(spec) == 0 or (len(spec) == 1 and next(iter(spec.values())) == 1.0)
             kind = ("mixed",) if mixed and single else ("stack", tuple(sorted(spec.items())))
             groups.setdefault((_batch_key(job.params), kind), []).append((job, spec))
-        try:
+        with stack_kept(backend):  # the UI's stack, merged or not, is as it was afterwards
             for (_, kind), members in groups.items():
                 for i in range(0, len(members), self.max_batch):
                     self._run_group(backend, kind, members[i:i + self.max_batch])
-        finally:  # the UI's stack, merged or not, is as it was
-            if backend.active_adapters != default:
-                backend.set_adapters(default)
-            if was_merged and not backend.merged:
-                backend.merge_adapters()
 
     def _run_concurrent(self, backend, jobs: list[Job]) -> None:
         """Every request to the engine at once, each in its own thread with its own stack; requests that arrive

@@ -3,4 +3,8 @@ themselves for llama.cpp / Ollama (gguf-lora, ollama; run.py dispatches on the f
 GGUF) and gptq_quantize.py (GPTQModel; also used for the embedded model's GPTQ copy). Nothing is imported
 here, so the leaf modules stay leaves."""
 
-FORMATS = ("safetensors", "gguf", "gptq", "gguf-lora", "ollama")  # what `export --format` offers (run.py dispatches on it)
+import typing
+
+from webui.options.commands import ExportFormat
+
+FORMATS = typing.get_args(ExportFormat)  # what `export --format` offers (run.py dispatches on it)

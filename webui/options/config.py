@@ -52,6 +52,8 @@ def _validate(obj) -> None:
     """Check choices and numeric ranges declared on the fields; raise BadInput naming the field."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):  # a composed options object checks itself when it is made
+            continue
         allowed = choices_of(type(obj), f.name)
         if allowed is not None and value not in allowed:
             raise BadInput(f"{f.name}: {value!r} is not one of: {', '.join(map(str, allowed))}")
@@ -155,18 +157,10 @@ class ModelSpec:
 
 @dataclass
 class ServerConfig:
-    """Start-up options of the app (the flags of `python app.py`)."""
+    """Start-up options of the app (the flags of `python app.py`): what to load first (a ModelSpec, whose fields
+    are flags of their own: --model, --loader, --dtype, ...) and how to serve it."""
 
-    model: str = _opt("", "Model to load at start (a models-dir name or a path; default: the embedded SmolLM2).")
-    loader: LoaderName = _opt("auto", "Loader for --model.")
-    dtype: DtypeName = _opt("auto", "Weights dtype (transformers loader).")
-    quantization: QuantizationName = _opt("none", _QUANTIZATION_HELP)
-    remote_engine: RemoteEngineName = _opt("auto", _REMOTE_ENGINE_HELP)
-    remote_api_key: str = _opt("", "API key of the remote engine (--loader remote).")
-    remote_adapter_root: str = _opt("", "Where the remote engine sees our adapters folder (--loader remote; vLLM, "
-                                        "SGLang, LoRAX): loras/NAME is given to it as ROOT/NAME.")
-    remote_timeout: float = _opt(120.0, "Seconds to wait for the remote engine (--loader remote).", min=1.0,
-                                 max=3600.0)
+    spec: ModelSpec = field(default_factory=ModelSpec, metadata={"help": "The model to load at start."})
     lora: list = _opt([], "Adapters (names in the loras dir) to apply at start.")
     lora_weights: list = _opt([], "A weight per --lora adapter (default 1.0 each).")
     models_dir: str = _opt("models", "Folder of base models.")
@@ -190,11 +184,6 @@ class ServerConfig:
             raise BadInput("auth: expected USER:PASS")
         if self.lora_weights and len(self.lora_weights) != len(self.lora):
             raise BadInput(f"lora_weights: {len(self.lora_weights)} weight(s) given for {len(self.lora)} adapter(s)")
-
-    def model_spec(self) -> ModelSpec:
-        return ModelSpec(model=self.model, loader=self.loader, dtype=self.dtype, quantization=self.quantization,
-                         remote_engine=self.remote_engine, remote_api_key=self.remote_api_key,
-                         remote_adapter_root=self.remote_adapter_root, remote_timeout=self.remote_timeout)
 
     @property
     def paths(self) -> dict[str, Path]:

@@ -77,7 +77,7 @@ def serve(cfg: ServerConfig) -> int:
                     cfg.listen_host)
     engine = Engine(cfg.models_dir, cfg.loras_dir)
     try:
-        result = engine.load(cfg.model_spec(), progress=lambda f, msg: log.info("%s", msg))
+        result = engine.load(cfg.spec, progress=lambda f, msg: log.info("%s", msg))
     except LoraDeckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

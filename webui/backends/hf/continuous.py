@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from webui.adapters.peft_stack import peft_key
-from webui.backends.base import Decoder
+from webui.backends.base import Decoder, restore_stack
 from webui.backends.hf import few_rows
 from webui.backends.hf.sampling import RowSampler
 from webui.errors import BadInput
@@ -114,10 +114,7 @@ class HfDecoder(Decoder):
     def close(self) -> None:
         """The UI's stack, merged or not, as it was before the batch."""
         self._mixed.close()
-        if self.backend.active_adapters != self._default:
-            self.backend.set_adapters(self._default)
-        if self._was_merged and not self.backend.merged:
-            self.backend.merge_adapters()
+        restore_stack(self.backend, self._default, self._was_merged)
 
     # -- rows ------------------------------------------------------------------------------------------
     def add(self, key, ids: list[int], params: GenerationParams, adapters: dict) -> int:
