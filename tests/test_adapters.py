@@ -82,7 +82,9 @@ def test_blend_into_new_adapter(two_adapters):
     assert engine.active_adapters == {"B": 1.0}  # the active stack is as it was
     assert "AB" in engine.list_adapters()
     engine.set_adapters({"AB": 1.0})
-    torch.testing.assert_close(hf_logits(engine), stacked, atol=1e-5, rtol=1e-5)
+    # float32 rounding of one concatenated adapter vs two summed: 1e-5 held on AMD EPYC machines, an Intel Xeon
+    # (other MKL kernels) measured 1.3e-5
+    torch.testing.assert_close(hf_logits(engine), stacked, atol=5e-5, rtol=5e-5)
 
     with pytest.raises(Exception, match="same r value"):
         engine.blend_adapters({"A": 1.0, "B": 1.0}, "lin", combination_type="linear")
