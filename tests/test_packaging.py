@@ -30,7 +30,8 @@ def test_the_wheel_installs_a_working_loradeck_command(tmp_path):
                          text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: loradeck")
-    for command in ("serve", "download", "inspect", "train", "export", "eval", "blend", "publish", "loras"):
+    for command in ("serve", "download", "inspect", "train", "export", "eval", "blend", "publish", "loras",
+                    "extract", "resize", "convert"):
         assert command in out.stdout.split("}")[0], (command, out.stdout)
     same = subprocess.run([sys.executable, "-m", "webui", "export", "--help"], env=env, cwd=tmp_path,
                           capture_output=True, text=True)

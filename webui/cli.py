@@ -24,16 +24,23 @@ from webui.hub.cli import add_arguments as add_download_arguments
 from webui.hub.cli import run_cli
 from webui.options.commands import (
     BlendOptions,
+    ConvertOptions,
     ExportOptions,
+    ExtractOptions,
     InspectOptions,
     LlamaServerCommandOptions,
     PublishOptions,
+    ResizeOptions,
     TrainOptions,
 )
 from webui.options.config import EvalConfig, ModelSpec, ServerConfig, TrainConfig
 from webui.options.flags import add_arguments, from_namespace
 from webui.options.lora_options import yaml_hint
 from webui.training import launch
+
+SURGERY = (("extract", ExtractOptions, "a LoRA from a fine-tuned model and its base (truncated SVD of T − B)"),
+           ("resize", ResizeOptions, "re-factor an adapter to another rank (SVD of each layer's scaled B·A)"),
+           ("convert", ConvertOptions, "rewrite a DoRA adapter as a plain LoRA (reads the base's weights)"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "approximation of it you ask for (linear, svd, ties, dare_*: the deviation is "
                                        "printed). DoRA and lora_bias adapters are refused with the reason.")
     add_arguments(blend, BlendOptions)
+
+    for name, cls, what in SURGERY:  # adapter surgery: webui/adapters/surgery/
+        add_arguments(sub.add_parser(name, help=what, description=" ".join(cls.__doc__.split())), cls)
 
     loras = sub.add_parser("loras", help="the adapter library: list, rename, duplicate, delete, restore, note, tag")
     add_library_arguments(loras)
@@ -100,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     commands = {"serve": _serve, "inspect": _inspect, "export": _export, "blend": _blend, "train": _train,
                 "eval": _eval, "download": run_cli, "publish": _publish, "loras": run_library_cli,
-                "llama-server-command": _llama_server_command}
+                "llama-server-command": _llama_server_command, **dict.fromkeys(("extract", "resize", "convert"),
+                                                                                _surgery)}
     # one error wrapper: every command's failure a user can cause is one `error:` line
     try:
         return commands[args.command](args)
@@ -135,6 +146,7 @@ def _llama_server_command(args) -> int:
 def _inspect(args) -> int:
     from webui.adapters.files import load_weights, locate_adapter, read_adapter  # torch: see the docstring
     from webui.adapters.inspect import inspect_adapter
+    from webui.adapters.surgery.runtimes import check_runtime
 
     o = _options(InspectOptions, args)
     path = locate_adapter(o.adapter, Path(o.loras_dir), anywhere=True)
@@ -142,8 +154,18 @@ def _inspect(args) -> int:
     state = load_weights(files)
     base = _describe_model(o.model, Path(o.models_dir)) if o.model else None
     report = inspect_adapter(files, state, base)
-    print(json.dumps(report.to_dict(), indent=2) if o.json else report.text())
-    return 0 if report.compatible else 3
+    target = check_runtime(files, state, o.target, o.max_lora_rank) if o.target else None
+    if o.json:
+        print(json.dumps({**report.to_dict(), **({"target": target.to_dict()} if target else {})}, indent=2))
+    else:
+        print(report.text() + (f"\n{target.text()}" if target else ""))
+    return 0 if report.compatible and (target is None or target.runs) else 3
+
+
+def _surgery(args) -> int:
+    from webui.adapters.surgery.cli import run  # torch: see the docstring
+
+    return run(args.command, _options(next(cls for name, cls, _ in SURGERY if name == args.command), args))
 
 
 def _describe_model(model: str, models_dir):

@@ -1,6 +1,7 @@
-"""The options of the CLI's tool subcommands (`inspect`, `export`, `blend`, `train`, `publish`,
-`llama-server-command`), one dataclass each: like `serve` (ServerConfig) and `eval` (ModelSpec + EvalConfig),
-their flags, defaults and help come from these fields (webui/options/flags.py), so the signature is the CLI.
+"""The options of the CLI's tool subcommands (`inspect`, `export`, `blend`, `extract`, `resize`, `convert`,
+`train`, `publish`, `llama-server-command`), one dataclass each: like `serve` (ServerConfig) and `eval`
+(ModelSpec + EvalConfig), their flags, defaults and help come from these fields (webui/options/flags.py), so the
+signature is the CLI.
 `download` keeps text-generation-webui's own flags (webui/hub/cli.py) and `loras` its sub-subcommands
 (webui/adapters/library_cli.py)."""
 from __future__ import annotations
@@ -8,13 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from webui.options.config import _opt
+from webui.errors import BadInput
+from webui.options.config import _opt, _validate
 
 # what `export --format` offers (webui/export/run.py dispatches on it)
 ExportFormat = Literal["safetensors", "gguf", "gptq", "gguf-lora", "ollama"]
 # PEFT add_weighted_adapter's combination types that blends offer ('cat' first: the exact one, the default)
 Combination = Literal["cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "magnitude_prune"]
 GgufLoraType = Literal["f32", "f16", "q8_0"]
+# the serving runtimes `inspect --target` knows the rules of (webui/adapters/surgery/runtimes.py)
+Runtime = Literal["vllm", "sglang", "llamacpp", "ollama", "lorax", "loradeck"]
 
 _MODELS = "Folder of base models."
 _LORAS = "Folder of LoRA adapters."
@@ -27,6 +31,9 @@ class InspectOptions:
     adapter: str = _opt("", "a name in the loras dir, or a path to an adapter folder", positional=True)
     model: str = _opt("", "base to check against (a models-dir name or a path; only its config is read, no weights)")
     json: bool = _opt(False, "print the report as JSON")
+    target: Runtime = _opt(None, "also say whether it runs on that serving runtime as it stands (exit 3 if not), "
+                                 "each reason and the command that fixes it")
+    max_lora_rank: int = _opt(None, "--target vllm: the server's --max-lora-rank (default: vLLM's, 16)", min=1)
     models_dir: str = _opt("models", _MODELS)
     loras_dir: str = _opt("loras", _LORAS)
 
@@ -64,6 +71,75 @@ class BlendOptions:
     models_dir: str = _opt("models", _MODELS)
     loras_dir: str = _opt("loras", _LORAS)
     out: str = _opt("", "the new adapter's name (written to the loras dir)", required=True)
+
+
+_GOAL_RANK = "the rank of every layer of the result"
+_GOAL_ENERGY = "per layer, the smallest rank keeping this share of ‖ΔW‖² (e.g. 0.99): layers may differ"
+_OUT = "the new adapter's name (written to the loras dir)"
+_FORCE = "replace an existing adapter of that name"
+
+
+def _goal(options, required: bool) -> None:
+    """--rank R or --energy E, not both (and one of them where the command needs it)."""
+    _validate(options)
+    if options.rank is not None and options.energy is not None:
+        raise BadInput("give --rank or --energy, not both")
+    if required and options.rank is None and options.energy is None:
+        raise BadInput("give --rank R or --energy E")
+
+
+@dataclass
+class ExtractOptions:
+    """`extract --base B --tuned T (--rank R | --energy E) --out NAME`: a LoRA from a fine-tuned model and its base
+    (per linear layer, a truncated SVD of T − B, read one tensor at a time); prints each layer's relative error."""
+
+    base: str = _opt("", "the base model (a models-dir name or a folder path)", required=True)
+    tuned: str = _opt("", "the fine-tuned model (a models-dir name or a folder path)", required=True)
+    rank: int = _opt(None, _GOAL_RANK, min=1)
+    energy: float = _opt(None, _GOAL_ENERGY, min=0.0, max=1.0)
+    out: str = _opt("", _OUT, required=True)
+    force: bool = _opt(False, _FORCE)
+    models_dir: str = _opt("models", _MODELS)
+    loras_dir: str = _opt("loras", _LORAS)
+
+    def __post_init__(self):
+        _goal(self, required=True)
+
+
+@dataclass
+class ResizeOptions:
+    """`resize NAME (--rank R | --energy E) --out NAME2`: each layer's scaled B·A re-factored by a truncated SVD;
+    prints the energy kept per layer and in total. A rank ≥ the adapter's reproduces it exactly."""
+
+    adapter: str = _opt("", "an adapter in the loras dir, or a path", positional=True, metavar="NAME")
+    rank: int = _opt(None, _GOAL_RANK, min=1)
+    energy: float = _opt(None, _GOAL_ENERGY, min=0.0, max=1.0)
+    out: str = _opt("", _OUT, required=True)
+    force: bool = _opt(False, _FORCE)
+    loras_dir: str = _opt("loras", _LORAS)
+
+    def __post_init__(self):
+        _goal(self, required=True)
+
+
+@dataclass
+class ConvertOptions:
+    """`convert NAME --to lora [--rank R] --out NAME2`: a DoRA adapter's exact weight change on its base (read a
+    layer at a time) factored into a plain LoRA of rank R (default: the source's); prints the error."""
+
+    adapter: str = _opt("", "an adapter in the loras dir, or a path", positional=True, metavar="NAME")
+    to: Literal["lora"] = _opt("lora", "the kind of adapter to write", required=True)
+    rank: int = _opt(None, "the rank of every layer of the result (default: the source's; up to min(out, in): "
+                           "exact)", min=1)
+    energy: float = _opt(None, _GOAL_ENERGY, min=0.0, max=1.0)
+    model: str = _opt("", "the base model (default: the adapter's base_model_name_or_path, in the models dir)")
+    out: str = _opt("", _OUT, required=True)
+    force: bool = _opt(False, _FORCE)
+    models_dir: str = _opt("models", _MODELS)
+    loras_dir: str = _opt("loras", _LORAS)
+
+    def __post_init__(self):
+        _goal(self, required=False)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import gradio as gr
 from webui.adapters import library
 from webui.adapters.inspect import Report
 from webui.adapters.report_cache import ReportService, status_of
+from webui.adapters.surgery.runtimes import runtime_line
 from webui.engine import Engine
 from webui.errors import BadInput, LoraDeckError, ui_message
 
@@ -56,6 +57,8 @@ def badge(entry: library.Entry, record: dict | None) -> str:
         why = r["reasons"][:1] if r["verdict"] == "incompatible" else r["warnings"][:1]
         line += "".join(f" — {html.escape(w)}" for w in why)
         more = Report(**r).text()
+        runs, where = runtime_line(r["path"])  # the serving runtimes it runs on as it stands (inspect --target)
+        line, more = line + (f" — {html.escape(runs)}" if runs else ""), "\n\n".join(filter(None, [more, where]))
     notes = f"<br><small>{html.escape(entry.notes.splitlines()[0][:200])}</small>" if entry.notes else ""
     return (f"<div>{head} · {line}{notes}<details><summary>details</summary>"
             f"<pre style='white-space:pre-wrap'>{html.escape(more)}</pre></details></div>")
