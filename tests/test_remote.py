@@ -18,6 +18,7 @@ import pytest
 
 from tests.helpers import ROOT, AppProcess, api_app
 from webui.options.config import GenerationParams, ModelSpec
+from webui.testing.tiny_models import write_adapter
 
 MAX = 12
 QUESTION = [{"role": "user", "content": "Name three colors."}]
@@ -236,6 +237,28 @@ def test_vllm_dialect_registers_adapters_through_the_adapter_root(back, loras, t
     finally:
         proc.stop()
         shutil.rmtree(shared)
+
+
+def test_an_adapter_the_engine_would_reject_is_refused_with_the_fix(back, loras, tiny_models, tmp_path):
+    """A DoRA adapter asked of a vLLM engine is refused by the front before the engine sees it (vLLM rejects
+    DoRA; inspect --target's rules), naming the reason and the command that fixes it; the engine never gets it
+    and the front keeps answering."""
+    ours = tmp_path / "front-loras"
+    shutil.copytree(loras / "A", ours / "A")
+    write_adapter(tiny_models["llama"], ours / "D", target_modules=["q_proj", "v_proj"], r=4, alpha=8, seed=5,
+                  use_dora=True)
+    proc = front_app(back.url, ours, "--remote-engine", "vllm", "--remote-adapter-root", str(loras))
+    try:
+        body = {"prompt": "The quick brown fox", "temperature": 0, "max_tokens": MAX, "model": "D"}
+        r = httpx.post(proc.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert "DoRA" in message and "python -m webui convert D --to lora" in message, message
+        assert "D" not in [m["id"] for m in httpx.get(back.url + "/v1/models", timeout=30).json()["data"]]
+        r = httpx.post(proc.url + "/v1/completions", json={**body, "model": "A"}, timeout=120)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.stop()
 
 
 # -- llama.cpp's llama-server as the engine ---------------------------------------------------------------

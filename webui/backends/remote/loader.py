@@ -21,12 +21,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from webui.adapters.surgery.runtimes import VLLM_MAX_LORA_RANKS, check_runtime
 from webui.backends.base import Backend, Capabilities, LoadedInfo, RowDelta, RowDone, TokenScores, incremental_texts
 from webui.backends.remote.engines import ENGINES, Dialect, Http, detect
-from webui.errors import BadInput, EngineUnavailable, LoadFailed, Unsupported
+from webui.errors import BadInput, EngineUnavailable, Incompatible, LoadFailed, Unsupported
 from webui.options.config import GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
 
+# the `inspect --target` runtime whose rules each engine's dialect follows (webui/adapters/surgery/runtimes.py)
+RUNTIME_OF = {"vllm": "vllm", "sglang": "sglang", "lorax": "lorax", "llama-server": "llamacpp", "loradeck": "loradeck"}
 
 class RemoteBackend(Backend):
     name = "remote"
@@ -233,12 +236,28 @@ class RemoteBackend(Backend):
         return dict(self._active)
 
     def load_adapter(self, name: str, files, state: dict, report) -> None:
+        self._check_runs_there(files, state)
         folder = Path(files.path)
         with self._lock:
             self.dialect.forget(name)  # changed files: register again
             self.dialect.prepare(name, folder)
             self.dialect.folders[name] = folder
         self._loaded[name] = files.signature()
+
+    def _check_runs_there(self, files, state: dict) -> None:
+        """Refuse, before the engine sees it, an adapter the engine would reject or silently run without part of
+        it (a DoRA magnitude, saved modules, LoRA biases: `inspect --target`'s rules), with every reason and the
+        command that fixes it. An OpenAI-compatible server of unknown kind is not judged."""
+        runtime = RUNTIME_OF.get(self.dialect.name)
+        if runtime is None:
+            return
+        # the engine's own --max-lora-rank is not visible from here: only the largest vLLM takes is assumed, and an
+        # engine started with a smaller one refuses a bigger rank itself, with its own message
+        verdict = check_runtime(files, state, runtime, max_lora_rank=max(VLLM_MAX_LORA_RANKS))
+        if not verdict.runs:
+            reasons = "; ".join(r["problem"] + (f" (fix: {r['fix']})" if r["fix"] else "") for r in verdict.reasons)
+            raise Incompatible(f"{files.name} does not run on the {self.dialect.name} engine: {reasons}",
+                               code="adapter_unsupported_by_engine")
 
     def set_adapters(self, weights: dict[str, float]) -> None:
         missing = [n for n in weights if n not in self._loaded]
