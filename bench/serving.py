@@ -28,7 +28,7 @@ PROMPTS = ["Tell me about the sea.", "Name three fruits.", "What is a LoRA adapt
 
 def _client(engine: Engine, prompt: str, params: GenerationParams, requests: int, tokens: list) -> None:
     for _ in range(requests):
-        handle = engine.submit(prompt, params, None)
+        handle = engine.submit(prompt, params)
         handle.text()
         tokens.append(handle.completion_tokens or 0)
 
@@ -54,7 +54,7 @@ def concurrent_vs_single(engine: Engine, prompts: list[str], params: GenerationP
 
 def _first_token_seconds(engine: Engine, prompt: str, params: GenerationParams) -> float:
     start = time.perf_counter()
-    handle = engine.submit(prompt, params, None)
+    handle = engine.submit(prompt, params)
     next(iter(handle), None)
     seconds = time.perf_counter() - start
     handle.close()
@@ -74,7 +74,7 @@ def ttft_under_load(engine: Engine, prompts: list[str], params: GenerationParams
         return engine.chat_prompt([{"role": "user", "content": f"Question {next(count)}. {PROMPTS[-1]}"}])
 
     def loaded() -> float:
-        handles = [engine.submit(prompts[i % len(prompts)], long, None) for i in range(others)]
+        handles = [engine.submit(prompts[i % len(prompts)], long) for i in range(others)]
         streams = [iter(h) for h in handles]
         for s in streams:  # all of them are decoding now
             next(s, None)

@@ -14,11 +14,11 @@ import pytest
 from tests.helpers import peft_model
 from webui.backends.hf import continuous as hf_continuous
 from webui.backends.hf import few_rows
-from webui.engine import Engine
+from webui.engine import UI_STACK, Engine
 from webui.options.config import GenerationParams, ModelSpec
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old songs".split()
-STACKS = [None, {}, {"A": 1.0}, {"B": 1.0}, {"A": 0.5, "B": 0.7}]
+STACKS = [UI_STACK, {}, {"A": 1.0}, {"B": 1.0}, {"A": 0.5, "B": 0.7}]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def requests(seed: int, n: int) -> list[dict]:
 
 
 def alone(engine: Engine, req: dict, ui_stack: dict) -> str:
-    engine.set_adapters(ui_stack if req["stack"] is None else req["stack"])
+    engine.set_adapters(ui_stack if req["stack"] is UI_STACK else req["stack"])
     try:
         return engine.generate(req["prompt"], GenerationParams(temperature=0, max_new_tokens=req["max"]))
     finally:
@@ -151,7 +151,7 @@ def test_merged_ui_stack_is_merged_again(engine, widths):
     engine.set_adapters({"A": 1.0})
     engine.merge_adapters()
     reqs = [{"prompt": "one two three", "stack": s, "max": 6, "delay": 0.02 * i}
-            for i, s in enumerate([None, {"B": 1.0}, None, {"A": 0.5, "B": 0.5}])]
+            for i, s in enumerate([UI_STACK, {"B": 1.0}, UI_STACK, {"A": 0.5, "B": 0.5}])]
     expected = []
     for r in reqs:
         engine.unmerge_adapters()

@@ -17,6 +17,7 @@ import pytest
 
 from webui.backends.base import RowDelta, RowDone
 from webui.engine.scheduler import Delta, Done, Job, JobHandle, Scheduler
+from webui.engine.stack import UI_STACK
 from webui.options.config import GenerationParams
 
 PARAMS = GenerationParams(temperature=0, max_new_tokens=64)
@@ -154,7 +155,7 @@ def test_mixed_loader_batches_single_adapters_and_base_together():
     requests = [
         ("p1", PARAMS, {"A": 1.0}),
         ("p2", PARAMS, {}),                                 # the plain base
-        ("p3", PARAMS, None),                               # the UI's stack: here the base
+        ("p3", PARAMS, UI_STACK),                           # the UI's stack: here the base
         ("p4", GenerationParams(temperature=0, max_new_tokens=64, stop=["zzz"]), {"B": 1.0}),  # stop: same batch
         ("p5", PARAMS, {"A": 0.5, "B": 0.5}),               # a weighted stack: its own batch ...
         ("p6", PARAMS, {"B": 0.5, "A": 0.5}),               # ... shared with the same stack in any order
@@ -182,7 +183,7 @@ def test_mixed_loader_batches_single_adapters_and_base_together():
 
 def test_loader_without_mixed_batches_runs_each_stack_with_it_set():
     sched, engine, backend = make(mixed=False, active={"B": 1.0})
-    requests = [("p1", PARAMS, None), ("p2", PARAMS, {"A": 1.0}), ("p3", PARAMS, {}), ("p4", PARAMS, {"A": 1.0})]
+    requests = [("p1", PARAMS, UI_STACK), ("p2", PARAMS, {"A": 1.0}), ("p3", PARAMS, {}), ("p4", PARAMS, {"A": 1.0})]
     handles = submit_together(sched, backend, requests)
     texts = [h.text() for h in handles]
     engine.wait_batches(2)
@@ -262,7 +263,7 @@ def test_batch_goes_on_while_one_request_still_listens():
     sched, engine, backend = make(mixed=True)
     params = GenerationParams(temperature=0, max_new_tokens=40)
     leaving, staying = submit_together(sched, backend, [("endless a", params, {"A": 1.0}),
-                                                        ("endless b", params, None)])
+                                                        ("endless b", params, UI_STACK)])
     deltas = iter(leaving)
     assert next(deltas) == reply("endless a", "A")[:3]
     deltas.close()  # closes the request

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from webui.adapters.files import locate_adapter
 from webui.adapters.peft_stack import COMBINATIONS
-from webui.engine import Engine, check_weights
+from webui.engine import UI_STACK, AdapterStack, Engine, Stack, check_weights
 from webui.engine.scheduler import JobHandle
 from webui.errors import BadInput, LoraDeckError, NoModelLoaded, NotFound, Unauthorized, first_line
 from webui.extensions import Extensions
@@ -82,8 +82,8 @@ class Service:
 
     # -- which adapters ------------------------------------------------------------------------------------
     def stack(self, *, model: str | None = None, adapters: dict | None = None, adapter_id: str | None = None,
-              adapter_source: str | None = None, lora: list | None = None, merged: dict | None = None) -> dict | None:
-        """The adapter stack a request asks for, in any dialect's words; None = the app's active stack.
+              adapter_source: str | None = None, lora: list | None = None, merged: dict | None = None) -> Stack:
+        """The adapter stack a request asks for, in any dialect's words; UI_STACK = the app's active stack.
 
         `adapters` {name: weight} (ours); `lora` [{id, scale}] (llama-server: ids index GET /lora-adapters);
         `adapter_id` + `adapter_source` (LoRAX); `merged` (LoRAX merged_adapters); `model`: "" or the base's
@@ -104,9 +104,9 @@ class Service:
         elif merged is not None:
             stack = self._merged(merged)
         elif model is None:
-            return None  # no model named: what the app is using (the adapters active in the UI / --lora)
+            return UI_STACK  # no model named: what the app is using (the adapters active in the UI / --lora)
         elif model in ("", base):
-            return {}
+            return AdapterStack()
         elif model in self.adapter_names():
             stack = {model: 1.0}
         elif model.startswith(base + ":") and model[len(base) + 1:] in self.adapter_names():
@@ -114,7 +114,7 @@ class Service:
         else:
             raise NotFound(f"model {model!r} not found: use {base!r}, an adapter of GET /v1/models or "
                            f"{base}:ADAPTER", code="model_not_found", param="model")
-        check_weights(stack)
+        stack = AdapterStack(stack)  # its weights checked
         self.engine.prepare_adapters(list(stack), self.runtime)
         return stack
 
@@ -210,10 +210,10 @@ class Service:
             prompts = [self.engine.chat_prompt(messages)]
         return prompts, params, state
 
-    def extension_stack(self, stack: dict | None, state: dict | None) -> dict | None:
+    def extension_stack(self, stack: Stack, state: dict | None) -> Stack:
         """The adapters for a request: those it names; when it names none (the app's active stack), those an
         extension picked for it (state["adapters"], as lora_router does in the Chat tab)."""
-        if stack is None and state and state.get("adapters") is not None:
+        if stack is UI_STACK and state and state.get("adapters") is not None:
             return self.stack(adapters=dict(state["adapters"]))
         return stack
 
@@ -225,7 +225,7 @@ class Service:
         return self.extensions.output(text, state, is_chat=bool(state.get("is_chat")))
 
     # -- running -----------------------------------------------------------------------------------------
-    def submit(self, prompts: list[str], params: GenerationParams, stack: dict | None, n: int = 1) -> list[JobHandle]:
+    def submit(self, prompts: list[str], params: GenerationParams, stack: Stack, n: int = 1) -> list[JobHandle]:
         """One scheduler job per prompt and choice (prompt-major), all queued at once so they batch. With a
         seed, choice i samples with seed + i (the same seed would give n copies)."""
         handles = []
@@ -254,7 +254,7 @@ class Service:
             text = await run_in_threadpool(self.apply_output, text, state)
         return Output(text, handle.finish_reason, tokens, ids=handle.token_ids)
 
-    def scores(self, prompt: str, reply: str, stack: dict | None, top_k: int = 0,
+    def scores(self, prompt: str, reply: str, stack: Stack, top_k: int = 0,
                reply_ids: list[int] | None = None) -> tuple[Scored, Scored]:
         """(prompt tokens, reply tokens) with their log-probabilities under `stack`. The prompt's tokens are
         its own (no BOS, as clients such as lm-eval count them), the first has none; BOS, when the model adds

@@ -25,6 +25,7 @@ from webui.backends import models
 from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores, stack_kept
 from webui.backends.registry import backend_class, loader_options
 from webui.engine.scheduler import JobHandle, Scheduler
+from webui.engine.stack import UI_STACK, Stack, check_weights, stack_of
 from webui.errors import BadInput, Incompatible, LoadFailed, NoModelLoaded, Unsupported, first_line
 from webui.options.config import GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
@@ -61,13 +62,6 @@ class ModelLock:
 
     def __exit__(self, *exc) -> None:
         self._lock.release()
-
-
-def check_weights(weights: dict) -> None:
-    """Adapter weights must be finite numbers (a NaN would poison every output silently)."""
-    for n, w in weights.items():
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or w != w or w in (float("inf"), float("-inf")):
-            raise BadInput(f"weight of {n} must be a finite number, got {w!r}")
 
 
 @dataclass
@@ -226,20 +220,19 @@ class Engine:
         with self._swap:
             return self._require().eos_token_id
 
-    def score(self, sequences: list[str | list[int]], adapters: dict[str, float] | None = None,
+    def score(self, sequences: list[str | list[int]], adapters: Stack | dict[str, float] = UI_STACK,
               top_k: int = 0, paths: dict | None = None) -> list[TokenScores]:
         """Per-token log-probabilities of texts (tokenized as generation does) or token id lists, under
-        `adapters` (a weighted stack; {} = the plain base; None = the active stack; `paths` gives folders for
+        `adapters` (a weighted stack; {} = the plain base; UI_STACK = the active stack; `paths` gives folders for
         names outside the adapters dir). The active stack, merged or not, is the same afterwards."""
-        if adapters is not None:
-            check_weights(adapters)
+        adapters = stack_of(adapters)
         with self._lock:
             backend = self._require()
             ids = [backend.tokenize(s) if isinstance(s, str) else list(s) for s in sequences]
             too_short = [i for i, s in enumerate(ids) if len(s) < 2]
             if too_short:
                 raise BadInput(f"sequence {too_short[0]} has fewer than 2 tokens: nothing to score")
-            if adapters is None or adapters == backend.active_adapters:
+            if adapters is UI_STACK or adapters == backend.active_adapters:
                 return backend.score(ids, top_k)
             if adapters and not backend.capabilities.adapters:
                 raise Unsupported(f"the {backend.name} loader cannot apply LoRA adapters")
@@ -250,20 +243,19 @@ class Engine:
 
     # -- generation: one door ------------------------------------------------------------------------------
     def submit(self, prompt: str | list[dict], params: GenerationParams | None = None,
-               adapters: dict[str, float] | None = None, cancel: threading.Event | None = None) -> JobHandle:
+               adapters: Stack | dict[str, float] = UI_STACK, cancel: threading.Event | None = None) -> JobHandle:
         """The one way to generate: queue a request and get its handle at once (iterate it for text deltas, or
         `text()` for the whole reply; closing it cancels the request). Every client — the Chat tab, compare
         mode, evaluation, each API dialect, scripts — comes through here, so they all take the path that
         batches (continuous batching where the loader has a decoder). `prompt` is text, or chat messages
-        rendered with the model's template; `adapters` is the request's own stack ({} = the plain base), None
-        = the stack active in the UI when the request runs (adapters it names must be cached first:
-        `prepare_adapters`); `cancel`, when given, is the request's cancel event. Stop strings end the reply."""
+        rendered with the model's template; `adapters` is the request's own stack ({} = the plain base; adapters it
+        names must be cached first: `prepare_adapters`) or UI_STACK, the stack active in the UI when the request
+        runs; `cancel`, when given, is the request's cancel event. Stop strings end the reply."""
         params = params or GenerationParams()
+        stack = stack_of(adapters)
         if not isinstance(prompt, str):
             prompt = self.chat_prompt(prompt)
-        if adapters:
-            check_weights(adapters)
-        return self._scheduler.submit(prompt, params, adapters, cancel)
+        return self._scheduler.submit(prompt, params, stack, cancel)
 
     @property
     def max_batch(self) -> int:
@@ -271,7 +263,7 @@ class Engine:
         return self._scheduler.max_batch
 
     def generate(self, prompt: str | list[dict], params: GenerationParams | None = None,
-                 cancel: threading.Event | None = None, adapters: dict[str, float] | None = None) -> str:
+                 cancel: threading.Event | None = None, adapters: Stack | dict[str, float] = UI_STACK) -> str:
         """The whole reply at once (`submit`, then wait), cut before the first stop string."""
         handle = self.submit(prompt, params, adapters, cancel)
         try:
@@ -280,7 +272,7 @@ class Engine:
             handle.close()
 
     def stream(self, prompt: str | list[dict], params: GenerationParams | None = None,
-               cancel: threading.Event | None = None, adapters: dict[str, float] | None = None) -> Iterator[str]:
+               cancel: threading.Event | None = None, adapters: Stack | dict[str, float] = UI_STACK) -> Iterator[str]:
         """Text deltas of the reply to a prompt (or to chat messages), through `submit`; leaving the iteration
         early, or setting `cancel`, ends the request."""
         yield from self.submit(prompt, params, adapters, cancel)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from webui.backends.base import Backend, RowDelta, stack_kept
+from webui.engine.stack import UI_STACK, AdapterStack, Stack, stack_of
 from webui.engine.stop_strings import StopStringFilter
 from webui.options.config import GenerationParams
 
@@ -64,7 +65,7 @@ Event = Delta | Done | Failed
 class Job:
     prompt: str
     params: GenerationParams
-    adapters: dict | None  # None: the engine's active stack when the job runs
+    adapters: Stack  # an AdapterStack, or UI_STACK: the engine's active stack when the job runs
     events: queue.Queue = field(default_factory=queue.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
@@ -156,10 +157,10 @@ class Scheduler:
         self._worker: threading.Thread | None = None
         self._keys = itertools.count()
 
-    def submit(self, prompt: str, params: GenerationParams, adapters: dict | None = None,
+    def submit(self, prompt: str, params: GenerationParams, adapters: Stack = UI_STACK,
                cancel: threading.Event | None = None) -> JobHandle:
         """Queue a request (Engine.submit is the public door; this is its private part)."""
-        job = Job(prompt, params, None if adapters is None else dict(adapters), cancel=cancel or threading.Event())
+        job = Job(prompt, params, stack_of(adapters), cancel=cancel or threading.Event())
         backend = self.engine.current_backend()
         if _has_decoder(backend):
             try:  # here, in the caller's thread, not in the worker that steps the batch
@@ -233,7 +234,7 @@ class Scheduler:
         with self._cond:
             while self._pending and len(decoder) < decoder.capacity and not self.engine.model_wanted:
                 job = self._pending[0]
-                spec = default if job.adapters is None else job.adapters
+                spec = default if job.adapters is UI_STACK else job.adapters
                 if not job.cancel.is_set() and not decoder.can_join(spec):
                     return
                 self._pending.pop(0)
@@ -288,9 +289,8 @@ class Scheduler:
             if job.cancel.is_set():
                 job.emit(Done("cancelled", 0))
                 continue
-            spec = default if job.adapters is None else job.adapters
-            single = len(spec) == 0 or (len(spec) == 1 and next(iter(spec.values())) == 1.0)
-            kind = ("mixed",) if mixed and single else ("stack", tuple(sorted(spec.items())))
+            spec = default if job.adapters is UI_STACK else job.adapters
+            kind = ("mixed",) if mixed and AdapterStack(spec).single else ("stack", tuple(sorted(spec.items())))
             groups.setdefault((_batch_key(job.params), kind), []).append((job, spec))
         with stack_kept(backend):  # the UI's stack, merged or not, is as it was afterwards
             for (_, kind), members in groups.items():
@@ -304,7 +304,7 @@ class Scheduler:
         threads: list[threading.Thread] = []
         while True:
             for job in jobs:
-                spec = default if job.adapters is None else job.adapters
+                spec = default if job.adapters is UI_STACK else job.adapters
                 thread = threading.Thread(target=self._run_group, args=(backend, ("own",), [(job, spec)]),
                                           name="scheduler-request", daemon=True)
                 thread.start()

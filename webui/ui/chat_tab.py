@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from webui.conversations import list_conversations, load_conversation, save_conversation
-from webui.engine import Engine
+from webui.engine import UI_STACK, AdapterStack, Engine, Stack
 from webui.errors import LoraDeckError, ui_message
 from webui.extensions import Extensions
 from webui.ui.compare import CompareBox
@@ -76,10 +76,9 @@ class ChatTab:
         return model_line(self.engine)
 
     # -- handlers ------------------------------------------------------------------------------------
-    def _answered(self, adapters, state: dict) -> str:
+    def _answered(self, stack: Stack, state: dict) -> str:
         info = self.engine.loaded
-        stack = self.engine.active_adapters if adapters is None else adapters
-        who = ", ".join(f"{n} × {w:g}" for n, w in stack.items()) or "no adapter"
+        who = AdapterStack(self.engine.active_adapters if stack is UI_STACK else stack).describe()
         note = f" — {state['note']}" if state.get("note") else ""
         return f"Last reply: **{info.name if info else '?'}** with {who}{note}"
 
@@ -111,8 +110,10 @@ class ChatTab:
         try:
             messages, params, adapters, state = self.extensions.chat_turn(
                 to_messages(history[:-2], ""), user_text, system, params)
+            # an extension that picked no adapters (None, as in text-generation-webui's hooks): the UI's stack answers
+            adapters = UI_STACK if adapters is None else AdapterStack(adapters)
             prompt = self.engine.chat_prompt(messages)
-            if adapters:
+            if adapters is not UI_STACK and adapters:
                 self.engine.prepare_adapters(list(adapters))
         except LoraDeckError as e:
             gr.Warning(str(e))
