@@ -3,7 +3,7 @@
 - mixed_batch_vs_sequential.transformers: 4 requests for 4 different adapters submitted together (one
   mixed batch through the scheduler) vs the same 4 one after another; generated tokens/s.
 - api_vs_direct.transformers: tokens/s of a completion through the real HTTP server's /v1 (uvicorn on a
-  loopback port, httpx client) vs calling the backend's generate directly.
+  loopback port, httpx client) vs `Engine.generate` in the same process (the same door, Engine.submit, without HTTP).
 """
 from __future__ import annotations
 

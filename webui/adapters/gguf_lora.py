@@ -27,6 +27,7 @@ import numpy as np
 
 from webui.adapters.targets import BaseDescription, Layer
 from webui.adapters.types import AdapterFiles, split_key
+from webui.atomic import write_into_place
 from webui.errors import BadInput
 
 # Architectures whose GGUF q/k weights are row-permuted relative to transformers (llama.cpp's LlamaModel
@@ -274,17 +275,14 @@ def cached_conversion(files: AdapterFiles, state: dict, base: GgufBase, ignored=
     for folder in (Path(files.path), Path(tempfile.gettempdir()) / "lora-deck-gguf" / files.name):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".adapter.", suffix=".gguf.part", dir=folder)
-            os.close(fd)
         except OSError:
             continue
-        try:
-            convert_peft(files, state, base, Path(tmp), ignored)
+        if not os.access(folder, os.W_OK):  # a read-only adapters folder: the next place
+            continue
+        with write_into_place(folder / name, folder=False) as part:
+            convert_peft(files, state, base, part, ignored)
             for stale in folder.glob(f"adapter.{base.fingerprint}.*.gguf"):
                 stale.unlink(missing_ok=True)
-            os.replace(tmp, folder / name)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
         return folder / name
     raise BadInput(f"{files.name}: nowhere to write its GGUF conversion (adapter folder and temp dir are "
                        "read-only)")

@@ -10,12 +10,10 @@ and that one is saved.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
+from webui.atomic import write_into_place
 from webui.backends.hf.gptq_quantize import quantize_folder
 from webui.errors import LoadFailed, first_line
 from webui.progress import Progress, no_progress
@@ -50,19 +48,19 @@ def _prepare_once(target: Path, marker: str, build: Callable[[Path], None]) -> P
     renamed into place with `marker` inside, so a killed build never leaves a half folder under the name."""
     if (target / marker).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp / "out")
-        (tmp / "out" / marker).write_text("prepared by LoRA Deck\n")
-        if (target / marker).is_file():
-            return target  # another process finished the same work meanwhile
-        if target.exists():
-            shutil.rmtree(target)  # an earlier, unfinished attempt (no marker)
-        os.replace(tmp / "out", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:  # replace: an earlier, unfinished attempt (no marker) under the name goes in the same step
+        with write_into_place(target, folder=False, replace=True) as out:
+            build(out)
+            (out / marker).write_text("prepared by LoRA Deck\n")
+            if (target / marker).is_file():
+                raise _FinishedElsewhere  # another process finished the same work meanwhile: its copy stays
+    except _FinishedElsewhere:
+        pass
     return target
+
+
+class _FinishedElsewhere(Exception):
+    """Ends a build whose result another process has put in place meanwhile (ours is dropped)."""
 
 
 def ensure_transformers_folder(models_dir: Path, progress: Progress | None = None) -> Path:

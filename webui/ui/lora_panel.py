@@ -1,7 +1,8 @@
 """The LoRA panel of the Model tab: every adapter in the loras folder with its compatibility badge for the
 loaded base (reasons on demand), one click to apply or remove it, a weight slider per adapter that takes
 effect at once (hot-swap, the base is never reloaded), merge/unmerge, export merged, blend into a new
-adapter, and fetching an adapter from the hub, a local path or S3. Every failure is shown in the panel
+adapter, reshape one (resize, DoRA → LoRA, extract from a fine-tune: webui/ui/surgery_area.py), and fetching
+an adapter from the hub, a local path or S3. Every failure is shown in the panel
 and leaves the model and the active adapters as they were (the Engine guarantees it).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from webui.hub.fetch import download, fetch_adapter
 from webui.hub.publish import publish
 from webui.paths import child
 from webui.ui.lora_list import LoraList, slug  # noqa: F401  (slug: the rows' element ids)
+from webui.ui.surgery_area import SurgeryArea
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class LoraPanel:
                                             elem_id="lora-source-id")
                 self.fetch = gr.Button("Get", elem_id="lora-fetch")
         self._publish_area()
+        self.surgery = SurgeryArea(engine.loras_dir, self.models_dir)
         self._wire()
 
     def _publish_area(self) -> None:
@@ -180,3 +183,5 @@ class LoraPanel:
         act(self.export_go, export, (self.export_format, self.export_name))
         act(self.blend_go, blend, (self.blend_type, self.blend_density, self.blend_name))
         act(self.fetch, fetch, (self.source, self.source_id))
+        act(self.surgery.go, self.surgery.run, self.surgery.inputs)
+        self.surgery.stop.click(self.surgery.cancel, outputs=self.message)
