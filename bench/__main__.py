@@ -1,6 +1,6 @@
 """Run the benchmarks and print ratios measured side by side in one run:
 
-    .venv/bin/python -m bench [--only NAME...] [--quick]
+    .venv/bin/python -m bench [--only NAME...] [--quick] [--big]
 
 Writes bench/results.json ({"machine", "date", "results": [...]}, the rows of INTERFACES.md); a full run
 (no --only, no --quick) also rewrites bench/RESULTS.md.
@@ -19,6 +19,8 @@ HERE = Path(__file__).resolve().parent
 MODULES = ("bench.adapters_transformers", "bench.api_transformers", "bench.training", "bench.adapters_llamacpp", "bench.serving_llamacpp",
            "bench.download",
            "bench.adapters_gptq", "bench.serving", "bench.lora_panel", "bench.remote", "bench.soak")
+# at a real size (a synthetic 1.1B model built once under ~/.cache): only with --big, or a row named with --only
+BIG_MODULES = ("bench.big",)
 
 
 def machine() -> str:
@@ -32,6 +34,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--only", nargs="+", help="row names (or prefixes) to run")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
+    p.add_argument("--big", action="store_true", help="the rows at the synthetic 1.1B size too (builds the model "
+                   "once under ~/.cache/loradeck/bench-big: ~5 GB of disk, minutes)")
     p.add_argument("--models-dir", default="models")
     p.add_argument("--results", default=str(HERE / "results.json"), help="where to write the results JSON")
     p.add_argument("--module", help=argparse.SUPPRESS)    # internal: run one module in this process
@@ -53,7 +57,9 @@ def main(argv=None) -> int:
         return 0
 
     rows, failed = [], []
-    for name in MODULES:
+    for name in MODULES + BIG_MODULES:
+        if name in BIG_MODULES and not (args.big or args.only):
+            continue
         module = importlib.import_module(name)
         if args.only and not any(r.startswith(o) for r in module.ROWS for o in args.only):
             continue
