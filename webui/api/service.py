@@ -20,8 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from webui.adapters.files import locate_adapter
 from webui.adapters.peft_stack import COMBINATIONS
-from webui.engine import UI_STACK, AdapterStack, Engine, Stack, check_weights
-from webui.engine.scheduler import JobHandle
+from webui.engine import UI_STACK, AdapterStack, Engine, JobHandle, Stack, check_weights
 from webui.errors import BadInput, LoraDeckError, NoModelLoaded, NotFound, Unauthorized, first_line
 from webui.extensions import Extensions
 from webui.hub.fetch import fetch_adapter

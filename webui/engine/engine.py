@@ -24,11 +24,12 @@ from webui.adapters.inspect import Report, inspect_adapter
 from webui.backends import models
 from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores, stack_kept
 from webui.backends.registry import backend_class, loader_options
-from webui.engine.scheduler import JobHandle, Scheduler
-from webui.engine.stack import UI_STACK, Stack, check_weights, stack_of
 from webui.errors import BadInput, Incompatible, LoadFailed, NoModelLoaded, Unsupported, first_line
 from webui.options.config import GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
+
+from .scheduler import JobHandle, Scheduler  # the Engine's private part
+from .stack import UI_STACK, Stack, check_weights, stack_of
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ import time
 from dataclasses import dataclass, field
 
 from webui.backends.base import Backend, RowDelta, stack_kept
-from webui.engine.stack import UI_STACK, AdapterStack, Stack, stack_of
-from webui.engine.stop_strings import StopStringFilter
 from webui.options.config import GenerationParams
+
+from .stack import UI_STACK, AdapterStack, Stack, stack_of
+from .stop_strings import StopStringFilter
 
 log = logging.getLogger(__name__)
 
