@@ -1,8 +1,8 @@
 """The Engine: the one stateful object of LoRA Deck. It owns the loaded backend (model) and serializes
-everything that touches it: generations (or the scheduler's running batch) hold its lock, and a model change
-waits for them to finish, so UI tabs and API clients never see a half-changed model. Tokenizer and template
-work waits only for a model change, never for a generation. The web UI
-and the HTTP API are thin clients of one Engine created at start-up.
+everything that touches it: the scheduler's running batch holds its lock, and a model change waits for it to
+finish, so UI tabs and API clients never see a half-changed model. Tokenizer and template work waits only for a
+model change, never for a generation. The web UI and the HTTP API are thin clients of one Engine created at
+start-up, and `submit` is their one door for generation (the scheduler is the Engine's private part).
 
 Loading is safe by construction: the new model is checked (`preflight`) while the old one stays loaded;
 if the real load still fails, the previous model is loaded again and the error names the problem.
