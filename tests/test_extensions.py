@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, peft_reference
-from webui.engine import Engine
+from webui.engine import UI_STACK, Engine
 from webui.errors import BadInput
 from webui.extensions import Extensions
 from webui.options.config import GenerationParams, ModelSpec
@@ -126,7 +126,9 @@ def test_lora_router_answers_with_the_triggered_adapter(tiny_models, tmp_path):
         prompt = engine.chat_prompt(messages)
         if adapters:
             engine.prepare_adapters(list(adapters))
-        return prompt, adapters, state, engine.submit(prompt, params, adapters).text()
+        # as the Chat tab does: an extension that picked no adapters (None) leaves the UI's stack answering
+        stack = UI_STACK if adapters is None else adapters
+        return prompt, adapters, state, engine.submit(prompt, params, stack).text()
 
     for text, adapter in (("Arr, where is the treasure?", "pirate"), ("Write a QUERY for users", "sql")):
         prompt, adapters, state, reply = answer(text)
