@@ -437,3 +437,21 @@ def test_config_is_fetched_alongside_the_weights_but_named_last(online, repos, t
     got = tree(dest)
     got.pop("huggingface-metadata.txt")
     assert got == repos["test/big"]
+
+
+def test_a_missing_local_path_is_named_and_a_failed_fetch_leaves_the_folder_clean(tmp_path, monkeypatch):
+    """A path that does not exist is reported as a missing path (leading slash and all), not as a bad hub id; a
+    hub fetch that fails leaves nothing in the adapters folder but the hidden lock folder (never listed)."""
+    from webui.adapters.files import list_adapters
+    from webui.errors import NotFound
+    from webui.hub.fetch import download, fetch_adapter
+
+    loras = tmp_path / "loras"
+    for spec in ("/no/such/dir", "./no-such-adapter", "~/no-such-adapter-here"):
+        with pytest.raises(NotFound, match="no such file or folder") as e:
+            download(spec, lora_dir=loras, require_lora=True)
+        assert spec in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadFailed):
+        fetch_adapter("org/missing", "hub", loras)
+    assert [p.name for p in loras.iterdir()] == [".locks"] and list_adapters(loras) == []

@@ -36,12 +36,14 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 
 def dest_lock(dest: Path) -> FileLock:
     """The lock for fetching into `dest` (a folder or a single file). Re-entrant in one thread (filelock
-    returns the same object per path), exclusive across threads and processes. Its file is hidden, so the
-    models and adapters lists never show it. DownloadFailed when the folder cannot be written."""
+    returns the same object per path), exclusive across threads and processes. Its file lives in the hidden
+    `.locks/` folder beside the destination, so the models and adapters folders hold only models and adapters
+    (a lock file is never deleted: another process may be waiting on it, and a new file would not exclude it).
+    DownloadFailed when the folder cannot be written."""
     dest = Path(dest)
-    path = dest.parent / f".{dest.name}.lock"
+    path = dest.parent / ".locks" / f"{dest.name}.lock"
     try:  # filelock retries an uncreatable lock file forever: find out now, and name the destination
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
     except OSError as e:
         raise DownloadFailed(f"cannot write {dest}: {e.strerror or e}") from None

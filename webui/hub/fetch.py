@@ -12,7 +12,7 @@ from pathlib import Path
 
 from webui.adapters.files import locate_adapter
 from webui.atomic import dest_lock
-from webui.errors import BadInput
+from webui.errors import BadInput, NotFound
 from webui.hub.download import download_hub
 from webui.hub.files import ADAPTER_CONFIG, METADATA, REPO_ID, folder_name, parse_spec, read_metadata
 from webui.hub.sources import copy_local, download_s3, s3_adapter_folder
@@ -39,6 +39,8 @@ def download(spec: str, *, branch: str | None = None, specific_files=(), exclude
         return download_s3(spec, model_dir=model_dir, lora_dir=lora_dir, output=output, clean=clean,
                            require_lora=require_lora, max_retries=max_retries, progress=progress)
     local = Path(spec).expanduser()
+    if spec.startswith(("/", "./", "../", "~")) and not local.exists():  # a path, not a hub id: say which
+        raise NotFound(f"{spec}: no such file or folder on this machine")
     if local.exists() and (spec.startswith(("/", ".", "~")) or not REPO_ID.match(spec)):
         return copy_local(local, model_dir=model_dir, lora_dir=lora_dir, output=output, clean=clean,
                           require_lora=require_lora, progress=progress)

@@ -16,7 +16,7 @@ import gradio as gr
 from webui.adapters.exact_blend import RECORD
 from webui.adapters.peft_stack import COMBINATIONS
 from webui.engine import Engine
-from webui.errors import LoraDeckError, NoModelLoaded, ui_message
+from webui.errors import LoraDeckError, NoModelLoaded, NotFound, ui_message
 from webui.export import FORMATS
 from webui.export.run import export_model
 from webui.hub.fetch import download, fetch_adapter
@@ -152,6 +152,8 @@ class LoraPanel:
             adapter_id = (adapter_id or "").strip()
             report = lambda f, msg: progress(f if f is not None else 0, desc=msg)  # noqa: E731
             if source == "local":  # copied into the adapters folder, so it is listed and kept
+                if not Path(adapter_id).expanduser().exists():
+                    raise NotFound(f"{adapter_id}: no such folder on this machine (a local source is a path)")
                 path = download(adapter_id, lora_dir=self.engine.loras_dir, model_dir=self.models_dir,
                                 require_lora=True, progress=report)
             else:
