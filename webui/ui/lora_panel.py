@@ -47,7 +47,7 @@ class LoraPanel:
         with gr.Accordion("Export merged model, or the adapters for llama.cpp / Ollama", open=False):
             with gr.Row():
                 self.export_format = gr.Dropdown(list(FORMATS), value="safetensors", label="format",
-                                                 info="gguf-lora: the active stack as one GGUF LoRA (into the loras "
+                                                 elem_id="export-format", info="gguf-lora: the active stack as one GGUF LoRA (into the loras "
                                                       "folder); ollama: a folder for `ollama create`")
                 self.export_name = gr.Textbox(label="output name (in the models folder)", elem_id="export-name")
                 self.export_go = gr.Button("Export", elem_id="export-go")
@@ -183,6 +183,9 @@ class LoraPanel:
         act(self.merge, merge)
         act(self.unmerge, unmerge)
         act(self.export_go, export, (self.export_format, self.export_name))
+        self.export_format.change(  # a GGUF LoRA is an adapter: it is written into the loras folder
+            lambda fmt: gr.update(label=f"output name (in the {'loras' if fmt == 'gguf-lora' else 'models'} folder)"),
+            inputs=self.export_format, outputs=self.export_name)
         act(self.blend_go, blend, (self.blend_type, self.blend_density, self.blend_name))
         act(self.fetch, fetch, (self.source, self.source_id))
         act(self.surgery.go, self.surgery.run, self.surgery.inputs)

@@ -100,6 +100,8 @@ class ParametersTab:
                 return gr.update(), ui_message(e)
             return gr.update(choices=list_presets(self.presets_dir), value=path.stem), f"Saved **{path.name}**."
 
-        self.preset.change(apply, inputs=self.preset, outputs=[*self.inputs, self.notice])
+        # input, not change: a preset picked by the user loads; the name Save puts in the box does not load it again
+        # (which answered a save with "Loaded preset")
+        self.preset.input(apply, inputs=self.preset, outputs=[*self.inputs, self.notice])
         self.refresh.click(lambda: gr.update(choices=list_presets(self.presets_dir)), outputs=self.preset)
         self.save.click(save, inputs=[self.preset_name, *self.inputs], outputs=[self.preset, self.notice])
