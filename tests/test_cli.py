@@ -66,12 +66,14 @@ def test_app_applies_loras_at_start(start_app, tiny_models, tmp_path):
     assert r.returncode == 2 and "lora_weights" in r.stderr
 
 
+EVAL = ["eval", "--dataset", "d.jsonl", "--format", "raw", "--out", "r.json"]
+
+
 @pytest.mark.parametrize("argv, field, expected", [
     (["serve", "--lora", "A", "--lora", "B"], "lora", ["A", "B"]),
     (["serve", "--lora", "A", "B", "--lora-weights", "0.5", "--lora-weights", "2"], "lora_weights", [0.5, 2.0]),
-    (["eval", "--dataset", "d.jsonl", "--format", "raw", "--out", "r.json", "--lora", "A", "--lora", "B"], "lora", ["A", "B"]),
-    (["eval", "--dataset", "d.jsonl", "--format", "raw", "--out", "r.json", "--stack", "A=1,B=0.5", "--stack", "C=1"], "stack",
-     ["A=1,B=0.5", "C=1"]),
+    ([*EVAL, "--lora", "A", "--lora", "B"], "lora", ["A", "B"]),
+    ([*EVAL, "--stack", "A=1,B=0.5", "--stack", "C=1"], "stack", ["A=1,B=0.5", "C=1"]),
     (["llama-server-command", "--model", "m.gguf", "--lora", "A", "--lora", "B"], "lora", ["A", "B"]),
 ])
 def test_every_list_flag_accumulates(argv, field, expected):

@@ -25,7 +25,8 @@ def test_the_wheel_installs_a_working_loradeck_command(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the checkout's editable install
     where = subprocess.run([sys.executable, "-c", "import webui.backends.hf.gptq_quantize as q; print(q.__file__); "
                             "print(q.CALIBRATION.is_file())"], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert where.stdout.split() == [str(target / "webui" / "backends" / "hf" / "gptq_quantize.py"), "True"], where.stderr
+    shipped_quantizer = target / "webui" / "backends" / "hf" / "gptq_quantize.py"
+    assert where.stdout.split() == [str(shipped_quantizer), "True"], where.stderr
     out = subprocess.run([str(target / "bin" / "loradeck"), "--help"], env=env, cwd=tmp_path, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
