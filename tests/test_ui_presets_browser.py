@@ -35,7 +35,7 @@ def test_preset_save_and_load_and_the_export_name_label(browser, start_app, tiny
 
     tab(page, "Model")
     page.get_by_text("Export merged model, or the adapters for llama.cpp / Ollama").click()
-    assert page.get_by_label("output name (in the models folder)").count() == 1
+    page.get_by_label("output name (in the models folder)").wait_for(timeout=15_000)
     page.locator("#export-format input").first.click()
     page.get_by_role("option", name="gguf-lora", exact=True).click()
     page.get_by_label("output name (in the loras folder)").wait_for(timeout=15_000)
