@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Row
+from bench.common import Row, child_peak_rss
 
 ROWS = ("big_extract_peak_rss",)
-ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("LORADECK_BENCH_CACHE", Path.home() / ".cache" / "loradeck" / "bench-big"))
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
              num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
@@ -93,17 +91,6 @@ def models() -> tuple[Path, Path]:
     return base, tuned
 
 
-def _peak_rss(cmd: list[str]) -> tuple[str, float]:
-    """(stdout, peak RSS in bytes) of a child process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{' '.join(cmd[:5])} failed")
-    return out, usage.ru_maxrss * 1024.0
-
-
 def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[Row]:
     base, tuned = models()
     w = sum(p.stat().st_size for p in base.glob("*.safetensors"))
@@ -111,11 +98,11 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
     if only is None or "big_extract_peak_rss" in only:
         with tempfile.TemporaryDirectory() as loras:
             start = time.perf_counter()
-            out, peak = _peak_rss([sys.executable, "-m", "webui", "extract", "--base", str(base), "--tuned",
+            out, peak_mb = child_peak_rss([sys.executable, "-m", "webui", "extract", "--base", str(base), "--tuned",
                                    str(tuned), "--rank", str(RANK), "--loras-dir", loras, "--out", "extracted"])
             seconds = time.perf_counter() - start
         total = next((line for line in out.splitlines() if line.startswith("total:")), "total: ?")
-        rows.append(Row("big_extract_peak_rss", peak / 1e9, w / 1e9, "GB", False,
+        rows.append(Row("big_extract_peak_rss", peak_mb * 2**20 / 1e9, w / 1e9, "GB", False,
                         f"peak RSS of extract --rank {RANK} / the base's size on disk (goal ≤ 1.5); {seconds:.0f} s; "
                         f"{total}"))
     return rows

@@ -2,11 +2,16 @@
 repetitions, the median) and the result rows of INTERFACES.md."""
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -101,3 +106,14 @@ def together(url: str, route: str, bodies: list[dict]) -> float:
     for t in threads:
         t.join()
     return sum(counts) / (time.perf_counter() - start)
+
+
+def child_peak_rss(cmd: list[str]) -> tuple[str, float]:
+    """(stdout, peak RSS in MB) of a child process run from the repository root; raises if it fails."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"{' '.join(cmd[:5])} failed with {os.waitstatus_to_exitcode(status)}")
+    return out, usage.ru_maxrss / 1024

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
-from bench.common import Row, side_by_side
+from bench.common import Row, child_peak_rss, side_by_side
 from webui.backends import embedded
 from webui.training import precision
 
@@ -29,18 +28,6 @@ ROWS = ("train_vs_trl", "train_peak_rss_vs_trl", "train_qlora_nf4_vs_float", "tr
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("The lighthouse keeper climbed the stairs every evening to light the lamp. Ships passed in the "
         "night, and the sea kept its own counsel. ") * 200
-
-
-def _run(cmd: list[str]) -> tuple[str, float]:
-    """(stdout, peak RSS in MB) of a child process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{cmd[:4]} failed with {proc.returncode}")
-    return out, usage.ru_maxrss / 1024
 
 
 def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[Row]:
@@ -66,7 +53,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
                        "training": {"max_steps": steps, "batch_size": batch, "cutoff_len": cutoff,
                                     "save_steps": 10_000, "num_processes": num_processes, **training}}
                 (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
-                _, peak = _run([sys.executable, "-m", "webui", "train", "--config", str(tmp / f"{name}.yaml"),
+                _, peak = child_peak_rss([sys.executable, "-m", "webui", "train", "--config", str(tmp / f"{name}.yaml"),
                                 "--models-dir", str(models_dir), "--loras-dir", str(tmp / "loras"),
                                 "--runs-dir", str(tmp / "runs")])
                 metrics = [json.loads(x) for x in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
@@ -76,7 +63,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
             return measure
 
         def trl():
-            out, peak = _run([sys.executable, str(ROOT / "bench" / "trl_reference.py"), str(base),
+            out, peak = child_peak_rss([sys.executable, str(ROOT / "bench" / "trl_reference.py"), str(base),
                               str(tmp / "text.txt"), str(steps), str(batch), str(cutoff), str(tmp / "trl")])
             rss.setdefault("trl", []).append(peak)
             return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
