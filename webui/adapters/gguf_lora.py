@@ -151,15 +151,16 @@ def read_base(path: Path, name: str | None = None, reader=None) -> GgufBase:
 
 
 # -- PEFT → GGUF LoRA ------------------------------------------------------------------------------------
-def peft_scale(config: dict, module: str, rank: int) -> float:
+def peft_scale(config: dict, module: str, rank: int, weight: float = 1.0) -> float:
     """PEFT's scaling of one module: alpha/r (alpha/sqrt(r) with rsLoRA); alpha_pattern picks per module, matched
-    by PEFT's own pattern rule. `rank` is the module's real rank (the tensor's, which rank_pattern set)."""
+    by PEFT's own pattern rule. `rank` is the module's real rank (the tensor's, which rank_pattern set). With a
+    stack `weight`, weight * alpha / r in the order PEFT's `set_scale` computes it (so a merge matches PEFT's)."""
     from peft.utils.other import get_pattern_key  # heavy (torch): only converting or merging needs it
 
     patterns = config.get("alpha_pattern") or {}
     key = get_pattern_key(list(patterns), module)
     alpha = patterns.get(key, config.get("lora_alpha", config["r"]))
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    return weight * alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
 def lora_pairs(files: AdapterFiles, state: dict, base: GgufBase, ignored=()) -> list[tuple]:

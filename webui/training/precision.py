@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from webui.backends.machine import cpu_computes_bf16
 from webui.errors import BadInput
+
+__all__ = ["Precision", "cpu_computes_bf16", "resolve"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,14 +33,6 @@ class Precision:
     def trainer_flags(self) -> dict:
         """TrainingArguments' mixed-precision switches."""
         return {"bf16": self.name == "bf16", "fp16": self.name == "fp16"}
-
-
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), as torch detects them."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):  # an older torch, or a CPU it cannot query: plain fp32
-        return False
 
 
 def resolve(requested: str, cuda: bool | None = None, bf16_supported: bool | None = None) -> Precision:

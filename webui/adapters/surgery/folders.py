@@ -25,6 +25,7 @@ from webui.errors import BadInput, NotFound
 RECORD = "surgery.json"  # what was done and each layer's error, beside the weights (the card says it in words)
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
 
 class ModelTensors:
@@ -64,6 +65,14 @@ class ModelTensors:
     def shape(self, key: str) -> tuple[int, ...]:
         with self._shard(key) as f:
             return tuple(f.get_slice(key).get_shape())
+
+    def nbytes(self, key: str) -> int:
+        with self._shard(key) as f:
+            part = f.get_slice(key)
+            count = 1
+            for n in part.get_shape():
+                count *= n
+            return count * _DTYPE_BYTES.get(part.get_dtype(), 4)
 
     def get(self, key: str) -> torch.Tensor:
         with self._shard(key) as f:
