@@ -135,3 +135,33 @@ def test_an_adapter_for_another_base_is_refused(tiny_models, tmp_path):
     with pytest.raises(Incompatible, match="A: model.layers.0.self_attn.q_proj changes a .* trained for another base"):
         export_model(str(src), ["A"], [1.0], "safetensors", tmp_path / "merged", src.parent, loras)
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
+def test_gguf_export_equals_the_merged_folder_converted_by_llama_cpp(bf16_base, tmp_path, quant):
+    """Merging and converting tensor by tensor gives the same GGUF tensors as writing the merged folder as F32 and
+    quantizing it with llama.cpp's quantizer (Q8_0 is written by gguf's quantizer, Q4_K_M by llama.cpp's from a
+    BF16 file)."""
+    import gguf
+    import numpy as np
+
+    from webui.export.gguf_writer import quantize
+    from webui.export.hf_to_gguf import hf_to_gguf
+
+    loras = tmp_path / "loras"
+    write_adapter(bf16_base, loras / "A", r=4, alpha=8, seed=1)
+    write_adapter(bf16_base, loras / "B", target_modules=["q_proj", "k_proj"], r=2, alpha=4, seed=2)
+    messages = []
+    ours = export_model(str(bf16_base), ["A", "B"], [1.0, 0.5], "gguf", tmp_path / "ours", bf16_base.parent, loras,
+                        quant=quant, progress=lambda f, m: messages.append(m))
+    assert any("one tensor at a time" in m for m in messages) and any("keeps" in m for m in messages)
+    folder = export_model(str(bf16_base), ["A", "B"], [1.0, 0.5], "safetensors", tmp_path / "merged",
+                          bf16_base.parent, loras)
+    hf_to_gguf(folder, tmp_path / "merged.f32.gguf", "F32", name=bf16_base.name)
+    quantize(tmp_path / "merged.f32.gguf", tmp_path / "reference.gguf", quant)
+    expected = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "reference.gguf")).tensors}
+    got = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    assert set(got) == set(expected)
+    for name, t in expected.items():
+        assert got[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(np.asarray(got[name].data), np.asarray(t.data)), name

@@ -1,12 +1,15 @@
 """Export to GGUF: merge adapters into a base and write a GGUF that llama.cpp loads with no adapter.
 
-- A transformers base: the adapters are merged by the safetensors export (PEFT's merge, on a private
-  float copy), the merged folder is written as an F32 GGUF (webui/export/hf_to_gguf.py), then quantized.
+- A transformers base: each tensor is read, merged (webui/export/stream_merge.py: PEFT's merge, tensor by
+  tensor), converted and written in turn (webui/export/hf_to_gguf.py), so the export holds about one tensor:
+  F32, F16, BF16 and Q8_0 are written directly (gguf's quantizers, bit for bit llama.cpp's); other types are
+  quantized by llama.cpp from a lossless file in the base's own type. What the streaming merge cannot do (DoRA,
+  saved modules, a .bin base) is merged on a loaded copy first (webui/export/merged.py).
 - A GGUF base (the embedded SmolLM2, any .gguf): each weight is dequantized with `gguf.quants`, the LoRA
   delta sum_i w_i * scale_i * B_i A_i is added (q/k rows permuted as the base's), and a new F32 GGUF is
   written with every metadata key of the base (tokenizer, chat template, hyper-parameters), then quantized.
 
-Quantization is llama.cpp's own `llama_model_quantize`. Default type: Q8_0 for models under 3B parameters,
+Quantization to k-quants is llama.cpp's own `llama_model_quantize`. Default type: Q8_0 for models under 3B parameters,
 Q4_K_M above. Re-quantizing can erase a small change — a base already on the Q4_1 grid plus a small
 delta rounds back to the same Q4_1 values — so after writing, the exported tensors are compared with the
 base quantized alike, and a warning says how much of the adapter's change survived; re-quantizing a
@@ -29,10 +32,12 @@ from webui.adapters.files import load_weights, locate_adapter, read_adapter
 from webui.adapters.gguf_lora import lora_pairs, read_base
 from webui.adapters.inspect import inspect_adapter
 from webui.atomic import write_into_place
-from webui.backends import models
+from webui.backends import machine, models
 from webui.errors import BadInput, Incompatible, Unsupported
-from webui.export.hf_to_gguf import hf_to_gguf
-from webui.export.merged import export_safetensors
+from webui.export import stream_merge
+from webui.export.hf_to_gguf import FTYPES, HfToGguf
+from webui.export.merged import export_safetensors, streaming_plan
+from webui.export.stream_merge import NotStreamable
 from webui.progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
@@ -118,24 +123,24 @@ def merge_into_gguf(reader, deltas: dict[str, np.ndarray], out: Path, progress: 
     return originals
 
 
-def kept_fraction(exported: Path, originals: dict[str, np.ndarray], deltas: dict[str, np.ndarray]) -> float:
+def kept_fraction(exported: Path, unmerged, delta, changed) -> float:
     """How much of the adapter's change the exported file keeps: the projection of (exported weights −
-    base quantized the same way) on the intended delta, over all changed tensors (1 = all of it).
-    Where numpy cannot quantize that type (k-quants), the float base stands in for its quantized copy."""
+    base quantized the same way) on the intended delta, over the `changed` tensors (1 = all of it).
+    `unmerged(name)` / `delta(name)` give a tensor's base weights and change in the GGUF layout, one tensor at a
+    time. Where numpy cannot quantize that type (k-quants), the float base stands in for its quantized copy."""
     import gguf  # heavy: imported when a GGUF is written
 
     num = den = 0.0
     for t in gguf.GGUFReader(str(exported)).tensors:
-        gname = t.name[: -len(".weight")]
-        if not t.name.endswith(".weight") or gname not in deltas:
+        if t.name not in changed:
             continue
-        delta, base = deltas[gname], originals[gname]
+        d, base = delta(t.name), unmerged(t.name)
         try:
             ref = gguf.quants.dequantize(gguf.quants.quantize(base, t.tensor_type), t.tensor_type).reshape(base.shape)
         except (NotImplementedError, ValueError, TypeError):
             ref = base
-        num += float(np.sum((_dequantized(t) - ref).astype(np.float64) * delta))
-        den += float(np.sum(delta.astype(np.float64) ** 2))
+        num += float(np.sum((_dequantized(t) - ref).astype(np.float64) * d))
+        den += float(np.sum(d.astype(np.float64) ** 2))
     return num / den if den else 1.0
 
 
@@ -176,8 +181,6 @@ def read_adapters(loras, weights, loras_dir: Path, base) -> list[tuple]:
 
 def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, models_dir: Path, loras_dir: Path,
                 quant: str | None = None, progress: Progress = no_progress) -> Path:
-    import gguf  # heavy: imported when a GGUF is written
-
     if quant is not None and quant not in QUANTS:
         raise Unsupported(f"--quant {quant!r} is not one of: {', '.join(QUANTS)}")
     path, _ = models.resolve(model, "auto", Path(models_dir), progress)
@@ -186,27 +189,31 @@ def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, m
     if out.suffix == ".gguf" and out.exists():
         raise BadInput(f"{out} already exists; choose another --out")
     work_dir = out.parent if out.suffix == ".gguf" else out
-    work_dir.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.suffix == ".gguf":
+        machine.check_fits("merging into a GGUF base", _gguf_merge_need(path, loras), work_dir, 2 * path.stat().st_size)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        return _from_gguf_base(path, stem, loras, weights, out, work_dir, Path(loras_dir), quant, progress)
+    return _from_transformers(model, path, stem, loras, weights, out, work_dir, Path(models_dir), Path(loras_dir),
+                              quant, progress)
+
+
+def _gguf_merge_need(path: Path, loras: list[str]) -> int:
+    """The GGUF-base merge holds each changed tensor's float32 delta and original: up to 4 float32 copies of the
+    model when every layer is targeted (this path is for small GGUF bases such as the embedded one)."""
+    return int((machine.weights_size(path) * 4 if loras else 0) + machine.PROCESS_FLOOR)
+
+
+def _from_gguf_base(path, stem, loras, weights, out, work_dir, loras_dir, quant, progress) -> Path:
+    import gguf  # heavy: imported when a GGUF is written
+
     with tempfile.TemporaryDirectory(prefix=".gguf-export.", dir=work_dir) as tmp:
         merged = Path(tmp) / "merged.f32.gguf"
-        if path.is_file() and path.suffix == ".gguf":
-            reader = gguf.GGUFReader(str(path))
-            base = read_base(path, reader=reader)
-            adapters = read_adapters(loras, weights, Path(loras_dir), base)
-            deltas = adapter_deltas(base, adapters)
-            progress(0.2, f"merging {', '.join(a[0].name for a in adapters) or 'nothing'} into {path.name}")
-            originals = merge_into_gguf(reader, deltas, merged, progress)
-        else:
-            folder = Path(tmp) / "merged-hf"
-            export_safetensors(model, loras, weights, folder, Path(models_dir), Path(loras_dir), progress)
-            progress(0.7, "writing the merged model as GGUF")
-            hf_to_gguf(folder, merged, "F32", name=stem)
-            reader = gguf.GGUFReader(str(merged))
-            base = read_base(merged, reader=reader)
-            deltas = adapter_deltas(base, read_adapters(loras, weights, Path(loras_dir), base)) if loras else {}
-            changed = {f"{g}.weight": g for g in deltas}
-            originals = {changed[t.name]: _dequantized(t) - deltas[changed[t.name]]
-                         for t in reader.tensors if t.name in changed}
+        reader = gguf.GGUFReader(str(path))
+        base = read_base(path, reader=reader)
+        adapters = read_adapters(loras, weights, loras_dir, base)
+        deltas = adapter_deltas(base, adapters)
+        progress(0.2, f"merging {', '.join(a[0].name for a in adapters) or 'nothing'} into {path.name}")
+        originals = merge_into_gguf(reader, deltas, merged, progress)
         quant = quant or default_quant(base.parameters)
         base_type = _file_type(reader)
         if base_type not in ("F32", "F16", "BF16", quant) and quant not in ("F32", "F16", "BF16"):
@@ -214,15 +221,64 @@ def export_gguf(model: str, loras: list[str], weights: list[float], out: Path, m
                           "rounding error of its own (keep the base's type, or pick Q8_0/F16, to avoid it)")
         target = _out_file(out, stem, loras, quant)
         progress(0.85, f"quantizing to {quant}")
+        changed = {f"{g}.weight": g for g in deltas}
         with write_into_place(target, folder=False) as part:
             quantize(merged, part, quant)
-            if deltas:
-                kept = kept_fraction(part, originals, deltas)
-                message = f"{quant} keeps {kept:.0%} of the adapters' change to the weights"
-                if kept < KEEP_AT_LEAST:
-                    message = (f"warning: {message}: quantizing to {quant} erases most of it (the change is smaller "
-                               f"than the {quant} grid); use Q8_0, Q4_K_M or F16 instead")
-                    log.warning(message)
-                progress(0.95, message)
+            _report_kept(part, quant, lambda n: originals[changed[n]], lambda n: deltas[changed[n]], changed, progress)
     progress(1.0, f"wrote {target}")
     return target
+
+
+def _from_transformers(model, path, stem, loras, weights, out, work_dir, models_dir, loras_dir, quant,
+                       progress) -> Path:
+    """Merge and convert tensor by tensor (webui/export/hf_to_gguf.py). F32, F16, BF16 and Q8_0 are written
+    directly; other types are llama.cpp's quantizer's, from a lossless file in the base's own type (BF16 for a
+    bf16 base: the values a merged folder stores), which it reads memory-mapped."""
+    quant = quant or default_quant(machine.parameters(path))
+    direct = quant in FTYPES
+    size = machine.weights_size(path)
+    try:
+        plan = streaming_plan(path, loras, weights, loras_dir)
+    except NotStreamable as why:  # merged on a loaded copy first (it checks its own memory), then converted
+        plan = None
+        progress(0.05, f"{why}: merging on a loaded copy of the base")
+    else:
+        need = stream_merge.memory_need(path) + (0 if direct else size)  # llama.cpp maps the lossless file
+        machine.check_fits(f"the GGUF export ({quant})", need, work_dir, size * (1 if direct else 2))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-export.", dir=work_dir) as tmp:
+        if plan is None:
+            path = export_safetensors(model, loras, weights, Path(tmp) / "merged-hf", models_dir, loras_dir, progress)
+        converter = HfToGguf(path, plan)
+        target = _out_file(out, stem, loras, quant)
+        with write_into_place(target, folder=False) as part:
+            if direct:
+                progress(0.2, f"merging and writing {quant}, one tensor at a time")
+                converter.write(part, quant, name=stem, progress=progress)
+            else:
+                lossless = _lossless_type(machine.source_dtype(path))
+                progress(0.2, f"merging and writing {lossless}, one tensor at a time")
+                staged = converter.write(Path(tmp) / f"merged.{lossless}.gguf", lossless, name=stem, progress=progress)
+                progress(0.7, f"quantizing to {quant}")
+                quantize(staged, part, quant)
+                staged.unlink()
+            if plan is not None and plan.changes:
+                _report_kept(part, quant, converter.unmerged, converter.delta, set(converter.changed()), progress)
+    progress(1.0, f"wrote {target}")
+    return target
+
+
+def _lossless_type(dtype: str) -> str:
+    return {"bfloat16": "BF16", "float16": "F16"}.get(dtype, "F32")
+
+
+def _report_kept(part: Path, quant: str, unmerged, delta, changed, progress: Progress) -> None:
+    if not changed:
+        return
+    kept = kept_fraction(part, unmerged, delta, changed)
+    message = f"{quant} keeps {kept:.0%} of the adapters' change to the weights"
+    if kept < KEEP_AT_LEAST:
+        message = (f"warning: {message}: quantizing to {quant} erases most of it (the change is smaller "
+                   f"than the {quant} grid); use Q8_0, Q4_K_M or F16 instead")
+        log.warning(message)
+    progress(0.95, message)

@@ -1,4 +1,8 @@
-"""A transformers model folder → a GGUF file llama.cpp loads (F32 or F16), with the `gguf` package.
+"""A transformers model folder → a GGUF file llama.cpp loads (F32, F16, BF16 or Q8_0), with the `gguf` package,
+one tensor at a time: the tensor table is written first from the safetensors headers, then each tensor is read
+(memory-mapped), merged with the adapters when exporting (webui/export/stream_merge.py), converted and written,
+so converting holds one tensor, not the model (gguf's GGUFWriter.add_tensor would keep every array until the
+end).
 
 llama.cpp's own converter (convert_hf_to_gguf.py) lives only in its source tree and needs a newer gguf-py
 than PyPI's, so this is the smallest converter for what we can test: Llama (and SmolLM2, the embedded
@@ -15,11 +19,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from webui.adapters.gguf_lora import PERMUTED_ARCHS, NameMap, gguf_module, permute_rows
-from webui.errors import Unsupported
+from webui.adapters.surgery.folders import ModelTensors
+from webui.errors import BadInput, Unsupported
+from webui.export.stream_merge import MergePlan
+from webui.progress import Progress, no_progress
 
 # transformers model_type -> GGUF architecture, as llama.cpp's converter writes them (Mistral without a
 # sliding window is a Llama to llama.cpp). q/k rows are permuted for the GGUF archs in PERMUTED_ARCHS.
@@ -37,17 +43,6 @@ def _check_rope(cfg: dict) -> None:
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind not in ("default", None):
         raise Unsupported(f"rope scaling {kind!r} is not written to GGUF by this converter")
-
-
-def _weights(folder: Path):
-    """(name, float32 numpy array) of every tensor in the folder's safetensors files."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise Unsupported(f"{folder.name}: no safetensors weights to convert")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key).float().numpy()
 
 
 def _add_tokenizer(writer, folder: Path, n_vocab: int) -> None:
@@ -91,63 +86,142 @@ def _adds_bos(folder: Path) -> bool:
         and ids[0] == tok.bos_token_id
 
 
+# What a converted tensor is stored as: llama.cpp's converter's output types (gguf's numpy quantizers write them
+# bit for bit as llama.cpp's do); k-quants come from llama.cpp's quantizer, after this writes a lossless file.
+FTYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
+class HfToGguf:
+    """A transformers folder's tensors in GGUF names and layout, merged with `plan` (webui/export/stream_merge.py)
+    when given, read and converted one at a time."""
+
+    def __init__(self, folder: Path, plan: MergePlan | None = None):
+        self.folder = Path(folder)
+        self.plan = plan or MergePlan()
+        self.cfg = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        model_type = self.cfg.get("model_type", "")
+        if model_type not in SUPPORTED:
+            raise Unsupported(f"{self.folder.name}: writing a {model_type or 'unknown'} model to GGUF is not "
+                              f"supported (supported: {', '.join(SUPPORTED)})")
+        if self.cfg.get("sliding_window") and self.cfg.get("use_sliding_window", True):
+            raise Unsupported(f"{self.folder.name}: sliding-window attention is not written to GGUF by this converter")
+        _check_rope(self.cfg)
+        self.arch = SUPPORTED[model_type]
+        self.n_head = int(self.cfg["num_attention_heads"])
+        self.n_head_kv = int(self.cfg.get("num_key_value_heads") or self.n_head)
+        self.names = NameMap(self.arch, int(self.cfg["num_hidden_layers"]))
+        try:
+            self.base = ModelTensors(self.folder)
+        except BadInput as e:
+            raise Unsupported(f"{self.folder.name}: no safetensors weights to convert ({e})") from None
+        tied = bool(self.cfg.get("tie_word_embeddings", False))
+        self.keys: dict[str, str] = {}  # GGUF tensor name -> HF key, in the folder's order
+        for key in self.base.keys():
+            if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
+                continue  # computed by llama.cpp / shared with token_embd
+            module, _, suffix = key.rpartition(".")
+            gname = self.names.to_gguf(module)
+            if gname is None or suffix not in ("weight", "bias"):
+                raise Unsupported(f"{self.folder.name}: tensor {key} has no GGUF name for the {self.arch} "
+                                  "architecture")
+            self.keys[f"{gname}.{suffix}"] = key
+
+    def _layout(self, name: str, w: np.ndarray) -> np.ndarray:
+        if self.arch in PERMUTED_ARCHS and name.endswith(".attn_q.weight"):
+            return permute_rows(w, self.n_head, self.n_head)
+        if self.arch in PERMUTED_ARCHS and name.endswith(".attn_k.weight"):
+            return permute_rows(w, self.n_head, self.n_head_kv)
+        return w
+
+    def array(self, name: str) -> np.ndarray:
+        """GGUF tensor `name` as float32, merged (in the base's dtype first, as a merged folder stores it)."""
+        key = self.keys[name]
+        return self._layout(name, self.plan.merged(key, self.base.get(key)).float().numpy())
+
+    def unmerged(self, name: str) -> np.ndarray:
+        key = self.keys[name]
+        return self._layout(name, self.plan.base(key, self.base.get(key)).float().numpy())
+
+    def delta(self, name: str) -> np.ndarray | None:
+        d = self.plan.delta(self.keys[name])
+        return None if d is None else self._layout(name, d.numpy())
+
+    def changed(self) -> list[str]:
+        return [name for name, key in self.keys.items() if key in self.plan.changes]
+
+    def write(self, out: Path, ftype: str = "F32", name: str | None = None, progress: Progress = no_progress) -> Path:
+        """Write the GGUF at `out`: 2-D weights as `ftype` (Q8_0 rows not a multiple of its 32-value blocks as
+        F16, as llama.cpp's converter does), norms and biases F32; one tensor in memory at a time."""
+        gguf = gguf_module()
+        if ftype not in FTYPES:
+            raise Unsupported(f"hf_to_gguf writes {', '.join(FTYPES)}, not {ftype}")
+        writer = gguf.GGUFWriter(str(out), self.arch)
+        self._add_metadata(writer, gguf, ftype, name)
+        types = {}
+        for gname, key in self.keys.items():
+            shape = tuple(self.base.shape(key))
+            qtype = _stored_type(gguf, ftype, shape)
+            types[gname] = qtype
+            if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                dtype = np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16
+                writer.add_tensor_info(gname, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            else:
+                byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+                writer.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, gname in enumerate(self.keys):
+            writer.write_tensor_data(_encoded(gguf, self.array(gname), types[gname]))
+            if i % 25 == 0:
+                progress(None, f"converted {i + 1}/{len(self.keys)} tensors")
+        writer.close()
+        return out
+
+    def _add_metadata(self, writer, gguf, ftype: str, name: str | None) -> None:
+        cfg = self.cfg
+        hidden, n_head = int(cfg["hidden_size"]), self.n_head
+        head_dim = int(cfg.get("head_dim") or hidden // n_head)
+        n_vocab = int(cfg["vocab_size"])
+        writer.add_name(name or self.folder.name)
+        writer.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
+        writer.add_embedding_length(hidden)
+        writer.add_feed_forward_length(int(cfg["intermediate_size"]))
+        writer.add_block_count(int(cfg["num_hidden_layers"]))
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(self.n_head_kv)
+        writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+        writer.add_rope_freq_base(_rope_theta(cfg))
+        writer.add_rope_dimension_count(head_dim)
+        if head_dim != hidden // n_head:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        writer.add_vocab_size(n_vocab)
+        writer.add_file_type(getattr(gguf.LlamaFileType, "ALL_F32" if ftype == "F32" else f"MOSTLY_{ftype}"))
+        if ftype == "Q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's quantizer records it
+        _add_tokenizer(writer, self.folder, n_vocab)
+
+
+def _stored_type(gguf, ftype: str, shape: tuple):
+    types = gguf.GGMLQuantizationType
+    if len(shape) != 2 or ftype == "F32":
+        return types.F32
+    if ftype == "Q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[types.Q8_0][0]:
+        return types.F16
+    return types[ftype]
+
+
+def _encoded(gguf, w: np.ndarray, qtype) -> np.ndarray:
+    types = gguf.GGMLQuantizationType
+    if qtype == types.F32:
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if qtype == types.F16:
+        return np.ascontiguousarray(w, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+
+
 def hf_to_gguf(folder: Path, out: Path, ftype: str = "F32", name: str | None = None) -> Path:
-    """Write `folder` (a transformers Llama/Mistral/Qwen2 model) as a GGUF file at `out`; ftype F32 or F16
-    (the 2-D weights; norms and biases stay F32)."""
-    gguf = gguf_module()
-    folder, out = Path(folder), Path(out)
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    model_type = cfg.get("model_type", "")
-    if model_type not in SUPPORTED:
-        raise Unsupported(f"{folder.name}: writing a {model_type or 'unknown'} model to GGUF is not supported "
-                                   f"(supported: {', '.join(SUPPORTED)})")
-    if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
-        raise Unsupported(f"{folder.name}: sliding-window attention is not written to GGUF by this converter")
-    _check_rope(cfg)
-    if ftype not in ("F32", "F16"):
-        raise Unsupported(f"hf_to_gguf writes F32 or F16, not {ftype}")
-    n_layers, n_head = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
-    n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
-    hidden = int(cfg["hidden_size"])
-    head_dim = int(cfg.get("head_dim") or hidden // n_head)
-    n_vocab = int(cfg["vocab_size"])
-    arch = SUPPORTED[model_type]
-    names = NameMap(arch, n_layers)
-
-    writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_name(name or folder.name)
-    writer.add_context_length(int(cfg.get("max_position_embeddings") or 2048))
-    writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(int(cfg["intermediate_size"]))
-    writer.add_block_count(n_layers)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    writer.add_rope_freq_base(_rope_theta(cfg))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_vocab_size(n_vocab)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if ftype == "F32" else gguf.LlamaFileType.MOSTLY_F16)
-    _add_tokenizer(writer, folder, n_vocab)
-
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    for key, w in _weights(folder):
-        if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
-            continue  # computed by llama.cpp / shared with token_embd
-        module, _, suffix = key.rpartition(".")
-        gname = names.to_gguf(module)
-        if gname is None or suffix not in ("weight", "bias"):
-            raise Unsupported(f"{folder.name}: tensor {key} has no GGUF name for the {arch} architecture")
-        if arch in PERMUTED_ARCHS and gname.endswith(".attn_q"):
-            w = permute_rows(w, n_head, n_head)
-        elif arch in PERMUTED_ARCHS and gname.endswith(".attn_k"):
-            w = permute_rows(w, n_head, n_head_kv)
-        dtype = np.float16 if ftype == "F16" and w.ndim == 2 else np.float32
-        writer.add_tensor(f"{gname}.{suffix}", np.ascontiguousarray(w, dtype=dtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    """Write `folder` (a transformers Llama/Mistral/Qwen2 model) as a GGUF file at `out` (2-D weights as
+    `ftype`, one of FTYPES; norms and biases F32)."""
+    return HfToGguf(folder).write(Path(out), ftype, name)
