@@ -20,7 +20,7 @@ MODULES = ("bench.adapters_transformers", "bench.api_transformers", "bench.train
            "bench.download",
            "bench.adapters_gptq", "bench.serving", "bench.lora_panel", "bench.remote", "bench.soak")
 # at a real size (a synthetic 1.1B model built once under ~/.cache): only with --big, or a row named with --only
-BIG_MODULES = ("bench.big",)
+BIG_MODULES = ("bench.big", "bench.big_export")
 
 
 def machine() -> str:

@@ -237,6 +237,16 @@ class Backend(ABC):
         """Cheap checks that `path` can be loaded (files present, config readable), run while the
         previous model is still loaded. Raise LoadFailed naming the problem."""
 
+    @classmethod
+    def memory_need(cls, path: Path, spec: ModelSpec) -> int:
+        """Bytes of RAM loading `path` with `spec` will hold (webui/backends/machine.py), 0 when not estimated
+        (GPU memory, a remote engine). The Engine refuses a load that needs more than is free."""
+        return 0
+
+    def memory_held(self) -> int:
+        """Bytes of RAM this loaded model holds, which unloading it frees (0 when not known)."""
+        return 0
+
     @abstractmethod
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
         """Load the model; raise LoadFailed with a readable reason on failure."""

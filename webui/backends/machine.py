@@ -109,6 +109,11 @@ def load_need(path: Path, bytes_per_parameter: int) -> int:
     return int(parameters(path) * bytes_per_parameter * MARGIN + PROCESS_FLOOR)
 
 
+def load_need_file(path: Path) -> int:
+    """Memory a memory-mapped load of one file (a GGUF on llama.cpp) keeps resident while it runs."""
+    return int(weights_size(path) * MARGIN + PROCESS_FLOOR)
+
+
 def loaded_merge_need(path: Path) -> int:
     """Memory of a merge on a loaded float32 copy (PEFT's merge_and_unload, then a cast to the base's dtype
     to save it): the float32 copy plus the saved copy."""

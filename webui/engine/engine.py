@@ -21,7 +21,7 @@ from typing import Iterator
 
 from webui.adapters.files import check_adapter_name, list_adapters, load_weights, read_adapter, resolve_adapter
 from webui.adapters.inspect import Report, inspect_adapter
-from webui.backends import models
+from webui.backends import machine, models
 from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores, stack_kept
 from webui.backends.registry import backend_class, loader_options
 from webui.errors import BadInput, Incompatible, LoadFailed, NoModelLoaded, Unsupported, first_line
@@ -119,6 +119,7 @@ class Engine:
         path, loader = models.resolve(spec.model, spec.loader, self.models_dir, progress, loader_options(spec))
         cls = backend_class(loader)
         cls.preflight(path, spec)
+        self._check_memory(cls, path, spec)
         with self._lock, self._swap:
             previous = self._spec
             # what the restore must bring back with the model: its active stack (with the folders of names
@@ -143,6 +144,28 @@ class Engine:
             self._adapter_paths = {}
         self.last_load_seconds = time.perf_counter() - start
         return LoadResult(info, self.last_load_seconds)
+
+    def _check_memory(self, cls, path: Path, spec: ModelSpec) -> None:
+        """Refuse, with both figures, a load that cannot fit in the memory free once the current model is
+        unloaded: the kernel would kill the process half-way, and the model loaded now with it."""
+        need = cls.memory_need(path, spec)
+        if need:
+            held = self._backend.memory_held() if self._backend is not None else 0
+            machine.check_fits(f"loading {path.name} ({cls.name})", need, free=machine.available() + held,
+                               note="(counting the memory the model loaded now would free)" if held else "")
+
+    def memory_estimate(self, spec: ModelSpec) -> tuple[int, int] | None:
+        """(bytes a load of `spec` needs, bytes free for it) for the Model tab, before anything is loaded; None
+        when not estimated (the embedded model, a remote engine, GPU memory) or when the model is not found."""
+        if not spec.model:
+            return None
+        try:
+            path, loader = models.resolve(spec.model, spec.loader, self.models_dir, wanted=loader_options(spec))
+            need = backend_class(loader).memory_need(path, spec)
+        except Exception:  # noqa: BLE001  (an estimate; the load itself names what is wrong)
+            return None
+        held = self._backend.memory_held() if self._backend is not None else 0
+        return (need, machine.available() + held) if need else None
 
     def _load_locked(self, spec: ModelSpec) -> None:
         path, loader = models.resolve(spec.model, spec.loader, self.models_dir, wanted=loader_options(spec))

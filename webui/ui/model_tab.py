@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from webui.backends import embedded, registry
+from webui.backends import embedded, machine, registry
 from webui.engine import Engine
 from webui.errors import LoraDeckError, ui_message
 from webui.hub.download import plan
@@ -61,6 +61,7 @@ class ModelTab:
                                       info=ModelSpec.__dataclass_fields__["loader"].metadata["help"],
                                       elem_id="model-loader")
             self.settings = {name: forms.control(ModelSpec, name, "setting") for name in setting_fields()}
+        self.fit = gr.Markdown(elem_id="model-fit")  # the memory a load needs, shown before it starts
         with gr.Row():
             self.load = gr.Button("Load", variant="primary", elem_id="model-load")
             self.unload = gr.Button("Unload", elem_id="model-unload")
@@ -112,6 +113,19 @@ class ModelTab:
             self.engine.unload()
             return self.describe()
 
+        def fit(model, loader, *values):
+            try:
+                fields = forms.parse(ModelSpec, list(self.settings), values)
+                spec = ModelSpec(model="" if model == EMBEDDED else (model or ""), loader=loader, **fields)
+            except LoraDeckError:
+                return ""
+            found = self.engine.memory_estimate(spec)
+            if found is None:
+                return ""
+            need, free = found
+            verdict = "it fits" if need <= free else "**it does not fit**: the load will be refused"
+            return f"Memory: loading needs about **{machine.gb(need)}**, and {machine.gb(free)} is free ({verdict})."
+
         def show_settings(loader):
             wanted = settings_for(loader)
             return [gr.update(visible=name in wanted) for name in self.settings]
@@ -138,6 +152,9 @@ class ModelTab:
 
         self.refresh.click(lambda: gr.update(choices=self._choices()), outputs=self.model)
         self.loader.change(show_settings, inputs=self.loader, outputs=settings)
+        for control in (self.model, self.loader, *settings):
+            control.change(fit, inputs=[self.model, self.loader, *settings], outputs=self.fit)
+        self.unload.click(fit, inputs=[self.model, self.loader, *settings], outputs=self.fit)
         bump = lambda v: v + 1  # noqa: E731  (redraw the LoRA list: verdicts depend on the base)
         self.load.click(load, inputs=[self.model, self.loader, *settings], outputs=self.status) \
             .then(describe, outputs=on_change).then(bump, self.lora.version, self.lora.version)

@@ -19,10 +19,10 @@ from peft.tuners.lora.gptq import GPTQLoraLinear
 from transformers import AutoModelForCausalLM, GPTQConfig
 
 from webui.adapters.targets import Layer, describe_base
-from webui.backends import embedded
+from webui.backends import embedded, machine
 from webui.backends.base import SAMPLERS, Capabilities, LoadedInfo
 from webui.backends.hf.gptq_quantize import gptqmodel_env, quantization_config
-from webui.backends.hf.transformers import TransformersBackend
+from webui.backends.hf.transformers import TransformersBackend, pick_device
 from webui.errors import BadInput, LoadFailed, Unsupported
 from webui.options.config import ModelSpec
 from webui.progress import Progress, no_progress
@@ -112,6 +112,13 @@ class GptqBackend(TransformersBackend):
     @classmethod
     def training_lora_config(cls, lora_config, model):
         return expand_all_linear(lora_config, model)
+
+    @classmethod
+    def memory_need(cls, path: Path, spec: ModelSpec) -> int:
+        """The 4-bit layers stay packed as stored; the rest (embeddings, norms) is small beside them."""
+        if not Path(path).is_dir() or pick_device(spec.device) != "cpu":
+            return 0
+        return machine.load_need_file(path)
 
     @classmethod
     def preflight(cls, path: Path, spec: ModelSpec) -> None:

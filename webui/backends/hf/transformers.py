@@ -21,7 +21,7 @@ from transformers import (
 
 from webui.adapters.peft_stack import PeftAdapterStack
 from webui.adapters.targets import describe_base
-from webui.backends import embedded
+from webui.backends import embedded, machine
 from webui.backends.base import (
     SAMPLERS,
     Backend,
@@ -51,14 +51,22 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
-def pick_dtype(requested: str, device: str) -> torch.dtype:
-    """auto: bfloat16 on GPUs that support it, else float16 on CUDA; float32 on CPU (half precision
-    matmuls are slow or unsupported on most CPUs)."""
-    if requested == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, requested)
+def pick_dtype(requested: str, device: str, path: Path | None = None) -> torch.dtype:
+    """auto: bfloat16 on GPUs that support it, else float16 on CUDA. On CPU, a bf16 checkpoint stays bf16 where
+    the CPU computes bf16 natively (AVX512-BF16 or AMX: the check training's `precision: auto` makes); otherwise
+    float32 (half-precision matmuls are slow on other CPUs), unless a float32 copy would not fit in free memory
+    while the checkpoint's own half precision does: then it stays in that (slower, but it runs)."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    source = machine.source_dtype(path) if path is not None and Path(path).is_dir() else ""
+    if source == "bfloat16" and machine.cpu_computes_bf16():
+        return torch.bfloat16
+    if source in ("bfloat16", "float16") and machine.load_need(path, 4) > machine.available() \
+            >= machine.load_need(path, 2):
+        return getattr(torch, source)
+    return torch.float32
 
 
 def _find_weights(path: Path) -> list[Path]:
@@ -131,9 +139,20 @@ class TransformersBackend(Backend):
             raise LoadFailed(f"{path.name}: no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
         bnb.check_quantizable(path, spec.quantization)
 
+    @classmethod
+    def memory_need(cls, path: Path, spec: ModelSpec) -> int:
+        if spec.quantization != "none" or not Path(path).is_dir() or pick_device(spec.device) != "cpu":
+            return 0  # GPU memory and bitsandbytes' packing are not estimated here
+        return machine.load_need(path, pick_dtype(spec.dtype, "cpu", path).itemsize)
+
+    def memory_held(self) -> int:
+        if self.model is None or self.device != "cpu":
+            return 0
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
         self.device = pick_device(spec.device)
-        dtype = pick_dtype(spec.dtype, self.device)
+        dtype = pick_dtype(spec.dtype, self.device, path)
         self.quantization = spec.quantization
         where, kwargs = (str(path), {}) if path.is_dir() else (str(path.parent), {"gguf_file": path.name})
         progress(0.1, f"loading tokenizer of {path.name}")

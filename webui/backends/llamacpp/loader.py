@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from webui.adapters.gguf_lora import cached_conversion, field_value, gguf_module, read_base
-from webui.backends import embedded
+from webui.backends import embedded, machine
 from webui.backends.base import SAMPLERS, Backend, Capabilities, LoadedInfo, TokenScores, plain_transcript
 from webui.errors import BadInput, LoadFailed, NotFound, Unsupported, first_line
 from webui.options.config import GenerationParams, ModelSpec
@@ -93,6 +93,17 @@ class LlamaCppBackend(Backend):
         if len(head) < 8 or int.from_bytes(head[4:8], "little") not in (2, 3):
             raise LoadFailed(f"{path.name}: GGUF version {int.from_bytes(head[4:8], 'little')} is not supported "
                                  "(llama.cpp reads versions 2 and 3)")
+
+    @classmethod
+    def memory_need(cls, path: Path, spec: ModelSpec) -> int:
+        """The GGUF's weights, memory-mapped but all read at each token (a model larger than RAM pages from disk
+        on every token), plus a margin for the context's cache and the compute buffers."""
+        if spec.n_gpu_layers and spec.device != "cpu" and _llama_cpp().llama_supports_gpu_offload():
+            return 0  # offloaded layers live in GPU memory, which is not estimated here
+        return machine.load_need_file(path)
+
+    def memory_held(self) -> int:
+        return self.path.stat().st_size if self.llm is not None and self.path and self.path.is_file() else 0
 
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
         llama_cpp = _llama_cpp()
