@@ -20,8 +20,9 @@ memory of the whole child process over W (lower is better), its time in the note
 
 llama.cpp's converters live only in its source tree: they are taken from the llama-cpp-python sdist this project
 pins (PyPI), with the gguf-py beside them, into ~/.cache/loradeck/llama-cpp-tools-VERSION. The synthetic model's
-tokenizer (a small byte-level BPE) is unknown to convert_hf_to_gguf.py's pre-tokenizer table, so it is told it is
-GPT-2's, which it is (tests/.. webui/testing/tiny_models.build_tokenizer); nothing else is changed.
+tokenizer (a small byte-level BPE, webui/testing/tiny_models.build_tokenizer) is unknown to convert_hf_to_gguf.py's
+pre-tokenizer table and its SentencePiece attempt needs a package we do not install, so it is told the tokenizer is
+GPT-2's, which it is; nothing that touches tensors is changed.
 """
 from __future__ import annotations
 
@@ -107,12 +108,16 @@ def _tools() -> Path:
     return tools
 
 
-# convert_hf_to_gguf.py, told that the synthetic tokenizer is GPT-2's (its hash is not in llama.cpp's table)
+# llama.cpp's converter, told that the synthetic tokenizer is GPT-2's (its hash is not in llama.cpp's table, and
+# it would try SentencePiece first, which is not installed); `script`: convert_hf_to_gguf or convert_lora_to_gguf
 _CONVERT = """import sys; sys.path[:0] = [{tools!r}, {tools!r} + '/gguf-py']
-import convert_hf_to_gguf as c
-c.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'
-sys.argv = ['convert_hf_to_gguf.py'] + {args!r}
-c.main()"""
+import conversion.base as b
+def no(self, *a, **k): raise FileNotFoundError('not this tokenizer')
+b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'
+b.TextModel._set_vocab_sentencepiece = b.TextModel._set_vocab_llama_hf = no
+import runpy
+sys.argv = ['{script}.py'] + {args!r}
+runpy.run_path({tools!r} + '/{script}.py', run_name='__main__')"""
 _PEFT_MERGE = """import sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -180,11 +185,11 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
                                        "--out", str(tmp / f"ours.{quant}.gguf")])
             (tmp / f"ours.{quant}.gguf").unlink()
             if quant == "Q8_0":
-                ref = _measured(_py(_CONVERT.format(tools=tools, args=[str(merged), "--outtype", "q8_0", "--outfile",
+                ref = _measured(_py(_CONVERT.format(tools=tools, script="convert_hf_to_gguf", args=[str(merged), "--outtype", "q8_0", "--outfile",
                                                                        str(tmp / "ref.gguf")])))
                 tool = "convert_hf_to_gguf.py --outtype q8_0 of the merged folder"
             else:
-                conv = _measured(_py(_CONVERT.format(tools=tools, args=[str(merged), "--outtype", "bf16", "--outfile",
+                conv = _measured(_py(_CONVERT.format(tools=tools, script="convert_hf_to_gguf", args=[str(merged), "--outtype", "bf16", "--outfile",
                                                                         str(tmp / "ref.bf16.gguf")])))
                 quantized = _measured(_py(_QUANTIZE, tmp / "ref.bf16.gguf", tmp / "ref.gguf", quant))
                 ref = (max(conv[0], quantized[0]), conv[1] + quantized[1])
@@ -199,9 +204,7 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
         if want("big_export_peak_rss.gguf_lora"):
             ours = _measured(export + ["--model", str(gguf_base), "--lora", lora.name, "--format", "gguf-lora",
                                        "--out", str(tmp / "ours-lora.gguf")])
-            ref = _measured(_py(_CONVERT.replace("convert_hf_to_gguf", "convert_lora_to_gguf")
-                                .replace("c.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'\n", "")
-                                .format(tools=str(_tools()), args=["--base", str(base), "--outtype", "f32",
+            ref = _measured(_py(_CONVERT.format(tools=str(_tools()), script="convert_lora_to_gguf", args=["--base", str(base), "--outtype", "f32",
                                                                    "--outfile", str(tmp / "ref-lora.gguf"), str(lora)])))
             rows.append(_row("big_export_peak_rss.gguf_lora", ours, ref, w, "≤ 0.5", "convert_lora_to_gguf.py"))
         if want("big_load_peak_rss.transformers"):

@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from webui.backends import machine
 from webui.errors import BadInput, Unsupported
 from webui.progress import Progress, no_progress
 
@@ -84,8 +85,12 @@ def quantize_folder(src: Path, dst: Path, bits: int = 4, group_size: int | None 
     tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     progress(None, f"quantizing {src.name} to {bits}-bit GPTQ, group size {group_size}, "
                    f"{len(samples)} calibration samples (GPTQModel)")
-    # offload_to_disk would park layers in a temp folder: not worth it for the models one quantizes on CPU
-    config = QuantizeConfig(bits=bits, group_size=group_size, offload_to_disk=False)
+    # GPTQModel holds the whole float32 model on CPU unless it parks layers in a temp folder (offload_to_disk),
+    # which is slower: parked only when that copy would not fit in free memory (not run at such a size here)
+    offload = not torch.cuda.is_available() and machine.load_need(src, 4) > machine.available()
+    if offload:
+        progress(None, f"a float32 copy of {src.name} does not fit in free memory: GPTQModel parks layers on disk")
+    config = QuantizeConfig(bits=bits, group_size=group_size, offload_to_disk=offload)
     model = GPTQModel.load(str(src), config, dtype=torch.float16 if torch.cuda.is_available() else torch.float32)
     model.quantize(samples, tokenizer=tok, batch_size=1)
     model.save(str(dst))
