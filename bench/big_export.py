@@ -1,7 +1,7 @@
 """Merging, exporting and loading at a real size (`python -m bench --big`), on bench/big.py's synthetic model of
 TinyLlama-1.1B's shape (W = the base's bf16 safetensors on disk, ≈ 2.2 GB) with a random rank-16 LoRA on every
-linear layer, each beside the plain tool doing the same job in the same run. Every figure is the peak resident
-memory of the whole child process over W (lower is better), its time in the note.
+linear layer, each beside the plain tool doing the same job in the same run. Each row's ratio is the peak resident
+memory of the whole child process over W (lower is better); the plain tool's figure and both times are in its note.
 
 - big_export_peak_rss.safetensors: `export --format safetensors` vs PEFT `merge_and_unload` on the base loaded in
   bf16, then `save_pretrained` (goal ≤ 1.2, and no more than PEFT's).
@@ -120,9 +120,10 @@ sys.argv = ['{script}.py'] + {args!r}
 runpy.run_path({tools!r} + '/{script}.py', run_name='__main__')"""
 _PEFT_MERGE = """import sys, torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
-PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained(sys.argv[3])"""
+PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained(sys.argv[3])
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[3])"""
 _QUANTIZE = "import sys; from webui.export.gguf_writer import quantize; quantize(*map(__import__('pathlib').Path, sys.argv[1:3]), sys.argv[3])"
 _ENGINE_LOAD = """import sys
 from webui.engine import Engine
@@ -152,9 +153,11 @@ def _py(code: str, *args) -> list[str]:
 
 
 def _row(name: str, ours: tuple, ref: tuple, w: int, goal: str, tool: str, extra: str = "") -> Row:
-    return Row(name, ours[0] / w, ref[0] / w, "x W", False,
-               f"peak RSS / W (W = {w / 1e9:.2f} GB); ours {ours[0] / 1e9:.2f} GB in {ours[1]:.0f} s, {tool} "
-               f"{ref[0] / 1e9:.2f} GB in {ref[1]:.0f} s; goal {goal}{extra}")
+    """ours = our peak in GB, reference = W in GB: the row's ratio is our peak RSS / W (INTERFACES.md); the plain
+    tool's figure is in the note."""
+    return Row(name, ours[0] / 1e9, w / 1e9, "GB", False,
+               f"peak RSS / W; ours {ours[0] / w:.2f} W ({ours[0] / 1e9:.2f} GB) in {ours[1]:.0f} s, {tool} "
+               f"{ref[0] / w:.2f} W ({ref[0] / 1e9:.2f} GB) in {ref[1]:.0f} s; goal {goal}{extra}")
 
 
 def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[Row]:
