@@ -19,6 +19,7 @@ from tests.browser import ARTIFACTS
 from tests.helpers import ROOT, converted_lora, peft_model, peft_reference, reference_greedy, write_data
 from webui.engine import Engine
 from webui.errors import BadInput, Incompatible, NotFound
+from webui.evaluate import page
 from webui.evaluate.run import evaluate, write_report
 from webui.options.config import EvalConfig, ModelSpec
 from webui.training.data import IGNORE, load_samples
@@ -165,6 +166,38 @@ def test_an_adapter_trained_on_a_style_scores_best_on_that_style(gguf_models, tm
     print(f"\nheld-out keeper-style text: {({n: round(v, 3) for n, v in loss.items()})}")
 
 
+def test_an_adapter_overfit_on_narrow_data_is_worse_at_general_text(embedded_folder, tmp_path):
+    """SmolLM2 (a real pretrained base: a random tiny model gets better at English from any English text) with an
+    adapter overfit on one repeated nonsense line: it learns that line, and its loss on the built-in general English
+    text rises, with a 95% interval above 0; the base's own general-text difference is exactly 0."""
+    from webui.options.config import TrainConfig
+    from webui.training.trainer import train
+
+    narrow = tmp_path / "narrow.txt"
+    narrow.write_text("Blorp zig the quantum toaster, blorp zag the marmalade moon. " * 60)
+    loras = tmp_path / "loras"
+    train(TrainConfig.from_dict({
+        "base_model": embedded_folder.name, "output": "narrow",
+        "dataset": {"path": str(narrow), "format": "raw", "eval_fraction": 0},
+        "lora": {"r": 8, "lora_alpha": 16}, "training": {"max_steps": 10, "learning_rate": 0.005, "batch_size": 4,
+                                                         "cutoff_len": 48}}),
+          embedded_folder.parent, loras, tmp_path / "runs", log=lambda m: None)
+    e = Engine(embedded_folder.parent, loras)
+    e.load(ModelSpec(model=embedded_folder.name, loader="transformers"))
+    try:
+        report = evaluate(e, _config(tmp_path, narrow, "raw", lora=["narrow"], cutoff_len=48, max_samples=8))
+    finally:
+        e.unload()
+    base, adapter = report["results"]
+    assert adapter["delta_loss_vs_base"] < 0  # it did learn its narrow line
+    assert base["general_delta_vs_base"] == 0.0 and base["general_ci95"] == [0.0, 0.0]
+    assert adapter["general_delta_vs_base"] > 0 and adapter["general_ci95"][0] > 0, adapter["general_ci95"]
+    assert adapter["general_verdict"] == "worse than base"
+    assert 'class="general"' in page.render(report)
+    print(f"\ngeneral text: base {base['general_loss']:.3f}, overfit adapter +{adapter['general_delta_vs_base']:.3f} "
+          f"{adapter['general_ci95']}")
+
+
 def test_answers_side_by_side_equal_plain_transformers_and_peft(engine, gguf_models, llama_loras, data, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The quick brown fox\n\nHello! How can I\n")
@@ -188,6 +221,29 @@ def test_a_weight_zero_stack_is_the_base_and_the_interval_is_reproducible(engine
     assert abs(zero["delta_loss_vs_base"]) < 1e-6 and zero["verdict"] == "no clear difference"
     assert second["results"][1]["ci95"] == b["ci95"]  # the same seed, the same interval
     assert base["ci95"] == [0.0, 0.0] and base["delta_loss_vs_base"] == 0.0
+
+
+def test_sweep_end_points_are_the_base_and_adapter_rows(engine, data, tmp_path):
+    """Scale 0 is the base's loss and scale 1 the adapter's (or the stack's) row, exactly; the scales between are
+    the adapter at that weight, as a stack {A: s} scores alone; the page plots the curve."""
+    cfg = _config(tmp_path, data["raw"], "raw", lora=["A"], stack=["A=1,B=0.5"], max_samples=4,
+                  sweep=["A=0,0.5,1", "A=1,B=0.5=0,1,2"])
+    report = evaluate(engine, cfg)
+    rows = {r["name"]: r for r in report["results"]}
+    a, stack = report["sweeps"]
+    assert a["target"] == "A" and [p["scale"] for p in a["points"]] == [0, 0.5, 1]
+    assert a["points"][0]["loss"] == rows["base"]["loss"] and a["points"][0]["delta_loss_vs_base"] == 0
+    assert a["points"][-1]["loss"] == rows["A"]["loss"] and a["points"][-1]["ci95"] == rows["A"]["ci95"]
+    half = evaluate(engine, _config(tmp_path, data["raw"], "raw", stack=["A=0.5"], max_samples=4, general=False))
+    assert a["points"][1]["loss"] == half["results"][1]["loss"] != rows["A"]["loss"]
+    assert stack["target"] == "A=1,B=0.5" and stack["adapters"] == {"A": 1.0, "B": 0.5}
+    assert [p["loss"] for p in stack["points"][:2]] == [rows["base"]["loss"], rows["A=1,B=0.5"]["loss"]]
+    assert rows["base"]["general_delta_vs_base"] == 0.0 and report["general_text"]["tokens"] > 1000
+    assert half["general_text"] is None and "general_loss" not in half["results"][0]
+    html = page.render(report)
+    assert 'id="sweep-chart"' in html and html.count('class="sweep-point"') == 6
+    with pytest.raises(BadInput, match="sweep: 'A' must be TARGET=S1,S2"):
+        _config(tmp_path, data["raw"], "raw", sweep=["A"])
 
 
 def test_cancel_stops_the_run_and_writes_nothing(engine, data, tmp_path):

@@ -24,7 +24,9 @@ equally likely choices the model is as unsure as. Lower is better for both. Δ i
 base's on the same samples; the 95% interval comes from a paired bootstrap over samples: when it lies below 0
 the adapter fits this data better than the base, above 0 worse, and when it contains 0 the data cannot tell them
 apart (an adapter that changes nothing — "LoRA not applying" — shows Δ ≈ 0). Measure on held-out data: on its
-own training samples an adapter always looks good."""
+own training samples an adapter always looks good. The general-text columns score the same targets on a built-in
+sample of general English (public domain: the Declaration of Independence and two speeches of Abraham Lincoln):
+red there means the adapter made the base worse at ordinary text."""
 
 
 def _e(x) -> str:
@@ -43,9 +45,22 @@ def _stack(adapters: dict) -> str:
     return ", ".join(f"{n} × {w:g}" for n, w in adapters.items()) or "(none)"
 
 
+def _general_cells(r: dict) -> str:
+    """General English text: Δ loss vs the base, its interval, in the verdict's colour (red: the adapter hurts)."""
+    if r["name"] == "base":
+        return f'<td {NUM}>{_num(r.get("general_loss"))}</td><td {NUM}></td>'
+    color = COLORS.get(r.get("general_verdict", ""), COLORS["no clear difference"])
+    ci = r.get("general_ci95") or [0, 0]
+    return (f'<td {NUM} class="general" style="color:{color};font-weight:600;text-align:right">'
+            f'{_num(r.get("general_delta_vs_base"), "+.4f")}</td>'
+            f'<td {NUM} style="color:{color}">[{ci[0]:+.4f}, {ci[1]:+.4f}]</td>')
+
+
 def results_table(report: dict) -> str:
-    head = "".join(f"<th {TH}>{h}</th>" for h in ("name", "adapters", "loss", "perplexity", "tokens", "tokens/s",
-                                                   "Δ loss vs base", "95% interval of Δ", "reading"))
+    general = bool(report.get("general_text"))
+    titles = ("name", "adapters", "loss", "perplexity", "tokens", "tokens/s", "Δ loss vs base", "95% interval of Δ",
+              "reading") + (("general text: loss / Δ vs base", "its 95% interval") if general else ())
+    head = "".join(f"<th {TH}>{h}</th>" for h in titles)
     rows = []
     for r in report["results"]:
         base = r["name"] == "base"
@@ -57,7 +72,7 @@ def results_table(report: dict) -> str:
             f'<td {NUM}>{_num(r.get("tokens_per_s"), ".0f")}</td>'
             f'<td {NUM}>{"" if base else _num(r["delta_loss_vs_base"], "+.4f")}</td><td {NUM}>{ci}</td>'
             f'<td {TD}><span style="color:{_color(r)};font-weight:600;white-space:nowrap">{_e(r["verdict"])}</span>'
-            f'</td></tr>')
+            f'</td>{_general_cells(r) if general else ""}</tr>')
     return f'<table class="results" {TABLE}><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
@@ -87,6 +102,52 @@ def perplexity_chart(report: dict) -> str:
                      f'height="{row_h - 8}" rx="3" fill="{_color(r)}"><title>{_e(r["name"])}: '
                      f'{_num(ppl, ".3f")}</title></rect>')
         parts.append(f'<text x="{label_w + length + 6:.1f}" y="{y + 17}">{_num(ppl, ".3f") if ppl else "∞"}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def sweep_chart(report: dict) -> str:
+    """Loss against scale, one line per swept adapter or stack (inline SVG), the base's loss dashed: where the
+    curve dips below the line, that strength fits the data better than the base."""
+    sweeps = report.get("sweeps") or []
+    if not sweeps:
+        return ""
+    w, h, left, top, bottom = 640, 300, 60, 30, 40
+    scales = [p["scale"] for sw in sweeps for p in sw["points"]]
+    losses = [p["loss"] for sw in sweeps for p in sw["points"] if p["loss"] is not None]
+    base = next((r["loss"] for r in report["results"] if r["name"] == "base"), None)
+    if base is not None:
+        losses.append(base)
+    x0, x1 = min(scales), max(scales)
+    y0, y1 = min(losses, default=0.0), max(losses, default=1.0)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    px = (lambda x: left + (w - left - 20) * (x - x0) / (x1 - x0))  # noqa: E731
+    py = (lambda y: top + (h - top - bottom) * (1 - (y - y0) / (y1 - y0)))  # noqa: E731
+    palette = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c")
+    parts = [f'<svg id="sweep-chart" class="sweep-chart" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'viewBox="0 0 {w} {h}" role="img" aria-label="loss against adapter scale" '
+             f'style="font-family:system-ui,sans-serif;font-size:12px">',
+             '<text x="0" y="16" font-weight="600">Loss against scale (lower is better)</text>',
+             f'<line x1="{left}" y1="{h - bottom}" x2="{w - 20}" y2="{h - bottom}" stroke="#9ca3af"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="#9ca3af"/>',
+             f'<text x="{left}" y="{h - bottom + 16}" text-anchor="middle">{x0:g}</text>',
+             f'<text x="{w - 20}" y="{h - bottom + 16}" text-anchor="middle">{x1:g}</text>',
+             f'<text x="{(left + w - 20) / 2}" y="{h - 6}" text-anchor="middle">scale</text>',
+             f'<text x="{left - 6}" y="{py(y1) + 4:.1f}" text-anchor="end">{y1:.3f}</text>',
+             f'<text x="{left - 6}" y="{py(y0) + 4:.1f}" text-anchor="end">{y0:.3f}</text>']
+    if base is not None:
+        parts.append(f'<line class="base-loss" x1="{left}" y1="{py(base):.1f}" x2="{w - 20}" y2="{py(base):.1f}" '
+                     f'stroke="#9ca3af" stroke-dasharray="5,4"><title>base: {base:.4f}</title></line>')
+    for i, sw in enumerate(sweeps):
+        color = palette[i % len(palette)]
+        pts = [(px(p["scale"]), py(p["loss"])) for p in sw["points"] if p["loss"] is not None]
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
+                     f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in pts)}"/>')
+        for p, (x, y) in zip([p for p in sw["points"] if p["loss"] is not None], pts):
+            parts.append(f'<circle class="sweep-point" data-target="{_e(sw["target"])}" data-scale="{p["scale"]:g}" '
+                         f'cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"><title>{_e(sw["target"])} × {p["scale"]:g}: '
+                         f'{p["loss"]:.4f}</title></circle>')
+        parts.append(f'<text x="{w - 20}" y="{top + 14 * i}" text-anchor="end" fill="{color}">{_e(sw["target"])}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -169,6 +230,7 @@ padding:0 16px;color:#111827}} h1{{font-size:22px}} h2{{font-size:18px;margin-to
 <h2>Results</h2>
 {results_table(report)}
 {perplexity_chart(report)}
+{sweep_chart(report)}
 <p class="read">{HOW_TO_READ}</p>
 <h2>Per sample</h2>
 {samples_table(report)}

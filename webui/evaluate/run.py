@@ -60,6 +60,19 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no inf/nan
 
 
+GENERAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "general_text.txt"
+
+
+def _key(stack: dict) -> tuple:
+    return tuple(sorted((n, w) for n, w in stack.items() if w != 0))
+
+
+def _sweep_stacks(cfg: EvalConfig) -> list[tuple[str, float, dict]]:
+    """(target, scale, stack) of every sweep point; scale 0 is the plain base itself."""
+    return [(target, scale, {n: w * scale for n, w in stack.items()} if scale else {})
+            for target, stack, scales in cfg.sweeps() for scale in scales]
+
+
 def evaluate(engine: Engine, cfg: EvalConfig, progress: Progress = no_progress,
              cancel: threading.Event | None = None) -> dict | None:
     """The report of `cfg` on the loaded model, or None when `cancel` was set (nothing is written either way)."""
@@ -68,53 +81,90 @@ def evaluate(engine: Engine, cfg: EvalConfig, progress: Progress = no_progress,
     if info is None:
         raise NoModelLoaded()
     configs = cfg.configurations()
-    _check_adapters(engine, configs)
+    points = _sweep_stacks(cfg)
+    _check_adapters(engine, configs + [(t, st) for t, _, st in points])
     samples = load_dataset(engine, cfg)
+    general = load_dataset(engine, dataclasses.replace(cfg, dataset=str(GENERAL_TEXT), format="raw", max_samples=0,
+                                                       overlap=0)) if cfg.general else []
     prompts = render_prompts(engine, cfg)
     _check_out(Path(cfg.out))
 
-    batches = math.ceil(len(samples) / cfg.batch_size)
-    steps, done = len(configs) * batches + len(prompts) * len(configs), 0
-    scored: dict[str, list[SampleNll]] = {}
-    timing: dict[str, tuple[float, int]] = {}
-    for name, stack in configs:
-        start, fed, nll = time.perf_counter(), 0, []
-        for b in range(0, len(samples), cfg.batch_size):
-            if cancel.is_set():
-                return None
-            batch = samples[b:b + cfg.batch_size]
-            scores = engine.score([s.input_ids for s in batch], adapters=stack)
-            nll += [sample_nll(s.labels, sc.logprobs) for s, sc in zip(batch, scores)]
-            fed += sum(len(s.input_ids) for s in batch)
-            done += 1
-            progress(done / steps, f"scoring {name}: {min(b + cfg.batch_size, len(samples))}/{len(samples)} samples")
-        scored[name], timing[name] = nll, (time.perf_counter() - start, fed)
+    # every distinct stack is scored once: a sweep's scale 0 is the base's own row, its scale 1 the adapter's
+    stacks = {_key(st): st for st in [st for _, st in configs] + [st for _, _, st in points]}
+    batches = math.ceil(len(samples) / cfg.batch_size) + math.ceil(len(general) / cfg.batch_size)
+    steps = len(stacks) * batches + len(prompts) * len(stacks)
+    done = 0
+    scored: dict[tuple, list[SampleNll]] = {}
+    general_scored: dict[tuple, list[SampleNll]] = {}
+    timing: dict[tuple, tuple[float, int]] = {}
+    for key, stack in stacks.items():
+        name = ",".join(f"{n}={w:g}" for n, w in key) or "base"
+        for target, data in ((scored, samples), (general_scored, general if key in {_key(s) for _, s in configs}
+                                                   else [])):
+            start, fed, nll = time.perf_counter(), 0, []
+            for b in range(0, len(data), cfg.batch_size):
+                if cancel.is_set():
+                    return None
+                batch = data[b:b + cfg.batch_size]
+                scores = engine.score([s.input_ids for s in batch], adapters=stack)
+                nll += [sample_nll(s.labels, sc.logprobs) for s, sc in zip(batch, scores)]
+                fed += sum(len(s.input_ids) for s in batch)
+                done += 1
+                what = "general text" if target is general_scored else "samples"
+                progress(done / steps, f"scoring {name}: {min(b + cfg.batch_size, len(data))}/{len(data)} {what}")
+            target[key] = nll
+            if target is scored:
+                timing[key] = (time.perf_counter() - start, fed)
 
-    generations = _generate(engine, cfg, configs, prompts, cancel,
+    # answers at each scale of a sweep, except where a configuration already answers with that stack
+    known = {_key(st) for _, st in configs}
+    sweep_configs = [(f"{t}@{scale:g}", st) for t, scale, st in points if _key(st) not in known]
+    generations = _generate(engine, cfg, configs + sweep_configs, prompts, cancel,
                             lambda k, msg: progress((done + k) / steps, msg))
     if generations is None:
         return None
 
-    base_loss = mean_loss(scored["base"])
+    base = scored[()]
+    base_loss = mean_loss(base)
+
+    def row(stack: dict, name: str) -> dict:
+        nll = scored[_key(stack)]
+        loss = mean_loss(nll)
+        ci = (0.0, 0.0) if not _key(stack) else paired_bootstrap(base, nll, cfg.bootstrap, cfg.seed)
+        return {"loss": _finite(loss), "perplexity": _finite(perplexity(loss)),
+                "delta_loss_vs_base": _finite(loss - base_loss), "ci95": [ci[0], ci[1]],
+                "verdict": "" if name == "base" else verdict(ci)}
+
     results = []
     for name, stack in configs:
-        loss, (seconds, fed) = mean_loss(scored[name]), timing[name]
-        ci = (0.0, 0.0) if name == "base" else paired_bootstrap(scored["base"], scored[name], cfg.bootstrap, cfg.seed)
-        results.append({
-            "name": name, "adapters": stack, "loss": _finite(loss), "perplexity": _finite(perplexity(loss)),
-            "tokens": sum(s.tokens for s in scored[name]), "delta_loss_vs_base": _finite(loss - base_loss),
-            "ci95": [ci[0], ci[1]], "verdict": "" if name == "base" else verdict(ci),
-            "tokens_per_s": fed / seconds if seconds > 0 else None, "seconds": seconds,
-            "per_sample_loss": [s.loss for s in scored[name]]})
+        nll, (seconds, fed) = scored[_key(stack)], timing[_key(stack)]
+        result = {"name": name, "adapters": stack, **row(stack, name), "tokens": sum(s.tokens for s in nll),
+                  "tokens_per_s": fed / seconds if seconds > 0 else None, "seconds": seconds,
+                  "per_sample_loss": [s.loss for s in nll]}
+        if cfg.general:
+            g, g_base = general_scored[_key(stack)], general_scored[()]
+            g_ci = (0.0, 0.0) if not _key(stack) else paired_bootstrap(g_base, g, cfg.bootstrap, cfg.seed)
+            result.update(general_loss=_finite(mean_loss(g)),
+                          general_delta_vs_base=_finite(mean_loss(g) - mean_loss(g_base)),
+                          general_ci95=[g_ci[0], g_ci[1]], general_verdict="" if name == "base" else verdict(g_ci))
+        results.append(result)
+    sweeps = [{"target": target, "adapters": stack,
+               "points": [{"scale": scale, **{k: v for k, v in row({n: w * scale for n, w in stack.items()}
+                                                                    if scale else {}, target).items()
+                                              if k != "verdict"}} for scale in scales]}
+              for target, stack, scales in cfg.sweeps()]
     progress(1.0, "done")
     return {
         "model": info.name, "loader": info.loader,
         "dataset": {"path": str(cfg.dataset), "format": cfg.format, "samples": len(samples),
                     "tokens": results[0]["tokens"]},
+        "general_text": {"path": GENERAL_TEXT.name, "samples": len(general),
+                         "tokens": sum(s.tokens for s in general_scored.get((), []))} if cfg.general else None,
         "results": results,
+        "sweeps": sweeps,
         "generations": generations,
         "samples": [{"record": s.record, "tokens": n.tokens, "length": len(s.input_ids), "text": _snippet(engine, s)}
-                    for s, n in zip(samples, scored["base"])],
+                    for s, n in zip(samples, base)],
         "settings": {**dataclasses.asdict(cfg), "model_spec": dataclasses.asdict(engine.spec) if engine.spec else None,
                      "context_length": info.context_length, "device": info.device, "dtype": info.dtype},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -177,6 +227,17 @@ def summary_text(report: dict) -> str:
         ppl = f"{r['perplexity']:.3f}" if r["perplexity"] is not None else "inf"
         lines.append(f"{r['name']:<24} {r['loss']:>8.4f} {ppl:>11} {r['tokens']:>7} {delta:>10} {ci:>19}  "
                      f"{r['verdict']}")
+    if report.get("general_text"):
+        lines.append(f"\ngeneral English text ({report['general_text']['tokens']} tokens): loss, Δ vs base, 95% CI")
+        for r in report["results"]:
+            ci = "" if r["name"] == "base" else f"[{r['general_ci95'][0]:+.4f}, {r['general_ci95'][1]:+.4f}]  " \
+                                                 f"{r['general_verdict']}"
+            lines.append(f"{r['name']:<24} {r['general_loss']:>8.4f} {r['general_delta_vs_base']:>+10.4f} {ci}")
+    for sweep in report.get("sweeps") or []:
+        lines.append(f"\nsweep of {sweep['target']}: scale, loss, Δ vs base, 95% CI")
+        for p in sweep["points"]:
+            lines.append(f"{p['scale']:>8g} {p['loss']:>8.4f} {p['delta_loss_vs_base']:>+10.4f} "
+                         f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]")
     return "\n".join(lines)
 
 

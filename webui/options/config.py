@@ -453,6 +453,10 @@ class EvalConfig:
     bootstrap: int = _opt(1000, "Bootstrap resamples for the 95% interval of each difference to the base.",
                           min=100, max=100_000, step=100)
     seed: int = _opt(0, "Seed of the bootstrap (the same seed gives the same interval).", min=0, max=2**31 - 1, step=1)
+    sweep: list = _opt([], "Strength sweeps, each A=S1,S2,...: adapter A (or a stack given with --stack, written the "
+                           "same way) scored at each scale, in one run (0 is the base, 1 the adapter as it is).")
+    general: bool = _opt(True, "Also score every target on a built-in sample of general English text (public domain), "
+                               "so an adapter that damages the base's general ability shows it.")
     models_dir: str = _opt("models", "Folder of base models.")
     loras_dir: str = _opt("loras", "Folder of LoRA adapters.")
 
@@ -472,6 +476,30 @@ class EvalConfig:
         self.stack = [str(s) for s in self.stack or [] if str(s).strip()]
         for text in self.stack:
             parse_stack(text)
+        self.sweep = [str(t) for t in self.sweep or [] if str(t).strip()]
+        self.sweeps()
+
+    def sweeps(self) -> list[tuple[str, dict[str, float], list[float]]]:
+        """(target, its stack at scale 1, scales) of each `sweep` entry `TARGET=S1,S2,...` (the scales follow the
+        last `=`, so a target may be a stack written A=1,B=0.5)."""
+        stacks = dict(self.configurations())
+        out = []
+        for text in self.sweep:
+            target, eq, scales = text.rpartition("=")
+            target = target.strip()
+            if not eq or not target:
+                raise BadInput(f"sweep: {text!r} must be TARGET=S1,S2,... (e.g. pirate=0,0.5,1)")
+            try:
+                values = [float(v) for v in scales.split(",") if v.strip()]
+            except ValueError:
+                raise BadInput(f"sweep: {text!r}: the scales must be numbers separated by commas") from None
+            if not values or any(v != v or abs(v) == float("inf") for v in values):
+                raise BadInput(f"sweep: {text!r}: give at least one finite scale")
+            stack = stacks.get(target)
+            if stack is None:
+                stack = parse_stack(target) if "=" in target else {target: 1.0}
+            out.append((target, stack, list(dict.fromkeys(values))))
+        return out
 
     def configurations(self) -> list[tuple[str, dict[str, float]]]:
         """(name, stack) of everything evaluated: the base first, then each adapter, then each stack."""

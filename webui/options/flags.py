@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if choices_of(cls, f.name) is not None:
             kwargs["choices"] = choices_of(cls, f.name)
             kwargs["type"] = type(kwargs["choices"][0])
-        elif hint is bool:
-            kwargs["action"] = "store_true"
+        elif hint is bool:  # on by default: --X / --no-X
+            kwargs["action"] = argparse.BooleanOptionalAction if default is True else "store_true"
         elif hint is list:
             # extend: `--lora A --lora B` and `--lora A B` both give [A, B] (with nargs alone argparse keeps only
             # the last of a repeated flag, silently); a copy of the default, which extend appends to

@@ -23,8 +23,8 @@ from webui.options.config import EvalConfig
 from webui.paths import child
 from webui.ui import forms
 
-OPTIONS = ["max_samples", "max_new_tokens", "cutoff_len", "overlap", "prompt_format", "batch_size", "bootstrap",
-           "seed"]
+OPTIONS = ["general", "max_samples", "max_new_tokens", "cutoff_len", "overlap", "prompt_format", "batch_size",
+           "bootstrap", "seed"]
 
 
 class EvalJob:
@@ -54,7 +54,7 @@ class EvalJob:
 
 
 def result_html(report: dict) -> str:
-    return (page.results_table(report) + page.perplexity_chart(report)
+    return (page.results_table(report) + page.perplexity_chart(report) + page.sweep_chart(report)
             + "<p>Per-sample losses and the settings are in the HTML report below.</p>"
             + (page.generations_table(report) if report["generations"] else ""))
 
@@ -77,8 +77,11 @@ class EvaluateTab:
             self.adapters = gr.CheckboxGroup(engine.list_adapters(), label="adapters (each on its own, weight 1)",
                                              elem_id="eval-adapters", scale=4)
             self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="eval-refresh")
-        self.stacks = gr.Textbox(label="weighted stacks, one per line", placeholder="A=1, B=0.5", lines=2,
-                                 elem_id="eval-stacks")
+        with gr.Row():
+            self.stacks = gr.Textbox(label="weighted stacks, one per line", placeholder="A=1, B=0.5", lines=2,
+                                     elem_id="eval-stacks")
+            self.sweeps = gr.Textbox(label="strength sweeps, one per line: an adapter or stack = scales",
+                                     placeholder="A=0,0.25,0.5,0.75,1", lines=2, elem_id="eval-sweeps")
         with gr.Row():
             self.dataset = forms.control(EvalConfig, "dataset", "eval")
             self.format = forms.control(EvalConfig, "format", "eval")
@@ -100,19 +103,20 @@ class EvaluateTab:
                              elem_id="eval-files")
         self._wire()
 
-    def config_from(self, adapters, stacks, dataset, fmt, prompts, values) -> EvalConfig:
+    def config_from(self, adapters, stacks, sweeps, dataset, fmt, prompts, values) -> EvalConfig:
         out = self.user_dir / "evals" / datetime.now().strftime("%Y%m%d-%H%M%S-%f") / "report.html"
         return EvalConfig(dataset=(dataset or "").strip(), format=fmt, out=str(out), lora=list(adapters or []),
                           stack=[line for line in (stacks or "").splitlines() if line.strip()],
+                          sweep=[line for line in (sweeps or "").splitlines() if line.strip()],
                           prompts=(prompts or "").strip(), **forms.parse(EvalConfig, OPTIONS, values))
 
     def _wire(self) -> None:
-        def run(adapters, stacks, dataset, fmt, prompts, *values):
+        def run(adapters, stacks, sweeps, dataset, fmt, prompts, *values):
             if self.job is not None and not self.job.finished.is_set():
                 yield "⚠️ An evaluation is running already: wait for it or stop it.", gr.update(), gr.update()
                 return
             try:
-                cfg = self.config_from(adapters, stacks, dataset, fmt, prompts, values)
+                cfg = self.config_from(adapters, stacks, sweeps, dataset, fmt, prompts, values)
             except LoraDeckError as e:
                 yield ui_message(e), "", None
                 return
@@ -146,7 +150,8 @@ class EvaluateTab:
                 raise gr.Error(ui_message(e)) from None
             return str(shutil.copy(path, target))
 
-        inputs = [self.adapters, self.stacks, self.dataset, self.format, self.prompts, *self.options.values()]
+        inputs = [self.adapters, self.stacks, self.sweeps, self.dataset, self.format, self.prompts,
+                  *self.options.values()]
         self.run.click(run, inputs=inputs, outputs=[self.status, self.result, self.files])
         self.stop.click(stop, outputs=self.status)
         self.refresh.click(lambda: gr.update(choices=self.engine.list_adapters()), outputs=self.adapters)
