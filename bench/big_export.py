@@ -40,6 +40,7 @@ import torch
 
 from bench.big import CACHE, LINEAR, RANK, SHAPE, models
 from bench.common import ROOT, Row, child_peak_rss
+from webui.backends.machine import cpu_computes_bf16
 
 ROWS = ("big_export_peak_rss.safetensors", "big_export_peak_rss.gguf_q8_0", "big_export_peak_rss.gguf_q4_k_m",
         "big_export_peak_rss.gguf_lora", "big_load_peak_rss.transformers", "big_load_peak_rss.llamacpp",
@@ -137,7 +138,7 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)"""
 _PLAIN_LLAMA = """import sys, llama_cpp
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=512, verbose=False)
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=4096, flash_attn=True, verbose=False)  # our loader's defaults
 llm('Hello there', max_tokens=4, temperature=0)"""
 
 
@@ -213,13 +214,18 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
         if want("big_load_peak_rss.transformers"):
             ours = _measured(_py(_ENGINE_LOAD, base, "transformers", "auto"))
             ref = _measured(_py(_PLAIN_HF, base))
+            bf16 = _measured(_py(_ENGINE_LOAD, base, "transformers", "bfloat16"))  # what auto keeps on a bf16 CPU
             rows.append(_row("big_load_peak_rss.transformers", ours, ref, w, "≤ 1.3 where auto keeps bf16",
-                             "transformers from_pretrained(bf16)", f"; auto loaded {ours[2].strip()}"))
+                             "transformers from_pretrained(bf16)",
+                             f"; auto loaded {ours[2].strip().removeprefix('dtype: ')} here (this CPU "
+                             f"{'computes' if cpu_computes_bf16() else 'does not compute'} bf16); ours with "
+                             f"--dtype bfloat16, what auto keeps on a bf16 CPU: {bf16[0] / w:.2f} W"))
         if want("big_load_peak_rss.llamacpp"):
             ours = _measured(_py(_ENGINE_LOAD, gguf_base, "llamacpp", "auto"))
             ref = _measured(_py(_PLAIN_LLAMA, gguf_base))
             rows.append(_row("big_load_peak_rss.llamacpp", ours, ref, w, "as llama-cpp-python's",
-                             "llama_cpp.Llama", f" (the Q8_0 GGUF: {gguf_base.stat().st_size / 1e9:.2f} GB)"))
+                             "llama_cpp.Llama (n_ctx 4096)", f" (the Q8_0 GGUF: {gguf_base.stat().st_size / 1e9:.2f} GB; "
+                             "ours also holds the continuous batch's KV cache, up to 1 GiB, and imports torch)"))
     if want("big_hot_swap_vs_reload.transformers"):
         rows.append(_hot_swap(base, quick))
     return rows

@@ -75,7 +75,16 @@ class OpenAI:
         if prompts is not None and len(prompts) * req.n > MAX_CHOICES:
             raise BadInput(f"{len(prompts)} prompts × n={req.n} asks for more than {MAX_CHOICES} choices in one "
                            "request; split it", param="prompt")
-        stack = await run_in_threadpool(lambda: service.stack(**req.adapter_fields()))
+        if req.compare is not None:
+            if req.n > 1:
+                raise BadInput("compare answers with one choice per target: n must be 1", param="n")
+            if req.stream:
+                raise BadInput("compare answers with one choice per target and cannot be streamed", param="stream")
+            if prompts is not None and len(prompts) > 1:
+                raise BadInput("compare answers one prompt: send the prompts in separate requests", param="prompt")
+            targets = await run_in_threadpool(service.compare_targets, req.compare, req.adapter_fields())
+        else:
+            targets = [(None, await run_in_threadpool(lambda: service.stack(**req.adapter_fields())))]
         sampling = req.sampling()
         generate = sampling.get("max_new_tokens") != 0
         if not generate:
@@ -83,7 +92,8 @@ class OpenAI:
         params = service.params(sampling)
         prompts, params, state = await run_in_threadpool(
             lambda: service.apply_input(params, messages=messages, prompts=prompts))
-        stack = await run_in_threadpool(service.extension_stack, stack, state)
+        targets = [(label, await run_in_threadpool(service.extension_stack, stack, state)) for label, stack in targets]
+        stack = targets[0][1]
         if not generate:
             state = None  # nothing generated: no reply for output_modifier
         new_tokens = params.max_new_tokens if generate else 0
@@ -97,20 +107,29 @@ class OpenAI:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._sse(handle, rid, created, model, chat, counts[0] if usage else None),
                                      media_type="text/event-stream")
-        if generate:
-            outputs = [await service.finish(h, state) for h in service.submit(prompts, params, stack, req.n)]
+        if req.compare is not None:  # one choice per target, all queued before any is awaited: one batch
+            handles = service.engine.fan_out(prompts[0], params, [t[1] for t in targets]) if generate else []
         else:
-            outputs = [Output("", "length", 0) for _ in range(len(prompts) * req.n)]
+            handles = service.submit(prompts, params, stack, req.n) if generate else []
+        if generate:
+            outputs = [await service.finish(h, state) for h in handles]
+        else:
+            outputs = [Output("", "length", 0) for _ in range(max(len(prompts) * req.n, len(targets)))]
         choices = []
         for index, out in enumerate(outputs):
-            prompt = prompts[index // req.n]
+            prompt = prompts[index // req.n] if req.compare is None else prompts[0]
+            label, target = targets[index] if req.compare is not None else (None, stack)
             if top_k is not None or echo:
-                out.prompt, out.reply = await run_in_threadpool(service.scores, prompt, out.text, stack, top_k or 0,
+                out.prompt, out.reply = await run_in_threadpool(service.scores, prompt, out.text, target, top_k or 0,
                                                                 out.ids)
-            choices.append(self._chat_choice(index, out) if chat else
-                           self._text_choice(index, out, prompt if echo else None, top_k))
+            choice = self._chat_choice(index, out) if chat else self._text_choice(index, out, prompt if echo else None,
+                                                                                  top_k)
+            if label is not None:
+                choice = (s.ComparedChatChoice if chat else s.ComparedCompletionChoice)(**choice.model_dump(),
+                                                                                         model=label)
+            choices.append(choice)
         completion_tokens = sum(o.completion_tokens for o in outputs)
-        prompt_tokens = sum(counts) * req.n
+        prompt_tokens = sum(counts) * (len(targets) if req.compare is not None else req.n)
         usage = s.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens)
         body = s.ChatCompletion if chat else s.Completion

@@ -9,12 +9,17 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
 
 class AdapterWeight(BaseModel):
     name: str
     weight: float = 1.0
+
+
+class CompareStack(BaseModel):
+    """A fan-out target that is a weighted stack."""
+    adapters: list[AdapterWeight]
 
 
 class LoraScale(BaseModel):
@@ -81,6 +86,8 @@ class _Sampling(BaseModel):
     adapter_source: Literal["hub", "local", "s3"] | None = None
     # llama-server: adapters by id (GET /lora-adapters) with a scale each
     lora: list[LoraScale] | None = None
+    # LoRA Deck fan-out: one choice per target ("" or the base's name, an adapter, or a stack), batched
+    compare: list[str | CompareStack] | None = Field(None, min_length=1, max_length=16)
 
     def adapter_fields(self) -> dict:
         """The adapter-choosing fields, for Service.stack."""
@@ -168,12 +175,18 @@ class ChatChoice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
 
 
+class ComparedChatChoice(ChatChoice):
+    model: str  # the fan-out target this choice answers for
+
+
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
-    choices: list[ChatChoice]
+    choices: list[SerializeAsAny[ChatChoice]]  # a fan-out's choices carry their `model`
     usage: Usage
 
 
@@ -213,12 +226,16 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
 
 
+class ComparedCompletionChoice(CompletionChoice):
+    model: str  # the fan-out target this choice answers for
+
+
 class Completion(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[SerializeAsAny[CompletionChoice]]  # a fan-out's choices carry their `model`
     usage: Usage | None = None
 
 

@@ -117,6 +117,24 @@ class Service:
         self.engine.prepare_adapters(list(stack), self.runtime)
         return stack
 
+    def compare_targets(self, targets: list, fields: dict) -> list[tuple[str, Stack]]:
+        """(label, stack) for each target of a fan-out (`compare`): "" or the base's name = the plain base, an
+        adapter name (or BASE:ADAPTER), or {"adapters": [{name, weight}]}. The request's own adapter fields
+        cannot also be given: the targets name every stack."""
+        given = [k for k in ("adapters", "lora", "adapter_id") if fields.get(k) is not None]
+        if given or fields.get("model") not in (None, "", self.base_name()):
+            raise BadInput(f"compare names each target's adapters; give `model` as \"\" or the base's name and no "
+                           f"{given[0] if given else 'adapter in model'}", param=given[0] if given else "model")
+        out = []
+        for target in targets:
+            if isinstance(target, str):
+                out.append((target or self.base_name(), self.stack(model=target)))
+            else:
+                weights = {a.name: a.weight for a in target.adapters}
+                label = "+".join(f"{n}*{w:g}" for n, w in weights.items()) or self.base_name()
+                out.append((label, self.stack(adapters=weights)))
+        return out
+
     def lora_table(self) -> list[dict]:
         """llama-server's adapter list: [{id, path, scale}] over the adapters folder (ids stable while the folder
         is unchanged), scale = the adapter's weight in the app's active stack (0 when inactive)."""

@@ -281,6 +281,15 @@ class Engine:
             prompt = self.chat_prompt(prompt)
         return self._scheduler.submit(prompt, params, stack, cancel)
 
+    def fan_out(self, prompt: str | list[dict], params: GenerationParams | None,
+                stacks: list[Stack | dict[str, float]]) -> list[JobHandle]:
+        """One prompt answered by several stacks (the plain base = {}): every request is queued before any is
+        waited on, so they share a batch where the loader mixes adapters in one (transformers, GPTQ) and run one
+        after another where it cannot. Compare mode and the API's `compare` field both come here."""
+        if not isinstance(prompt, str):
+            prompt = self.chat_prompt(prompt)
+        return [self.submit(prompt, params, stack) for stack in stacks]
+
     @property
     def max_batch(self) -> int:
         """Rows per forward pass on the static batch path (what an engine's /info reports)."""

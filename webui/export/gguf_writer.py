@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -46,6 +48,9 @@ QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_
           "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
 SMALL_MODEL = 3_000_000_000  # below this, Q8_0 by default: small models lose the most to 4-bit grids
 KEEP_AT_LEAST = 0.5           # warn when less than half of the adapter's change survives quantization
+# changed tensors the kept-change check reads, spread over the model: checking all of them quantized each one a
+# second time in numpy, which doubled the time of a Q8_0 export at 1.1B (74 s against llama.cpp's 24 s)
+KEPT_SAMPLE = 16
 
 
 def default_quant(parameters: int) -> str:
@@ -106,6 +111,7 @@ def merge_into_gguf(reader, deltas: dict[str, np.ndarray], out: Path, progress: 
         writer.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for i, t in enumerate(reader.tensors):
+        release_pages(reader)
         data = _dequantized(t)
         gname = t.name[: -len(".weight")] if t.name.endswith(".weight") else None
         if gname in deltas:
@@ -123,17 +129,30 @@ def merge_into_gguf(reader, deltas: dict[str, np.ndarray], out: Path, progress: 
     return originals
 
 
+def release_pages(reader) -> None:
+    """Drop the pages of a GGUF read so far from this process's resident memory. GGUFReader memory-maps the whole
+    file, and every page a read touched would count until the reader is gone — the whole file by the end of a
+    pass over its tensors (measured: +1.2 GB at 1.1B). They are clean, so the kernel just unmaps them; a later
+    read finds them in the page cache."""
+    mapping = getattr(reader.data, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 def kept_fraction(exported: Path, unmerged, delta, changed) -> float:
     """How much of the adapter's change the exported file keeps: the projection of (exported weights −
-    base quantized the same way) on the intended delta, over the `changed` tensors (1 = all of it).
+    base quantized the same way) on the intended delta, over the `changed` tensors (1 = all of it; at most
+    KEPT_SAMPLE of them, evenly spread).
     `unmerged(name)` / `delta(name)` give a tensor's base weights and change in the GGUF layout, one tensor at a
     time. Where numpy cannot quantize that type (k-quants), the float base stands in for its quantized copy."""
     import gguf  # heavy: imported when a GGUF is written
 
     num = den = 0.0
-    for t in gguf.GGUFReader(str(exported)).tensors:
-        if t.name not in changed:
-            continue
+    reader = gguf.GGUFReader(str(exported))
+    tensors = [t for t in reader.tensors if t.name in changed]
+    step = max(1, math.ceil(len(tensors) / KEPT_SAMPLE))
+    for t in tensors[::step]:
+        release_pages(reader)
         d, base = delta(t.name), unmerged(t.name)
         try:
             ref = gguf.quants.dequantize(gguf.quants.quantize(base, t.tensor_type), t.tensor_type).reshape(base.shape)

@@ -1,5 +1,5 @@
 """Compare mode of the Chat tab: one prompt answered side by side by the plain base and each chosen
-adapter. The answers are requested together through Engine.submit, so on loaders that mix
+adapter. The answers are requested together through Engine.fan_out (as the API's `compare` field is), so on loaders that mix
 adapters in one batch (transformers, GPTQ) they come from a single batched pass."""
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ class CompareBox:
             except LoraDeckError as e:
                 yield f"<p>{html.escape(ui_message(e))}</p>"
                 return
-            handles = {"base": self.engine.submit(text, params, {})}
-            handles.update({n: self.engine.submit(text, params, {n: 1.0}) for n in chosen or []})
+            names = ["base", *(chosen or [])]
+            handles = dict(zip(names, self.engine.fan_out(text, params, [{}] + [{n: 1.0} for n in chosen or []])))
             results: dict[str, str | None] = {name: None for name in handles}
             yield _cards(results)
             try:

@@ -97,10 +97,13 @@ class LlamaCppBackend(Backend):
     @classmethod
     def memory_need(cls, path: Path, spec: ModelSpec) -> int:
         """The GGUF's weights, memory-mapped but all read at each token (a model larger than RAM pages from disk
-        on every token), plus a margin for the context's cache and the compute buffers."""
+        on every token), plus margins for the compute buffers and the continuous batch's KV cache (at most
+        batch.KV_BUDGET)."""
         if spec.n_gpu_layers and spec.device != "cpu" and _llama_cpp().llama_supports_gpu_offload():
             return 0  # offloaded layers live in GPU memory, which is not estimated here
-        return machine.load_need_file(path)
+        from webui.backends.llamacpp.batch import KV_BUDGET  # the decoder's module, loaded with the model
+
+        return machine.load_need_file(path) + KV_BUDGET
 
     def memory_held(self) -> int:
         return self.path.stat().st_size if self.llm is not None and self.path and self.path.is_file() else 0
