@@ -72,3 +72,19 @@ def test_a_load_that_cannot_fit_is_refused_and_the_model_stays(folders, monkeypa
     assert engine.loaded.name == "tiny-llama-bf16"
     assert engine.memory_estimate(ModelSpec(model="", loader="auto")) is None  # the embedded model: not estimated
     engine.unload()
+
+
+def test_a_bf16_checkpoint_loaded_as_float32_has_the_same_weights(folders):
+    """Loaded in bf16 and widened a weight at a time (its pages of the file dropped): every weight equals plain
+    transformers loading the checkpoint straight into float32, and the answers match."""
+    from tests.helpers import reference_greedy
+
+    engine = Engine(folders, folders.parent / "loras")
+    engine.load(ModelSpec(model="tiny-llama-bf16", loader="transformers", dtype="float32", device="cpu"))
+    ours = engine._backend.model.state_dict()
+    plain = AutoModelForCausalLM.from_pretrained(str(folders / "tiny-llama-bf16"), dtype=torch.float32).state_dict()
+    assert set(ours) == set(plain) and all(ours[k].dtype == torch.float32 for k in ours)
+    for key, value in plain.items():
+        assert torch.equal(ours[key], value), key
+    assert engine.generate("Hello", GREEDY) == reference_greedy(folders / "tiny-llama-bf16", "Hello", 4)
+    engine.unload()

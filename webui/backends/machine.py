@@ -9,7 +9,9 @@ counted (the kernel drops them under pressure, so they never cause an OOM kill).
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import shutil
 from pathlib import Path
 
@@ -118,3 +120,34 @@ def loaded_merge_need(path: Path) -> int:
     """Memory of a merge on a loaded float32 copy (PEFT's merge_and_unload, then a cast to the base's dtype
     to save it): the float32 copy plus the saved copy."""
     return int(parameters(path) * (4 + 2) * MARGIN + PROCESS_FLOOR)
+
+
+def file_mappings(suffix: str = ".safetensors") -> list[tuple[int, int]]:
+    """(start, end) of this process's memory-mapped files whose name ends in `suffix` (Linux; [] elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(suffix):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+def drop_file_pages(tensor, mappings: list[tuple[int, int]]) -> None:
+    """Drop the pages under `tensor` from this process's resident memory when they belong to a memory-mapped
+    checkpoint (`mappings`, from file_mappings): a weight converted out of the checkpoint no longer needs them,
+    and until the whole file is unmapped they would count beside its converted copy. Pages of a file mapping that
+    was never written are dropped, not lost (a later read brings them back from the file); anonymous memory is
+    never touched."""
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    if not any(lo <= start and start + size <= hi for lo, hi in mappings):
+        return
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, (start + size) // page * page  # whole pages inside the tensor only
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # 4: MADV_DONTNEED
