@@ -51,9 +51,9 @@ def _general_cells(r: dict) -> str:
         return f'<td {NUM}>{_num(r.get("general_loss"))}</td><td {NUM}></td>'
     color = COLORS.get(r.get("general_verdict", ""), COLORS["no clear difference"])
     ci = r.get("general_ci95") or [0, 0]
-    return (f'<td {NUM} class="general" style="color:{color};font-weight:600;text-align:right">'
-            f'{_num(r.get("general_delta_vs_base"), "+.4f")}</td>'
-            f'<td {NUM} style="color:{color}">[{ci[0]:+.4f}, {ci[1]:+.4f}]</td>')
+    cell = NUM[:-1] + f';color:{color};font-weight:600"'  # NUM's style, in the verdict's colour
+    return (f'<td {cell} class="general">{_num(r.get("general_delta_vs_base"), "+.4f")}</td>'
+            f'<td {cell}>[{ci[0]:+.4f}, {ci[1]:+.4f}]</td>')
 
 
 def results_table(report: dict) -> str:
@@ -130,8 +130,8 @@ def sweep_chart(report: dict) -> str:
              '<text x="0" y="16" font-weight="600">Loss against scale (lower is better)</text>',
              f'<line x1="{left}" y1="{h - bottom}" x2="{w - 20}" y2="{h - bottom}" stroke="#9ca3af"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="#9ca3af"/>',
-             f'<text x="{left}" y="{h - bottom + 16}" text-anchor="middle">{x0:g}</text>',
-             f'<text x="{w - 20}" y="{h - bottom + 16}" text-anchor="middle">{x1:g}</text>',
+             *(f'<text x="{px(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{x:g}</text>'
+               for x in sorted(set(scales))),
              f'<text x="{(left + w - 20) / 2}" y="{h - 6}" text-anchor="middle">scale</text>',
              f'<text x="{left - 6}" y="{py(y1) + 4:.1f}" text-anchor="end">{y1:.3f}</text>',
              f'<text x="{left - 6}" y="{py(y0) + 4:.1f}" text-anchor="end">{y0:.3f}</text>']
