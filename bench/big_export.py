@@ -15,8 +15,8 @@ memory of the whole child process over W (lower is better); the plain tool's fig
   transformers `from_pretrained(dtype=bfloat16)` and the same tokens (goal ≤ 1.3 where auto keeps bf16).
 - big_load_peak_rss.llamacpp: `--loader llamacpp` on the Q8_0 GGUF, load and 4 tokens, vs llama-cpp-python's
   `Llama` doing the same.
-- big_hot_swap_vs_reload.transformers: seconds to reload the base over seconds to switch between two cached
-  rank-16 all-linear adapters on it (higher is better).
+- big_hot_swap_vs_reload.{transformers,llamacpp}: seconds to reload the base over seconds to switch between two
+  cached rank-16 all-linear adapters on it (higher is better); llama.cpp on the Q8_0 GGUF.
 
 llama.cpp's converters live only in its source tree: they are taken from the llama-cpp-python sdist this project
 pins (PyPI), with the gguf-py beside them, into ~/.cache/loradeck/llama-cpp-tools-VERSION. The synthetic model's
@@ -44,7 +44,7 @@ from webui.backends.machine import cpu_computes_bf16
 
 ROWS = ("big_export_peak_rss.safetensors", "big_export_peak_rss.gguf_q8_0", "big_export_peak_rss.gguf_q4_k_m",
         "big_export_peak_rss.gguf_lora", "big_load_peak_rss.transformers", "big_load_peak_rss.llamacpp",
-        "big_hot_swap_vs_reload.transformers")
+        "big_hot_swap_vs_reload.transformers", "big_hot_swap_vs_reload.llamacpp")
 LORAS = CACHE / "loras"
 
 
@@ -125,7 +125,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained(sys.argv[3])
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[3])"""
-_QUANTIZE = "import sys; from webui.export.gguf_writer import quantize; quantize(*map(__import__('pathlib').Path, sys.argv[1:3]), sys.argv[3])"
+_QUANTIZE = """import sys
+from pathlib import Path
+from webui.export.gguf_writer import quantize
+quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])"""
 _ENGINE_LOAD = """import sys
 from webui.engine import Engine
 from webui.options.config import GenerationParams, ModelSpec
@@ -189,12 +192,12 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
                                        "--out", str(tmp / f"ours.{quant}.gguf")])
             (tmp / f"ours.{quant}.gguf").unlink()
             if quant == "Q8_0":
-                ref = _measured(_py(_CONVERT.format(tools=tools, script="convert_hf_to_gguf", args=[str(merged), "--outtype", "q8_0", "--outfile",
-                                                                       str(tmp / "ref.gguf")])))
+                ref = _measured(_py(_CONVERT.format(tools=tools, script="convert_hf_to_gguf", args=[
+                    str(merged), "--outtype", "q8_0", "--outfile", str(tmp / "ref.gguf")])))
                 tool = "convert_hf_to_gguf.py --outtype q8_0 of the merged folder"
             else:
-                conv = _measured(_py(_CONVERT.format(tools=tools, script="convert_hf_to_gguf", args=[str(merged), "--outtype", "bf16", "--outfile",
-                                                                        str(tmp / "ref.bf16.gguf")])))
+                conv = _measured(_py(_CONVERT.format(tools=tools, script="convert_hf_to_gguf", args=[
+                    str(merged), "--outtype", "bf16", "--outfile", str(tmp / "ref.bf16.gguf")])))
                 quantized = _measured(_py(_QUANTIZE, tmp / "ref.bf16.gguf", tmp / "ref.gguf", quant))
                 ref = (max(conv[0], quantized[0]), conv[1] + quantized[1])
                 (tmp / "ref.bf16.gguf").unlink()
@@ -202,14 +205,15 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
             (tmp / "ref.gguf").unlink()
             rows.append(_row(row, ours, ref, w, "≤ 1.0", tool))
         gguf_base = CACHE / "tiny-llama-1.1b-shape.Q8_0.gguf"
-        if (want("big_export_peak_rss.gguf_lora") or want("big_load_peak_rss.llamacpp")) and not gguf_base.is_file():
+        if (want("big_export_peak_rss.gguf_lora") or want("big_load_peak_rss.llamacpp")
+                or want("big_hot_swap_vs_reload.llamacpp")) and not gguf_base.is_file():
             subprocess.run(export + ["--model", str(base), "--format", "gguf", "--quant", "Q8_0", "--out",
                                      str(gguf_base)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         if want("big_export_peak_rss.gguf_lora"):
             ours = _measured(export + ["--model", str(gguf_base), "--lora", lora.name, "--format", "gguf-lora",
                                        "--out", str(tmp / "ours-lora.gguf")])
-            ref = _measured(_py(_CONVERT.format(tools=str(_tools()), script="convert_lora_to_gguf", args=["--base", str(base), "--outtype", "f32",
-                                                                   "--outfile", str(tmp / "ref-lora.gguf"), str(lora)])))
+            ref = _measured(_py(_CONVERT.format(tools=str(_tools()), script="convert_lora_to_gguf", args=[
+                "--base", str(base), "--outtype", "f32", "--outfile", str(tmp / "ref-lora.gguf"), str(lora)])))
             rows.append(_row("big_export_peak_rss.gguf_lora", ours, ref, w, "≤ 0.5", "convert_lora_to_gguf.py"))
         if want("big_load_peak_rss.transformers"):
             ours = _measured(_py(_ENGINE_LOAD, base, "transformers", "auto"))
@@ -224,27 +228,31 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
             ours = _measured(_py(_ENGINE_LOAD, gguf_base, "llamacpp", "auto"))
             ref = _measured(_py(_PLAIN_LLAMA, gguf_base))
             rows.append(_row("big_load_peak_rss.llamacpp", ours, ref, w, "as llama-cpp-python's",
-                             "llama_cpp.Llama (n_ctx 4096)", f" (the Q8_0 GGUF: {gguf_base.stat().st_size / 1e9:.2f} GB; "
+                             "llama_cpp.Llama (n_ctx 4096)",
+                             f" (the Q8_0 GGUF: {gguf_base.stat().st_size / 1e9:.2f} GB; "
                              "ours also holds the continuous batch's KV cache, up to 1 GiB, and imports torch)"))
     if want("big_hot_swap_vs_reload.transformers"):
-        rows.append(_hot_swap(base, quick))
+        rows.append(_hot_swap(base, "transformers", quick))
+    if want("big_hot_swap_vs_reload.llamacpp"):
+        rows.append(_hot_swap(gguf_base, "llamacpp", quick))
     return rows
 
 
-def _hot_swap(base: Path, quick: bool) -> Row:
+def _hot_swap(base: Path, loader: str, quick: bool) -> Row:
     from bench.common import hot_swap_vs_reload
     from webui.engine import Engine
     from webui.options.config import ModelSpec
 
     _adapter("A", 3)
     _adapter("B", 4)
-    spec = ModelSpec(model=str(base), loader="transformers", dtype="bfloat16")
+    spec = ModelSpec(model=str(base), loader=loader, dtype="bfloat16" if loader == "transformers" else "auto")
     engine = Engine(CACHE, LORAS)
     engine.load(spec)
     engine.set_adapters({"A": 1.0})
     engine.set_adapters({"B": 1.0})  # both cached
     swap, reload = hot_swap_vs_reload(engine, CACHE, LORAS, spec, 2 if quick else 3)
     engine.unload()
-    return Row("big_hot_swap_vs_reload.transformers", reload / swap, 1.0, "x", True,
-               f"reload {reload:.1f} s / switch between two rank-{RANK} all-linear adapters {swap * 1000:.0f} ms "
-               "(bf16 base, median)")
+    what = "bf16 base" if loader == "transformers" else "the Q8_0 GGUF, adapters converted to GGUF LoRAs once"
+    return Row(f"big_hot_swap_vs_reload.{loader}", reload / swap, 1.0, "x", True,
+               f"reload {reload:.1f} s / switch between two rank-{RANK} all-linear adapters {swap * 1000:.1f} ms "
+               f"({what}, median)")

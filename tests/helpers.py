@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -254,3 +255,15 @@ def write_run(runs: Path, name: str, losses: list[float], eval_losses: dict[int,
     rows += [{"step": step, "eval_loss": loss, "time": updated} for step, loss in (eval_losses or {}).items()]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
+
+
+def bf16_copy(folder: Path, out: Path) -> Path:
+    """The transformers model `folder` saved again in bfloat16 at `out`, tokenizer and chat template included: a
+    checkpoint in the precision most published models ship in."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).save_pretrained(str(out))
+    for f in Path(folder).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(f, Path(out) / f.name)
+    return Path(out)

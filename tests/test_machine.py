@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tests.helpers import bf16_copy
 from webui.backends import machine
 from webui.backends.hf.transformers import pick_dtype
 from webui.engine import Engine
@@ -23,11 +24,7 @@ def folders(tiny_models, tmp_path_factory):
     """models/: tiny-llama (float32) and tiny-llama-bf16 (the same model saved in bf16)."""
     models = tmp_path_factory.mktemp("machine") / "models"
     shutil.copytree(tiny_models["llama"], models / "tiny-llama")
-    bf16 = models / "tiny-llama-bf16"
-    AutoModelForCausalLM.from_pretrained(str(tiny_models["llama"]), dtype=torch.bfloat16).save_pretrained(str(bf16))
-    for f in tiny_models["llama"].iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy2(f, bf16 / f.name)
+    bf16_copy(tiny_models["llama"], models / "tiny-llama-bf16")
     return models
 
 

@@ -14,6 +14,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from tests.helpers import bf16_copy
 from webui.backends import machine
 from webui.errors import Unsupported
 from webui.export import stream_merge
@@ -46,12 +47,7 @@ def _saved(folder) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def bf16_base(tiny_models, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bf16") / "tiny-llama-bf16"
-    AutoModelForCausalLM.from_pretrained(str(tiny_models["llama"]), dtype=torch.bfloat16).save_pretrained(str(folder))
-    for f in tiny_models["llama"].iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy2(f, folder / f.name)
-    return folder
+    return bf16_copy(tiny_models["llama"], tmp_path_factory.mktemp("bf16") / "tiny-llama-bf16")
 
 
 def test_bf16_stack_equals_peft_merge(bf16_base, tmp_path):

@@ -1,11 +1,13 @@
 """The real app in headless Chromium: the five tabs are there; a chat streams the embedded model's reply
 (greedy, set on the Parameters tab) equal to plain transformers; two browser tabs keep their own
-histories; a broken model picked on the Model tab shows the reason and the chat keeps answering."""
+histories; picking a model shows the memory its load needs; a broken model picked on the Model tab shows the
+reason and the chat keeps answering."""
 import shutil
 import time
 
 from tests.browser import bot_text, greedy, norm, open_app, send, tab, wait_text
 from tests.helpers import ROOT, chat_reference
+from webui.backends import machine
 
 QUESTION = "What is the capital of France?"
 MAX_NEW = 20
@@ -45,6 +47,13 @@ def test_chat_in_the_browser(browser, start_app, embedded_folder, tiny_models, t
     # a broken model is refused with its reason, and the chat keeps answering with the same model
     tab(page, "Model")
     pick = page.locator("#model-select input").first
+    # picking a model shows the memory its load needs (float32 here, from the headers) before anything loads
+    pick.fill(embedded_folder.name)
+    pick.press("Enter")
+    page.wait_for_function("document.querySelector('#model-fit').innerText.includes('loading needs about')",
+                           timeout=20_000)
+    need = machine.gb(machine.load_need(embedded_folder, 4))
+    assert f"loading needs about {need}" in page.inner_text("#model-fit") and "it fits" in page.inner_text("#model-fit")
     pick.fill("broken")
     pick.press("Enter")
     page.click("#model-load")

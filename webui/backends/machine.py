@@ -48,7 +48,8 @@ def check_fits(what: str, need: int, disk_dir: Path | None = None, disk_need: in
     """Raise Unsupported when `need` bytes of memory (or `disk_need` bytes in `disk_dir`) are not free."""
     free = available() if free is None else free
     if need > free:
-        raise Unsupported(f"{what} needs about {gb(need)} of memory and {gb(free)} is free{' ' + note if note else ''}; "
+        note = f" {note}" if note else ""
+        raise Unsupported(f"{what} needs about {gb(need)} of memory and {gb(free)} is free{note}; "
                           "close other programs, or pick a smaller model or a quantized format")
     if disk_dir is not None and disk_need:
         folder = Path(disk_dir)

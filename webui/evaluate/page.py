@@ -147,7 +147,8 @@ def sweep_chart(report: dict) -> str:
             parts.append(f'<circle class="sweep-point" data-target="{_e(sw["target"])}" data-scale="{p["scale"]:g}" '
                          f'cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"><title>{_e(sw["target"])} × {p["scale"]:g}: '
                          f'{p["loss"]:.4f}</title></circle>')
-        parts.append(f'<text x="{w - 20}" y="{top + 14 * i}" text-anchor="end" fill="{color}">{_e(sw["target"])}</text>')
+        parts.append(f'<text x="{w - 20}" y="{top + 14 * i}" text-anchor="end" fill="{color}">'
+                     f'{_e(sw["target"])}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from webui.adapters.files import load_weights, locate_adapter, read_adapter
 from webui.adapters.surgery.folders import ModelTensors
 from webui.atomic import write_into_place
+from webui.backends import machine, models
 from webui.engine import Engine
 from webui.errors import BadInput
-from webui.backends import machine, models
 from webui.export.stream_merge import MergePlan, NotStreamable, memory_need, plan_merge, write_merged
 from webui.options.config import ModelSpec
 from webui.progress import Progress, no_progress

@@ -1,6 +1,6 @@
 """Compare mode of the Chat tab: one prompt answered side by side by the plain base and each chosen
-adapter. The answers are requested together through Engine.fan_out (as the API's `compare` field is), so on loaders that mix
-adapters in one batch (transformers, GPTQ) they come from a single batched pass."""
+adapter. The answers are requested together through Engine.fan_out (as the API's `compare` field is), so on
+loaders that mix adapters in one batch (transformers, GPTQ) they come from a single batched pass."""
 from __future__ import annotations
 
 import html
