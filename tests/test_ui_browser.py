@@ -48,8 +48,8 @@ def test_chat_in_the_browser(browser, start_app, embedded_folder, tiny_models, t
     tab(page, "Model")
     pick = page.locator("#model-select input").first
     # picking a model shows the memory its load needs (float32 here, from the headers) before anything loads
-    pick.fill(embedded_folder.name)
-    pick.press("Enter")
+    pick.click()
+    page.get_by_role("option", name=embedded_folder.name, exact=True).click()
     page.wait_for_function("document.querySelector('#model-fit').innerText.includes('loading needs about')",
                            timeout=20_000)
     need = machine.gb(machine.load_need(embedded_folder, 4))
