@@ -155,11 +155,12 @@ def peft_scale(config: dict, module: str, rank: int, weight: float = 1.0) -> flo
     """PEFT's scaling of one module: alpha/r (alpha/sqrt(r) with rsLoRA); alpha_pattern picks per module, matched
     by PEFT's own pattern rule. `rank` is the module's real rank (the tensor's, which rank_pattern set). With a
     stack `weight`, weight * alpha / r in the order PEFT's `set_scale` computes it (so a merge matches PEFT's)."""
-    from peft.utils.other import get_pattern_key  # heavy (torch): only converting or merging needs it
-
     patterns = config.get("alpha_pattern") or {}
-    key = get_pattern_key(list(patterns), module)
-    alpha = patterns.get(key, config.get("lora_alpha", config["r"]))
+    alpha = config.get("lora_alpha", config["r"])
+    if patterns:  # PEFT's own matching rule; importing PEFT costs seconds, so only when there is a pattern
+        from peft.utils.other import get_pattern_key
+
+        alpha = patterns.get(get_pattern_key(list(patterns), module), alpha)
     return weight * alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
