@@ -38,8 +38,11 @@ def build_ui(engine: Engine, cfg: ServerConfig, extensions: Extensions) -> gr.Bl
         model.load.click(lambda: params.visible_for(engine), outputs=params.inputs)
         demo.load(lambda: params.visible_for(engine), outputs=params.inputs)
         demo.load(chat.describe_model, outputs=chat.status)
+        demo.load(model.describe, inputs=model.last, outputs=model.status)  # the page's status is built once
         training.on_load(demo)
-        # Model and adapter changes made by other users (or the API's --lora) show up in every tab.
-        gr.Timer(3.0).tick(chat.describe_model, outputs=chat.status)
+        # Model and adapter changes made by other users, the LoRA panel or the API's --lora show up in every tab.
+        timer = gr.Timer(3.0)
+        timer.tick(chat.describe_model, outputs=chat.status)
+        timer.tick(model.describe, inputs=model.last, outputs=model.status)
     demo.queue(default_concurrency_limit=16)  # the Engine serializes model access itself
     return demo

@@ -66,6 +66,8 @@ class ModelTab:
             self.load = gr.Button("Load", variant="primary", elem_id="model-load")
             self.unload = gr.Button("Unload", elem_id="model-unload")
         self.status = gr.Markdown(self.describe(), elem_id="model-status")
+        # the last load's or unload's message in this browser tab, kept above the state when the state is redrawn
+        self.last = gr.State("")
         with gr.Accordion("Download a model or adapter (hub, S3)", open=False):
             with gr.Row():
                 self.repo = gr.Textbox(label="repo", placeholder="org/name[:branch] or s3://bucket/prefix",
@@ -106,12 +108,13 @@ class ModelTab:
                 spec = ModelSpec(model="" if model == EMBEDDED else (model or ""), loader=loader, **fields)
                 result = self.engine.load(spec, progress=lambda f, msg: progress(f if f is not None else 0, desc=msg))
             except LoraDeckError as e:
-                return self.describe(ui_message(e))
-            return self.describe(f"✅ Loaded in {result.seconds:.1f} s.")
+                return self.describe(ui_message(e)), ui_message(e)
+            message = f"✅ Loaded in {result.seconds:.1f} s."
+            return self.describe(message), message
 
         def unload():
             self.engine.unload()
-            return self.describe()
+            return self.describe(), ""
 
         def fit(model, loader, *values):
             try:
@@ -156,9 +159,9 @@ class ModelTab:
             control.change(fit, inputs=[self.model, self.loader, *settings], outputs=self.fit)
         self.unload.click(fit, inputs=[self.model, self.loader, *settings], outputs=self.fit)
         bump = lambda v: v + 1  # noqa: E731  (redraw the LoRA list: verdicts depend on the base)
-        self.load.click(load, inputs=[self.model, self.loader, *settings], outputs=self.status) \
+        self.load.click(load, inputs=[self.model, self.loader, *settings], outputs=[self.status, self.last]) \
             .then(describe, outputs=on_change).then(bump, self.lora.version, self.lora.version)
-        self.unload.click(unload, outputs=self.status).then(describe, outputs=on_change) \
+        self.unload.click(unload, outputs=[self.status, self.last]).then(describe, outputs=on_change) \
             .then(bump, self.lora.version, self.lora.version)
         self.list_files.click(list_files, inputs=[self.repo, self.file], outputs=self.download_status)
         self.download.click(download, inputs=[self.repo, self.file], outputs=[self.download_status, self.model]) \
