@@ -149,3 +149,29 @@ def test_run_history_overlays_runs_with_smoothing_and_log_scale(browser, start_a
             if "log10(loss)" in t and "linear scale" in t else t)
         assert axis == "log10 linear", chart
     screenshot(page, "tab-training")
+
+
+def test_bad_data_is_refused_before_a_run_starts(browser, start_app, tiny_models, tmp_path):
+    """(issue 29, item 8) An empty file, or a record without the format's field, is named in the form when Start is
+    clicked, and no run process or run folder is made (it used to start, fail 45 s later and leave a failed run)."""
+    models = tiny_models["llama"].parent
+    empty, broken = tmp_path / "empty.txt", tmp_path / "broken.jsonl"
+    empty.write_text("\n  \n")
+    broken.write_text('{"instruction": "Say hi", "output": "hi"}\n{"instruction": "no answer here"}\n')
+    app = start_app("--model", "tiny-llama", "--models-dir", str(models), "--loras-dir", str(tmp_path / "loras"),
+                    "--runs-dir", str(tmp_path / "runs"), "--user-dir", str(tmp_path / "user"))
+    page = open_app(browser, app.url)
+    tab(page, "Training")
+    _fill(page, "train-output", "refused-run")
+    _fill(page, "train-base", "tiny-llama")
+    _fill(page, "train-data-path", empty)
+    page.click("#train-start")
+    notice = wait_text(lambda: page.inner_text("#train-notice"), timeout=30)
+    assert "dataset.path" in notice and "empty.txt is empty" in notice, notice
+    _fill(page, "train-data-path", broken)
+    page.locator("#train-data-format input").first.fill("instruction")
+    page.locator("#train-data-format input").first.press("Enter")
+    page.click("#train-start")
+    assert wait_text(lambda: page.inner_text("#train-notice"), "yes", timeout=30,
+                     key=lambda t: "yes" if "record 2: missing field 'output'" in t else t) == "yes"
+    assert not (tmp_path / "runs" / "refused-run").exists()

@@ -191,6 +191,34 @@ def load_files(paths: list, fmt: str, tokenizer, cutoff_len: int, overlap: int =
             for s in load_samples(Path(path), fmt, tokenizer, cutoff_len, overlap, train_on_prompt)]
 
 
+def check_files(paths: list, fmt: str) -> int:
+    """The records (or, for raw text, files) `paths` hold, read without a tokenizer, so that a run is refused
+    before its process starts: a missing or empty file, or a record without the format's fields, names the file,
+    the record and `dataset.path`. Returns how many records there are."""
+    if not paths:
+        raise BadInput("dataset.path: give the training data file")
+    count = 0
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise NotFound(f"dataset.path: {path} not found")
+        try:
+            if fmt == "raw":
+                if not path.read_text(encoding="utf-8").strip():
+                    raise BadInput(f"{path.name} is empty")
+                count += 1
+                continue
+            if path.suffix not in (".json", ".jsonl"):
+                raise BadInput(f"{path.name}: {fmt} data must be a .json or .jsonl file")
+            count += len(conversations(path, fmt))
+        except BadInput as e:
+            raise BadInput(f"dataset.path: {e}") from None
+        except UnicodeDecodeError:
+            raise BadInput(f"dataset.path: {path.name} is not UTF-8 text") from None
+    if not count:
+        raise BadInput(f"dataset.path: {', '.join(Path(p).name for p in paths)} holds no record to train on")
+    return count
+
+
 def split(samples: list[Sample], eval_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """A reproducible train/eval split; no eval split when there are too few samples to spare one."""
     n_eval = int(len(samples) * eval_fraction)
