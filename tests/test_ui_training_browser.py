@@ -175,3 +175,40 @@ def test_bad_data_is_refused_before_a_run_starts(browser, start_app, tiny_models
     assert wait_text(lambda: page.inner_text("#train-notice"), "yes", timeout=30,
                      key=lambda t: "yes" if "record 2: missing field 'output'" in t else t) == "yes"
     assert not (tmp_path / "runs" / "refused-run").exists()
+
+
+def test_stop_saves_at_the_end_of_the_step_and_says_so_only_then(browser, start_app, tiny_models, tmp_path):
+    """(issue 29, item 3) Stop asks the run to save at the end of the step it is in and answers at once without
+    claiming a checkpoint; the status line says "checkpoint saved" once the run has written it. Stop used to wait
+    60 s, kill the run and say "checkpoint saved" anyway when a step took longer (any 7B run on a CPU); here a step
+    of a few hundred accumulated micro-batches stands in for a long one."""
+    models = tiny_models["llama"].parent
+    text = tmp_path / "long.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 3000)
+    runs = tmp_path / "runs"
+    app = start_app("--model", "tiny-llama", "--models-dir", str(models), "--loras-dir", str(tmp_path / "loras"),
+                    "--runs-dir", str(runs), "--user-dir", str(tmp_path / "user"))
+    page = open_app(browser, app.url)
+    tab(page, "Training")
+    _fill(page, "train-output", "long-steps")
+    _fill(page, "train-base", "tiny-llama")
+    _fill(page, "train-data-path", text)
+    _fill(page, "train-opt-max_steps", 3)
+    _fill(page, "train-opt-cutoff_len", 64)
+    page.click("text=more optimisation options")
+    _fill(page, "train-opt-gradient_accumulation", 300)
+    page.click("#train-start")
+    assert "Started" in wait_text(lambda: page.inner_text("#train-notice"), timeout=30)
+    wait_text(lambda: page.inner_text("#train-status"), "running", timeout=60,
+              key=lambda t: "running" if "running" in t else t)
+    started = time.time()
+    page.click("#train-stop")
+    notice = wait_text(lambda: page.inner_text("#train-notice"), "yes", timeout=10,
+                       key=lambda t: "yes" if "Stopping" in t else t)
+    assert notice == "yes", page.inner_text("#train-notice")
+    assert time.time() - started < 10 and "checkpoint saved" not in page.inner_text("#train-notice")
+    assert not list((runs / "long-steps").glob("checkpoints/checkpoint-*"))  # the step has not ended yet
+    assert wait_text(lambda: page.inner_text("#train-status"), "saved", timeout=240,
+                     key=lambda t: "saved" if "checkpoint saved" in t else t) == "saved"
+    assert (runs / "long-steps" / "checkpoints" / "checkpoint-1").is_dir()
+    assert "stopped" in page.inner_text("#train-status")

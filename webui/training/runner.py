@@ -24,6 +24,7 @@ from webui.training.run_folder import (
     CONFIG,
     METRICS,
     STOP,
+    latest_checkpoint,
     pid_fields,
     process_started,
     read_status,
@@ -114,18 +115,32 @@ class TrainingRunner:
         write_status(run, **pid_fields(proc.pid))
         return run
 
-    def stop(self, name: str, timeout: float = 60) -> None:
-        """Ask the run to checkpoint and stop; kill it if it has not stopped within `timeout`."""
+    def stop(self, name: str, timeout: float | None = None) -> bool:
+        """Ask the run to stop: it saves a checkpoint at the end of the step it is in, however long that step
+        takes, and records "checkpoint saved" itself once it has. Waits up to `timeout` seconds (None: until it
+        has stopped; 0: not at all) and returns whether it has. It is never killed here: a run killed mid-step
+        saves nothing, and a stop that reported a checkpoint it had not written misled users (see kill)."""
         run = self.runs_dir / name
-        (run / STOP).touch()
-        write_status(run, state="stopping", message="stopping: saving a checkpoint…")
         status = read_status(run)
-        deadline = time.time() + timeout
-        while alive(status) and time.time() < deadline:
+        if not alive(status):
+            return True
+        (run / STOP).touch()
+        write_status(run, state="stopping", message="stopping: a checkpoint is saved at the end of the current step…")
+        deadline = None if timeout is None else time.time() + timeout
+        while alive(status) and (deadline is None or time.time() < deadline):
             time.sleep(0.2)
+        return not alive(status)
+
+    def kill(self, name: str) -> None:
+        """Kill the run at once (its process group): no checkpoint is saved; a later start resumes from the last
+        one the run saved on its own (every save_steps), which the message names."""
+        run = self.runs_dir / name
+        status = read_status(run)
         if alive(status):
             _kill_group(status)
-            write_status(run, state="stopped", message="killed; start again to resume from the last checkpoint")
+            last = latest_checkpoint(run)
+            write_status(run, state="stopped", message="killed without saving; start again to resume from "
+                         + (last.name if last else "the start (no checkpoint was saved)"))
 
     def view(self, name: str) -> RunView:
         run = self.runs_dir / name

@@ -249,7 +249,7 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
     if progress.stopped:
         (run_dir / STOP).unlink(missing_ok=True)
         write_status(run_dir, state="stopped", step=trainer.state.global_step,
-                     message=f"stopped at step {trainer.state.global_step}; start again to resume")
+                     message=f"stopped at step {trainer.state.global_step}, checkpoint saved; start again to resume")
         log(f"stopped at step {trainer.state.global_step} (checkpoint saved)")
         return None
     out = _save_adapter(peft_model, cfg, base_id, loras_dir, trainer.state.global_step,

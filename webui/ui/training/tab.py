@@ -174,8 +174,15 @@ class TrainingTab:
         def stop(name):
             if not name:
                 return "Nothing to stop."
-            self.runner.stop(name)
-            return f"Stopped **{name}** (checkpoint saved): Start again with the same name to resume."
+            view = self.runner.view(name)
+            if view.state == "stopping":  # asked twice: the user will not wait for the step to end
+                self.runner.kill(name)
+                return f"Killed **{name}** without saving: {self.runner.view(name).message}."
+            if view.state not in ("starting", "running"):
+                return f"**{name}** is not running ({view.state})."
+            self.runner.stop(name, timeout=0)
+            return (f"Stopping **{name}**: it saves a checkpoint at the end of the current step, and the status line "
+                    "says so when it has (click Stop again to kill it now, without saving).")
 
         def preview(*values):
             try:
