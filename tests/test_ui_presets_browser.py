@@ -39,3 +39,27 @@ def test_preset_save_and_load_and_the_export_name_label(browser, start_app, tiny
     page.locator("#export-format input").first.click()
     page.get_by_role("option", name="gguf-lora", exact=True).click()
     page.get_by_label("output name (in the loras folder)").wait_for(timeout=15_000)
+
+
+def test_an_out_of_range_number_is_named_and_fixed_in_the_form(browser, start_app, tiny_models, tmp_path):
+    """(issue 29, item 8) max_new_tokens 1,000,000 used to be accepted by the field and refused only on Send, with
+    an error that named neither the field nor the range; leaving the field now brings it to the most it may be,
+    with a warning that names it, and Send answers."""
+    app = start_app("--model", "tiny-llama", "--models-dir", str(tiny_models["llama"].parent),
+                    "--loras-dir", str(tmp_path / "loras"), "--user-dir", str(tmp_path / "user"))
+    page = open_app(browser, app.url)
+    tab(page, "Parameters")
+    set_number(page, "param-temperature", 0)
+    box = page.locator("#param-max_new_tokens input[type=number]").first
+    box.fill("1000000")
+    box.press("Tab")  # leaving the field
+    assert wait_text(lambda: box.input_value(), "8192", timeout=15) == "8192"
+    toast = wait_text(lambda: page.locator(".toast-body").first.inner_text() if page.locator(".toast-body").count()
+                      else "", timeout=15)
+    assert "max_new_tokens" in toast and "at most 8192" in toast, toast
+    set_number(page, "param-max_new_tokens", 4)
+    tab(page, "Chat")
+    page.locator("#chat-input textarea").fill("Hello")
+    page.locator("#chat-input textarea").press("Enter")
+    page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=bot]').length > 0", timeout=60_000)
+    assert page.locator(".toast-body", has_text="Error").count() == 0

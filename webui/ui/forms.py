@@ -34,11 +34,37 @@ def control(cls, name: str, elem_prefix: str, value=None):
     if hint is bool:
         return gr.Checkbox(value=bool(value), **common)
     if hint in (int, float):
-        return gr.Number(value=value, minimum=f.metadata.get("min"), maximum=f.metadata.get("max"),
-                         precision=0 if hint is int else None, **common)
+        box = gr.Number(value=value, minimum=f.metadata.get("min"), maximum=f.metadata.get("max"),
+                        precision=0 if hint is int else None, **common)
+        guard_range(box, name, f.metadata.get("min"), f.metadata.get("max"), hint)
+        return box
     if f.metadata.get("secret"):  # API keys: typed, never shown
         return gr.Textbox(value=_text(value), type="password", **common)
     return gr.Textbox(value=_text(value), **common)
+
+
+def guard_range(box, name: str, low, high, kind) -> None:
+    """A number typed outside the field's range is brought inside it when the field is left, with a warning that
+    names the field and the range. Gradio would otherwise reject it only when a later action sends it, with an
+    error that names neither. The raw value is read (preprocess=False): Gradio's own check would refuse it first."""
+    if low is None and high is None:
+        return
+
+    def clamp(raw):
+        try:
+            value = kind(float(raw))
+        except (TypeError, ValueError):
+            return gr.update()
+        fixed = max(low, value) if low is not None else value
+        fixed = min(high, fixed) if high is not None else fixed
+        if fixed == value:
+            return gr.update()
+        side = f"at most {high}" if value > fixed else f"at least {low}"
+        gr.Warning(f"{name}: {value} is out of range; it must be {side}, so it is set to {fixed}")
+        return gr.update(value=fixed)
+
+    for event in (box.blur, box.submit):
+        event(clamp, inputs=box, outputs=box, preprocess=False, show_progress="hidden")
 
 
 def update(cls, name: str, value):

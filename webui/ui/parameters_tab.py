@@ -12,6 +12,7 @@ import gradio as gr
 from webui.errors import LoraDeckError, ui_message
 from webui.options.config import GenerationParams
 from webui.options.presets import list_presets, load_preset, save_preset
+from webui.ui import forms
 
 FIELDS = [f for f in dataclasses.fields(GenerationParams)]
 
@@ -29,8 +30,10 @@ def _component(f: dataclasses.Field, default) -> gr.components.Component:
         return gr.Textbox(value=default, label="response format", info=help_text, lines=2,
                           elem_id="param-response_format")
     if f.name in ("max_new_tokens", "seed"):
-        return gr.Number(value=default, label=_label(f.name), info=help_text, precision=0,
-                         minimum=f.metadata.get("min"), maximum=f.metadata.get("max"), elem_id=f"param-{f.name}")
+        box = gr.Number(value=default, label=_label(f.name), info=help_text, precision=0,
+                        minimum=f.metadata.get("min"), maximum=f.metadata.get("max"), elem_id=f"param-{f.name}")
+        forms.guard_range(box, f.name, f.metadata.get("min"), f.metadata.get("max"), int)
+        return box
     return gr.Slider(value=default, label=_label(f.name), info=help_text, minimum=f.metadata["min"],
                      maximum=f.metadata["max"], step=f.metadata.get("step", 0.01), elem_id=f"param-{f.name}")
 
