@@ -142,7 +142,10 @@ def test_sampling_seed_and_cancel(engine):
     for delta in engine.stream(PROMPT, GenerationParams(temperature=0, max_new_tokens=200), cancel):
         pieces.append(delta)
         cancel.set()
-    assert len(pieces) <= 2  # stopped right after the cancel (a tail of undecoded bytes may follow)
+    # stopped within a few steps of the cancel, far from the 200 asked: pieces decoded while this consumer waited
+    # for the CPU are already queued when it reads the first (3 seen on a loaded 2-core machine), and a tail of
+    # undecoded bytes may follow
+    assert len(pieces) <= 6, pieces
 
 
 def test_load_errors_are_clear_and_keep_the_model(engine, loras, tmp_path):
