@@ -212,3 +212,25 @@ def test_stop_saves_at_the_end_of_the_step_and_says_so_only_then(browser, start_
                      key=lambda t: "saved" if "checkpoint saved" in t else t) == "saved"
     assert (runs / "long-steps" / "checkpoints" / "checkpoint-1").is_dir()
     assert "stopped" in page.inner_text("#train-status")
+
+
+def test_an_uploaded_chat_file_sets_the_format_and_preview_needs_no_name(browser, start_app, tiny_models, tmp_path):
+    """(issue 29, item 7) Uploading a chat .jsonl sets the format to chat (it stayed raw and the preview showed the
+    JSON as text), and the preview works before an adapter name is typed (it asked for one)."""
+    data = write_data(tmp_path / "data")
+    models = tiny_models["llama"].parent
+    app = start_app("--model", "tiny-llama", "--models-dir", str(models), "--loras-dir", str(tmp_path / "loras"),
+                    "--runs-dir", str(tmp_path / "runs"), "--user-dir", str(tmp_path / "user"))
+    page = open_app(browser, app.url)
+    tab(page, "Training")
+    _fill(page, "train-base", "tiny-llama")
+    assert page.input_value("#train-data-format input") == "raw"
+    page.locator("#train-upload input[type=file]").set_input_files(str(data["chat"]))
+    assert wait_text(lambda: page.input_value("#train-data-format input"), "chat", timeout=30) == "chat"
+    assert page.input_value("#train-data-path textarea, #train-data-path input").endswith("chat.jsonl")
+    _fill(page, "train-opt-cutoff_len", 64)
+    page.click("#train-preview-go")
+    shown = wait_text(lambda: page.input_value("#train-preview textarea"), timeout=60)
+    assert "samples" in shown and "⟦" in shown and "output" not in shown.split("\n")[0], shown[:200]
+    _fill(page, "train-data-path", data["instruction"])  # a typed path is read too
+    assert wait_text(lambda: page.input_value("#train-data-format input"), "instruction", timeout=30) == "instruction"

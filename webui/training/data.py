@@ -191,6 +191,31 @@ def load_files(paths: list, fmt: str, tokenizer, cutoff_len: int, overlap: int =
             for s in load_samples(Path(path), fmt, tokenizer, cutoff_len, overlap, train_on_prompt)]
 
 
+def detect_format(path: Path) -> str | None:
+    """The dataset format a file's name and first record show: raw for text files; chat for records with
+    `messages` or `conversations`; instruction for records with `instruction`; None when it cannot tell (a missing
+    or unreadable file, an unknown record)."""
+    path = Path(path)
+    if path.suffix in (".txt", ".md"):
+        return "raw"
+    if path.suffix not in (".json", ".jsonl") or not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".jsonl":
+                first = next((json.loads(line) for line in f if line.strip()), None)
+            else:
+                data = json.load(f)
+                first = data[0] if isinstance(data, list) and data else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(first, dict):
+        return None
+    if "messages" in first or "conversations" in first:
+        return "chat"
+    return "instruction" if "instruction" in first else None
+
+
 def check_files(paths: list, fmt: str) -> int:
     """The records (or, for raw text, files) `paths` hold, read without a tokenizer, so that a run is refused
     before its process starts: a missing or empty file, or a record without the format's fields, names the file,

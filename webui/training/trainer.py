@@ -47,10 +47,11 @@ from webui.training.data import load_files, split, warnings_for
 from webui.training.run_folder import CONFIG, METRICS, STOP, latest_checkpoint, pid_fields, read_status, write_status
 
 
-def resolve_base(base_model: str, models_dir: Path) -> tuple[Path, str]:
-    """(folder, id to record in the adapter) for the config's base_model."""
+def resolve_base(base_model: str, models_dir: Path, progress=None) -> tuple[Path, str]:
+    """(folder, id to record in the adapter) for the config's base_model; `progress` hears about the embedded
+    model's one-time conversion to a transformers folder (tens of seconds on a CPU)."""
     if not base_model:
-        return embedded.ensure_transformers_folder(models_dir), f"HuggingFaceTB/{embedded.NAME}"
+        return embedded.ensure_transformers_folder(models_dir, progress), f"HuggingFaceTB/{embedded.NAME}"
     try:
         path = resolve_model_path(base_model, models_dir)
     except NotFound:

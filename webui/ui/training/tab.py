@@ -22,7 +22,7 @@ from webui.errors import BadInput, LoraDeckError, ui_message
 from webui.options.config import DatasetConfig, LoraTrainConfig, TrainConfig, TrainingParams
 from webui.options.lora_options import yaml_hint
 from webui.paths import child
-from webui.training.data import load_files, warnings_for
+from webui.training.data import detect_format, load_files, warnings_for
 from webui.training.data import preview as preview_samples
 from webui.training.runner import TrainingRunner
 from webui.training.trainer import resolve_base
@@ -184,10 +184,12 @@ class TrainingTab:
             return (f"Stopping **{name}**: it saves a checkpoint at the end of the current step, and the status line "
                     "says so when it has (click Stop again to kill it now, without saving).")
 
-        def preview(*values):
+        def preview(*values, progress=gr.Progress()):
             try:
-                cfg = self.config_from(values)
-                base, _ = resolve_base(cfg.base_model, self.engine.models_dir)
+                # a preview needs no adapter name yet: the output name only names the run
+                cfg = self.config_from([values[0] or "preview", *values[1:]])
+                base, _ = resolve_base(cfg.base_model, self.engine.models_dir,
+                                       lambda f, msg: progress(f if f is not None else 0, desc=msg))
                 tok = AutoTokenizer.from_pretrained(str(base))
                 samples = load_files(cfg.dataset.paths, cfg.dataset.format, tok, cfg.training.cutoff_len,
                                      cfg.dataset.overlap, cfg.dataset.train_on_prompt)
@@ -196,9 +198,14 @@ class TrainingTab:
             notes = "".join(f"⚠️ {n}\n" for n in warnings_for(samples, cfg.training.cutoff_len))
             return f"{len(samples)} samples.\n{notes}\n{preview_samples(tok, samples)}"
 
+        def detected(path):
+            """The format the file shows (a chat .jsonl is chat, not the default raw), else the form's as it is."""
+            found = detect_format(Path((path or "").split(",")[0].strip())) if path else None
+            return gr.update(value=found) if found else gr.update()
+
         def upload(path):
             if not path:
-                return gr.update()
+                return gr.update(), gr.update()
             folder = self.user_dir / "datasets"
             folder.mkdir(parents=True, exist_ok=True)
             try:
@@ -206,7 +213,7 @@ class TrainingTab:
             except LoraDeckError as e:
                 raise gr.Error(ui_message(e)) from None
             shutil.copy(path, target)
-            return str(target)
+            return str(target), detected(str(target))
 
         def to_yaml(*values):
             try:
@@ -237,7 +244,9 @@ class TrainingTab:
         self.start.click(start, inputs=self.inputs, outputs=[self.run_name, self.notice])
         self.stop.click(stop, inputs=self.run_name, outputs=self.notice)
         self.preview_go.click(preview, inputs=self.inputs, outputs=self.preview)
-        self.upload.upload(upload, inputs=self.upload, outputs=self.data["path"])
+        self.upload.upload(upload, inputs=self.upload, outputs=[self.data["path"], self.data["format"]])
+        for event in (self.data["path"].blur, self.data["path"].submit):
+            event(detected, inputs=self.data["path"], outputs=self.data["format"], show_progress="hidden")
         self.to_yaml.click(to_yaml, inputs=self.inputs, outputs=self.yaml)
         self.from_yaml.click(from_yaml, inputs=self.yaml, outputs=[*self.inputs, self.notice])
         self.apply.click(apply, inputs=self.run_name, outputs=self.notice)
