@@ -234,3 +234,38 @@ def test_an_uploaded_chat_file_sets_the_format_and_preview_needs_no_name(browser
     assert "samples" in shown and "⟦" in shown and "output" not in shown.split("\n")[0], shown[:200]
     _fill(page, "train-data-path", data["instruction"])  # a typed path is read too
     assert wait_text(lambda: page.input_value("#train-data-format input"), "instruction", timeout=30) == "instruction"
+
+
+def test_the_form_survives_a_reload_and_a_past_run_fills_it(browser, start_app, tiny_models, tmp_path):
+    """(issue 29, item 6) The Training form is kept in this browser across a reload (it came back empty), and the
+    run history loads a past run's settings into the form (a stopped run was resumed by retyping everything)."""
+    data = write_data(tmp_path / "data")
+    runs = tmp_path / "runs"
+    past = write_run(runs, "older-run", [2.0, 1.5])
+    (past / "config.yaml").write_text(f"output: older-run\nbase_model: tiny-llama\ndataset:\n  path: {data['chat']}\n"
+                                      "  format: chat\ntraining:\n  max_steps: 33\n  learning_rate: 0.002\n")
+    models = tiny_models["llama"].parent
+    app = start_app("--model", "tiny-llama", "--models-dir", str(models), "--loras-dir", str(tmp_path / "loras"),
+                    "--runs-dir", str(runs), "--user-dir", str(tmp_path / "user"))
+    page = open_app(browser, app.url)
+    tab(page, "Training")
+    _fill(page, "train-output", "kept-name")
+    _fill(page, "train-data-path", data["raw"])
+    _fill(page, "train-opt-max_steps", 77)
+    page.wait_for_timeout(1500)  # the last edit reaches the browser's storage
+    page.reload()
+    page.wait_for_selector("#chat-input textarea", timeout=60_000)
+    tab(page, "Training")
+    box = page.locator("#train-output textarea, #train-output input").first
+    assert wait_text(lambda: box.input_value(), "kept-name", timeout=30) == "kept-name"
+    assert page.locator("#train-opt-max_steps input[type=number]").first.input_value() == "77"
+    assert page.input_value("#train-data-path textarea, #train-data-path input") == str(data["raw"])
+
+    page.locator("#train-compare label", has_text="older-run").first.wait_for(timeout=30_000)
+    if not page.locator("#train-compare label", has_text="older-run").locator("input").first.is_checked():
+        page.locator("#train-compare label", has_text="older-run").first.click()
+    page.click("#train-history-load")
+    assert "older-run" in wait_text(lambda: page.inner_text("#train-notice"), timeout=30)
+    assert wait_text(lambda: box.input_value(), "older-run", timeout=30) == "older-run"
+    assert page.locator("#train-opt-max_steps input[type=number]").first.input_value() == "33"
+    assert page.input_value("#train-data-format input") == "chat"

@@ -56,6 +56,12 @@ OPT_MAIN = ["epochs", "max_steps", "learning_rate", "batch_size"]
 OPT_MORE = _rest(TrainingParams, OPT_MAIN, QUANT, DATA_TRAINING, SAVING)
 
 
+FORM_KEY = "loradeck-training-form"
+_KEEP_JS = f"(...values) => {{ localStorage.setItem('{FORM_KEY}', JSON.stringify(values)); return []; }}"
+_RESTORE_JS = (f"(...values) => {{ let kept = null; try {{ kept = JSON.parse(localStorage.getItem('{FORM_KEY}')); }} "
+               "catch (e) {} return Array.isArray(kept) && kept.length === values.length ? kept : values; }")
+
+
 class TrainingTab:
     def __init__(self, engine: Engine, runner: TrainingRunner, user_dir: Path):
         self.engine, self.runner, self.user_dir = engine, runner, Path(user_dir)
@@ -115,6 +121,9 @@ class TrainingTab:
                                  elem_id="train-chart")
         self.log = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="train-log")
         self.history = RunHistory(runner, self.smoothing, self.log_scale)
+        with gr.Row():
+            self.load_run = gr.Button("Load the first ticked run's settings into the form", size="sm",
+                                      elem_id="train-history-load")
         self.timer = gr.Timer(1.0)
         self._wire()
 
@@ -238,17 +247,36 @@ class TrainingTab:
                 return ui_message(e)
             return f"**{name}** is answering in the Chat tab now ({', '.join(active)})."
 
+        def load_run(picked):
+            name = (picked or [None])[0]
+            if not name:
+                return [gr.update()] * len(self.inputs) + ["Tick a run in the history first."]
+            run = self.runner.runs_dir / name
+            source = next((f for f in (run / "config.yaml", run / "requested.yaml") if f.is_file()), None)
+            try:
+                cfg = TrainConfig.from_dict(yaml.safe_load(source.read_text()) if source else None)
+            except (LoraDeckError, yaml.YAMLError, OSError) as e:
+                return [gr.update()] * len(self.inputs) + [f"{name}: its settings cannot be read ({e})"]
+            return self.form_from(cfg) + [f"Form filled with the settings of **{name}**: Start resumes it from its "
+                                          "last checkpoint, or give another output name for a new run."]
+
         def attach(current):
             return current or self.runner.active() or (self.runner.runs() or [""])[0]
 
         self.start.click(start, inputs=self.inputs, outputs=[self.run_name, self.notice])
+        # the form as this browser left it, kept across reloads in the browser's localStorage (never on the server),
+        # by small client-side functions: gr.BrowserState came back empty at page load here (Gradio 6)
+        keep = {"fn": None, "inputs": self.inputs, "outputs": None, "js": _KEEP_JS, "show_progress": "hidden"}
+        for control in self.inputs:  # each edit by the user
+            control.input(**keep)
+        self.load_run.click(load_run, inputs=self.history.pick, outputs=[*self.inputs, self.notice]).then(**keep)
         self.stop.click(stop, inputs=self.run_name, outputs=self.notice)
         self.preview_go.click(preview, inputs=self.inputs, outputs=self.preview)
-        self.upload.upload(upload, inputs=self.upload, outputs=[self.data["path"], self.data["format"]])
+        self.upload.upload(upload, inputs=self.upload, outputs=[self.data["path"], self.data["format"]]).then(**keep)
         for event in (self.data["path"].blur, self.data["path"].submit):
             event(detected, inputs=self.data["path"], outputs=self.data["format"], show_progress="hidden")
         self.to_yaml.click(to_yaml, inputs=self.inputs, outputs=self.yaml)
-        self.from_yaml.click(from_yaml, inputs=self.yaml, outputs=[*self.inputs, self.notice])
+        self.from_yaml.click(from_yaml, inputs=self.yaml, outputs=[*self.inputs, self.notice]).then(**keep)
         self.apply.click(apply, inputs=self.run_name, outputs=self.notice)
         progress_io = {"inputs": [self.run_name, self.smoothing, self.log_scale],
                        "outputs": [self.status, self.chart, self.log]}
@@ -259,6 +287,8 @@ class TrainingTab:
         self._attach = attach
 
     def on_load(self, demo: gr.Blocks) -> None:
+        # the form this browser left (see _KEEP_JS); the form as built when nothing was kept or the form changed
+        demo.load(None, inputs=self.inputs, outputs=self.inputs, js=_RESTORE_JS)
         # the status line and chart at once, not at the timer's first tick
         demo.load(self._attach, inputs=self.run_name, outputs=self.run_name).then(self.progress, **self._progress_io)
         self.history.on_load(demo)
