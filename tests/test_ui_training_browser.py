@@ -44,6 +44,9 @@ def test_train_from_the_training_tab(browser, start_app, tiny_models, tmp_path):
     assert status == "done", page.inner_text("#train-status")
     assert "loss" in page.inner_text("#train-status")
     assert page.locator("#train-chart canvas, #train-chart svg").count() > 0  # the chart is drawn
+    # and its line is stroked: a chart created empty (every run started on a fresh page) drew axes and an invisible
+    # line until the page was reloaded (issue 29, item 2)
+    assert wait_text(lambda: str(_stroked_lines(page, "train-chart") > 0), "True", timeout=30) == "True"
     screenshot(page, "tab-training-run")
 
     page.click("#train-apply")
@@ -70,6 +73,14 @@ def test_training_tab_upload_box_and_empty_chart_read_cleanly(browser, start_app
     assert box.evaluate("e => e.scrollHeight <= e.clientHeight"), "the upload box cuts its text"
     assert "null" not in page.inner_text("#train-chart")
     assert "No training run yet" in wait_text(lambda: page.inner_text("#train-status"), timeout=30)
+
+
+def _stroked_lines(page, elem_id: str) -> int:
+    """How many line marks of a Vega chart are drawn with a visible stroke (axes and the background excluded)."""
+    return page.evaluate(f"""Array.from(document.querySelectorAll('#{elem_id} path')).filter(p => {{
+        const s = p.getAttribute('stroke');
+        return s && s !== 'transparent' && s !== 'none' && !p.classList.contains('background')
+            && (p.getAttribute('d') || '').length > 20; }}).length""")
 
 
 def _plotted(page, elem_id: str) -> dict[str, list[tuple[float, float]]]:
@@ -135,6 +146,7 @@ def test_run_history_overlays_runs_with_smoothing_and_log_scale(browser, start_a
 
     raw = expect(lambda v: v)
     _wait_plotted(page, "train-history-chart", lambda seen: seen == raw)
+    assert _stroked_lines(page, "train-history-chart") > 0  # the overlay, created empty at page build, draws its lines
 
     set_number(page, "train-smoothing", 0.6)
     smooth = expect(lambda v: tensorboard_smooth(v, 0.6))

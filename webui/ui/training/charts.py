@@ -59,6 +59,20 @@ def curves(runs: dict[str, list[dict]], smoothing: float = 0.0, label_runs: bool
     return pd.DataFrame(rows)
 
 
+def live_curves(metrics: list[dict] | None, smoothing: float = 0.0) -> pd.DataFrame:
+    """One run's chart data (series `train` and `eval`), with a row of no value for a series that has no point
+    yet. Gradio's LinePlot fixes its colour scale when it is first drawn: a chart first drawn with no series kept
+    drawing every later line with no stroke (axes, no line) until the page was reloaded, so both series are
+    always named; a row of NaN draws nothing."""
+    df = curves({"run": metrics or []}, smoothing, label_runs=False)
+    missing = [kind for kind in ("train", "eval") if kind not in set(df["series"])]
+    if not missing:
+        return df
+    blank = pd.DataFrame({"step": [0] * len(missing), LOSS: [math.nan] * len(missing),
+                          LOG_LOSS: [math.nan] * len(missing), "series": missing})
+    return pd.concat([df, blank], ignore_index=True) if len(df) else blank
+
+
 def _last(metrics: list[dict], key: str) -> float | None:
     _, values = _points(metrics, key)
     return round(values[-1], 4) if values else None

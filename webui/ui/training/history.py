@@ -9,10 +9,21 @@ import gradio as gr
 from webui.training.runner import TrainingRunner
 from webui.ui.training.charts import HISTORY_COLUMNS, LOG_LOSS, LOSS, curves, history
 
+EMPTY_TITLE = f"{LOSS} (no points yet)"
+
+
+def y_title(df, column: str) -> str:
+    """The y axis title, which says when there is nothing to plot. It also makes the chart draw its lines: Gradio's
+    LinePlot builds its Vega spec once, from the data it is created with, and a chart created empty kept drawing
+    every later line with no stroke (axes, no line) until the page was reloaded; a changed title rebuilds the spec,
+    and the first points always change it."""
+    return column if df[column].notna().any() else EMPTY_TITLE
+
 
 def chart_update(df, log_scale: bool):
     """The chart's value with its y column: loss, or log10(loss) on the log scale."""
-    return gr.update(value=df, y=LOG_LOSS if log_scale else LOSS)
+    column = LOG_LOSS if log_scale else LOSS
+    return gr.update(value=df, y=column, y_title=y_title(df, column))
 
 
 class RunHistory:
@@ -28,6 +39,7 @@ class RunHistory:
                                          elem_id="train-compare", scale=4)
                 self.refresh = gr.Button("Refresh", size="sm", scale=1, elem_id="train-history-refresh")
             self.chart = gr.LinePlot(curves({}), x="step", y=LOSS, color="series", label="loss of the picked runs",
+                                     y_title=EMPTY_TITLE,
  elem_id="train-history-chart")
         self.timer = gr.Timer(5.0)  # a running run's curve grows, and new runs appear, without a click
         self._wire()

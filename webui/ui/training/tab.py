@@ -27,8 +27,8 @@ from webui.training.data import preview as preview_samples
 from webui.training.runner import TrainingRunner
 from webui.training.trainer import resolve_base
 from webui.ui import forms
-from webui.ui.training.charts import LOSS, curves, eta_text
-from webui.ui.training.history import RunHistory, chart_update
+from webui.ui.training.charts import LOSS, eta_text, live_curves
+from webui.ui.training.history import EMPTY_TITLE, RunHistory, chart_update
 
 EMBEDDED = "(embedded) SmolLM2-135M-Instruct"
 
@@ -117,7 +117,7 @@ class TrainingTab:
                                        info="Exponential moving average, as TensorBoard's slider (0 = raw).",
                                        elem_id="train-smoothing")
             self.log_scale = gr.Checkbox(False, label="log scale (plots log10 of the loss)", elem_id="train-log-scale")
-        self.chart = gr.LinePlot(curves({}), x="step", y=LOSS, color="series", label="loss",
+        self.chart = gr.LinePlot(live_curves(None), x="step", y=LOSS, color="series", label="loss", y_title=EMPTY_TITLE,
                                  elem_id="train-chart")
         self.log = gr.Textbox(label="log", lines=8, max_lines=8, interactive=False, elem_id="train-log")
         self.history = RunHistory(runner, self.smoothing, self.log_scale)
@@ -152,7 +152,7 @@ class TrainingTab:
     # -- progress -------------------------------------------------------------------------------------
     def progress(self, name: str, smoothing: float = 0.0, log_scale: bool = False):
         if not name:
-            return "No training run yet.", chart_update(curves({}), bool(log_scale)), ""
+            return "No training run yet.", chart_update(live_curves(None), bool(log_scale)), ""
         v = self.runner.view(name)
         losses = [m for m in v.metrics if "loss" in m]
         parts = [f"**{name}** · {v.state}", f"step {v.step}/{v.max_steps or '?'}"]
@@ -166,7 +166,7 @@ class TrainingTab:
         if evals:
             parts.append(f"eval loss {evals[-1]['eval_loss']:.4f}")
         text = " · ".join(parts) + (f"\n\n{v.message}" if v.message else "")
-        chart = curves({name: v.metrics}, smoothing or 0.0, label_runs=False)
+        chart = live_curves(v.metrics, smoothing or 0.0)
         return text, chart_update(chart, bool(log_scale)), v.log_tail
 
     def _wire(self) -> None:
