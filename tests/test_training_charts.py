@@ -10,7 +10,7 @@ from tests.helpers import write_run
 from webui.options.config import DatasetConfig, LoraTrainConfig, TrainingParams
 from webui.training.runner import TrainingRunner
 from webui.ui.training import tab as training_tab
-from webui.ui.training.charts import curves, ema, eta_text, history, history_row
+from webui.ui.training.charts import curves, ema, eta_text, history, history_row, live_curves
 
 
 def tensorboard_smooth(values, weight):
@@ -81,6 +81,24 @@ def test_history_lists_every_run_with_its_state_base_steps_and_final_losses(tmp_
     assert row["date"].startswith("2023-11-1")  # 1_700_000_000 is 2023-11-14/15 depending on the time zone
     second = dict(zip(table.columns, history_row(runner, "second")))
     assert second["state"] == "stopped" and second["final eval loss"] is None
+
+
+def test_restyle_gives_each_series_its_colour_and_says_when_nothing_is_plotted():
+    """What the chart's restyle step (run after each data update) sends, from the data the page holds."""
+    from gradio.components.native_plot import LinePlot
+
+    from webui.ui.training.history import EMPTY_TITLE, restyled
+
+    plot = LinePlot(x="step", y="loss", color="series")
+    runs = {"a": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}], "b": [{"step": 1, "loss": 3.0}]}
+    shown = plot.postprocess(curves(runs)).model_dump()
+    update = restyled(shown, False)
+    assert update["y"] == "loss" and update["y_title"] == "loss"
+    assert list(update["color_map"]) == ["a · train", "a · eval", "b · train"]
+    assert len(set(update["color_map"].values())) == 3
+    assert restyled(shown, True)["y"] == "log10(loss)"
+    assert restyled(plot.postprocess(live_curves(None)).model_dump(), False)["y_title"] == EMPTY_TITLE
+    assert restyled(None, False)["y_title"] == EMPTY_TITLE
 
 
 def test_eta_text():

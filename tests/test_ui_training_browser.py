@@ -83,6 +83,14 @@ def _stroked_lines(page, elem_id: str) -> int:
             && (p.getAttribute('d') || '').length > 20; }}).length""")
 
 
+def _stroke_colors(page, elem_id: str) -> set[str]:
+    """The distinct colours of a Vega chart's stroked lines: one per series drawn."""
+    return set(page.evaluate(f"""Array.from(document.querySelectorAll('#{elem_id} path')).filter(p => {{
+        const s = p.getAttribute('stroke');
+        return s && s !== 'transparent' && s !== 'none' && !p.classList.contains('background')
+            && (p.getAttribute('d') || '').length > 20; }}).map(p => p.getAttribute('stroke'))"""))
+
+
 def _plotted(page, elem_id: str) -> dict[str, list[tuple[float, float]]]:
     """The chart's data as drawn: Vega labels every point of the line plot's hover layer with its fields
     ("step: 1; loss: 2.5; series: a · train"); {series: [(step, y)]}."""
@@ -146,7 +154,8 @@ def test_run_history_overlays_runs_with_smoothing_and_log_scale(browser, start_a
 
     raw = expect(lambda v: v)
     _wait_plotted(page, "train-history-chart", lambda seen: seen == raw)
-    assert _stroked_lines(page, "train-history-chart") > 0  # the overlay, created empty at page build, draws its lines
+    # the overlay, created empty at page build and given a second run later, draws each series in its own colour
+    assert wait_text(lambda: str(len(_stroke_colors(page, "train-history-chart"))), "3", timeout=20) == "3"
 
     set_number(page, "train-smoothing", 0.6)
     smooth = expect(lambda v: tensorboard_smooth(v, 0.6))

@@ -14,6 +14,14 @@ from webui.training.runner import TrainingRunner
 
 HISTORY_COLUMNS = ["name", "state", "base", "steps", "final loss", "final eval loss", "date"]
 LOSS, LOG_LOSS = "loss", "log10(loss)"
+# Tableau 10, the palette Vega itself uses for categories: distinct, and readable by most colour-blind users
+PALETTE = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d",
+           "#bab0ac"]
+
+
+def series_colors(series: list[str]) -> dict[str, str]:
+    """A colour per series of a chart (given a row's series each), in order of appearance."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(dict.fromkeys(series))}
 
 
 def ema(values: list[float], weight: float) -> list[float]:

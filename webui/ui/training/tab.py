@@ -28,7 +28,7 @@ from webui.training.runner import TrainingRunner
 from webui.training.trainer import resolve_base
 from webui.ui import forms
 from webui.ui.training.charts import LOSS, eta_text, live_curves
-from webui.ui.training.history import EMPTY_TITLE, RunHistory, chart_update
+from webui.ui.training.history import EMPTY_TITLE, RunHistory, then_restyle
 
 EMBEDDED = "(embedded) SmolLM2-135M-Instruct"
 
@@ -150,9 +150,9 @@ class TrainingTab:
         return ups
 
     # -- progress -------------------------------------------------------------------------------------
-    def progress(self, name: str, smoothing: float = 0.0, log_scale: bool = False):
+    def progress(self, name: str, smoothing: float = 0.0):
         if not name:
-            return "No training run yet.", chart_update(live_curves(None), bool(log_scale)), ""
+            return "No training run yet.", live_curves(None), ""
         v = self.runner.view(name)
         losses = [m for m in v.metrics if "loss" in m]
         parts = [f"**{name}** · {v.state}", f"step {v.step}/{v.max_steps or '?'}"]
@@ -166,8 +166,7 @@ class TrainingTab:
         if evals:
             parts.append(f"eval loss {evals[-1]['eval_loss']:.4f}")
         text = " · ".join(parts) + (f"\n\n{v.message}" if v.message else "")
-        chart = live_curves(v.metrics, smoothing or 0.0)
-        return text, chart_update(chart, bool(log_scale)), v.log_tail
+        return text, live_curves(v.metrics, smoothing or 0.0), v.log_tail
 
     def _wire(self) -> None:
         def start(*values):
@@ -278,17 +277,17 @@ class TrainingTab:
         self.to_yaml.click(to_yaml, inputs=self.inputs, outputs=self.yaml)
         self.from_yaml.click(from_yaml, inputs=self.yaml, outputs=[*self.inputs, self.notice]).then(**keep)
         self.apply.click(apply, inputs=self.run_name, outputs=self.notice)
-        progress_io = {"inputs": [self.run_name, self.smoothing, self.log_scale],
+        progress_io = {"inputs": [self.run_name, self.smoothing],
                        "outputs": [self.status, self.chart, self.log]}
-        self.timer.tick(self.progress, **progress_io)
+        for event in (self.timer.tick, self.smoothing.change, self.log_scale.change):
+            then_restyle(event(self.progress, **progress_io), self.chart, self.log_scale)
         self._progress_io = progress_io
-        self.smoothing.change(self.progress, **progress_io)
-        self.log_scale.change(self.progress, **progress_io)
         self._attach = attach
 
     def on_load(self, demo: gr.Blocks) -> None:
         # the form this browser left (see _KEEP_JS); the form as built when nothing was kept or the form changed
         demo.load(None, inputs=self.inputs, outputs=self.inputs, js=_RESTORE_JS)
         # the status line and chart at once, not at the timer's first tick
-        demo.load(self._attach, inputs=self.run_name, outputs=self.run_name).then(self.progress, **self._progress_io)
+        then_restyle(demo.load(self._attach, inputs=self.run_name, outputs=self.run_name).then(
+            self.progress, **self._progress_io), self.chart, self.log_scale)
         self.history.on_load(demo)
