@@ -210,7 +210,9 @@ class PeftAdapterStack:
 
     # -- cache ---------------------------------------------------------------------------------------
     def add(self, name: str, config: dict, state: dict, ignored: list[str] = (), signature: tuple = ()) -> None:
-        """Add an adapter (not activated). `ignored` target names are dropped from config and weights."""
+        """Add an adapter (not activated). `ignored` target names are dropped from config and weights. New weights
+        for an adapter of the active stack (its files changed: a live checkpoint's newer save) keep its place."""
+        keep = self.active.get(name)
         if name in self.loaded:
             self.delete(name)
         cfg = {k: v for k, v in config.items() if k not in ("auto_mapping",)}
@@ -247,6 +249,8 @@ class PeftAdapterStack:
             raise BadInput(f"{name}: PEFT could not load it: {first_line(e)}") from e
         self.loaded[name] = signature
         self._restructured()
+        if keep is not None:
+            self.active[name] = keep
         self._apply(self.active)
         if was_merged:
             self.merge()

@@ -42,8 +42,7 @@ class OpenAI:
         base = self.service.base_name()
         now = int(time.time())
         cards = [s.ModelCard(id=base, created=now, root=base)]
-        cards += [s.ModelCard(id=n, created=now, parent=base, kind="adapter",
-                              root=str(self.service.runtime.get(n) or self.engine.loras_dir / n))
+        cards += [s.ModelCard(id=n, created=now, parent=base, kind="adapter", root=self.service.adapter_root(n))
                   for n in self.service.adapter_names()]
         return s.ModelList(data=cards)
 

@@ -25,6 +25,7 @@ from webui.errors import BadInput, LoraDeckError, NoModelLoaded, NotFound, Unaut
 from webui.extensions import Extensions
 from webui.hub.fetch import fetch_adapter
 from webui.options.config import GenerationParams
+from webui.training.live import is_live
 
 MERGE_CACHE = ".merged"  # blends made for LoRAX `merged_adapters` requests live in loras/.merged/ (hidden)
 
@@ -74,10 +75,25 @@ class Service:
         return info.name
 
     def adapter_names(self) -> list[str]:
-        """The adapters a request may name: the adapters folder, then those loaded at run time (a copy of the
-        runtime names: another request may load or unload one meanwhile)."""
-        folder = self.engine.list_adapters()
+        """The adapters a request may name: the adapters folder, the live checkpoints of running training runs,
+        then those loaded at run time (a copy of the runtime names: another request may load or unload one
+        meanwhile)."""
+        folder = self.engine.adapter_choices()
         return [*folder, *(n for n in list(self.runtime) if n not in folder)]
+
+    def adapter_root(self, name: str) -> str:
+        """The folder an adapter name stands for (GET /v1/models' `root`)."""
+        if name in self.runtime:
+            return str(self.runtime[name])
+        try:
+            return str(self.engine.adapter_path(name))
+        except LoraDeckError:  # a checkpoint the run has just rotated away
+            return name
+
+    def _known(self, name: str) -> bool:
+        """A name a request may use: listed, or a live checkpoint name (`RUN@latest` also names a finished run's
+        adapter, which is no longer listed as live; resolving it says what is wrong with a bad one)."""
+        return is_live(name) or name in self.adapter_names()
 
     # -- which adapters ------------------------------------------------------------------------------------
     def stack(self, *, model: str | None = None, adapters: dict | None = None, adapter_id: str | None = None,
@@ -106,9 +122,9 @@ class Service:
             return UI_STACK  # no model named: what the app is using (the adapters active in the UI / --lora)
         elif model in ("", base):
             return AdapterStack()
-        elif model in self.adapter_names():
+        elif self._known(model):
             stack = {model: 1.0}
-        elif model.startswith(base + ":") and model[len(base) + 1:] in self.adapter_names():
+        elif model.startswith(base + ":") and self._known(model[len(base) + 1:]):
             stack = {model[len(base) + 1:]: 1.0}  # SGLang's BASE:ADAPTER
         else:
             raise NotFound(f"model {model!r} not found: use {base!r}, an adapter of GET /v1/models or "

@@ -27,6 +27,7 @@ from webui.backends.registry import backend_class, loader_options
 from webui.errors import BadInput, Incompatible, LoadFailed, NoModelLoaded, Unsupported, first_line
 from webui.options.config import GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
+from webui.training.live import is_live, live_names, resolve_live
 
 from .scheduler import JobHandle, Scheduler  # the Engine's private part
 from .stack import UI_STACK, Stack, check_weights, stack_of
@@ -72,9 +73,11 @@ class LoadResult:
 
 
 class Engine:
-    def __init__(self, models_dir: Path | str = "models", loras_dir: Path | str = "loras"):
+    def __init__(self, models_dir: Path | str = "models", loras_dir: Path | str = "loras",
+                 runs_dir: Path | str | None = None):
         self.models_dir = Path(models_dir)
         self.loras_dir = Path(loras_dir)
+        self.runs_dir = Path(runs_dir) if runs_dir else None  # training runs: their live checkpoints are adapters
         self._backend: Backend | None = None
         self._spec: ModelSpec | None = None
         # Held by a generation (or the scheduler's running batch) for its whole duration and by model changes.
@@ -277,9 +280,19 @@ class Engine:
         runs; `cancel`, when given, is the request's cancel event. Stop strings end the reply."""
         params = params or GenerationParams()
         stack = stack_of(adapters)
+        if stack is UI_STACK:
+            self._refresh_live()
         if not isinstance(prompt, str):
             prompt = self.chat_prompt(prompt)
         return self._scheduler.submit(prompt, params, stack, cancel)
+
+    def _refresh_live(self) -> None:
+        """A live checkpoint in the active stack (`RUN@latest` picked in the UI) follows the run's newer saves:
+        hot-swapped in before the next request that uses the active stack. Checked without the lock first."""
+        active = self.active_adapters
+        live = [n for n in active if is_live(n)]
+        if live and not self._cached(live, None) and not self.merged:
+            self.set_adapters(active)
 
     def fan_out(self, prompt: str | list[dict], params: GenerationParams | None,
                 stacks: list[Stack | dict[str, float]]) -> list[JobHandle]:
@@ -317,7 +330,16 @@ class Engine:
 
     # -- adapters -------------------------------------------------------------------------------------
     def list_adapters(self) -> list[str]:
+        """The adapters folder's adapters (what the library manages)."""
         return list_adapters(self.loras_dir)
+
+    def live_adapters(self) -> list[str]:
+        """The live checkpoints of running training runs: `RUN@latest`, `RUN@step-N` (webui.training.live)."""
+        return live_names(self.runs_dir) if self.runs_dir else []
+
+    def adapter_choices(self) -> list[str]:
+        """Every adapter a request or a picker may name: the adapters folder, then the live checkpoints."""
+        return [*self.list_adapters(), *self.live_adapters()]
 
     @property
     def active_adapters(self) -> dict[str, float]:
@@ -327,16 +349,22 @@ class Engine:
     def merged(self) -> bool:
         return bool(self._backend and self._backend.merged)
 
+    def adapter_path(self, name: str) -> Path:
+        """Where an adapter name's files are: a folder of the adapters dir, or a live checkpoint's folder."""
+        return self._adapter_path(name, None)
+
     def _adapter_path(self, name: str, paths: dict | None) -> Path:
         if paths and name in paths:
             return Path(paths[name])
+        if self.runs_dir and is_live(name):
+            return resolve_live(name, self.runs_dir, self.loras_dir)
         return resolve_adapter(name, self.loras_dir)
 
     def adapter_report(self, name: str, path: Path | None = None) -> Report:
         """The compatibility report of an adapter for the loaded base (files only when no base is loaded
         or the loader cannot take adapters). Raises BadInput for unreadable adapters. Reports are
         cached per adapter files and base, so listing many adapters stays cheap."""
-        files = read_adapter(path or resolve_adapter(name, self.loras_dir), name)
+        files = read_adapter(path or self._adapter_path(name, None), name)
         with self._lock:
             backend = self._backend
             base = backend.describe_base() if backend and backend.capabilities.adapters else None

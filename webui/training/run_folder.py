@@ -67,10 +67,10 @@ def trainer_alive(status: dict) -> bool:
         return False
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that was written completely. A kill -9 can leave a partial one behind: transformers
-    writes the weights, optimizer and RNG state first and `trainer_state.json` last, but that file itself is written
-    in place, so it must also parse and name the checkpoint's step."""
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The checkpoints that were written completely, as (step, folder) in step order. A kill -9 can leave a
+    partial one behind: transformers writes the weights, optimizer and RNG state first and `trainer_state.json`
+    last, but that file itself is written in place, so it must also parse and name the checkpoint's step."""
     done = []
     for c in (run_dir / "checkpoints").glob("checkpoint-*"):
         step = c.name.split("-")[-1]
@@ -82,4 +82,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
             complete = False
         if complete:
             done.append((int(step), c))
-    return max(done)[1] if done else None
+    return sorted(done)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that was written completely (see `checkpoints`)."""
+    done = checkpoints(run_dir)
+    return done[-1][1] if done else None

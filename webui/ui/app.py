@@ -20,7 +20,7 @@ def build_ui(engine: Engine, cfg: ServerConfig, extensions: Extensions) -> gr.Bl
     """The UI; `extensions`: the set the server loaded once, which the API's requests run too."""
     with gr.Blocks(title="LoRA Deck") as demo:
         gr.Markdown("## LoRA Deck")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Chat", id="chat"):
                 chat = ChatTab(engine, cfg.paths["user"], extensions)
                 extensions_area(extensions)
@@ -40,6 +40,7 @@ def build_ui(engine: Engine, cfg: ServerConfig, extensions: Extensions) -> gr.Bl
         demo.load(chat.describe_model, outputs=chat.status)
         demo.load(model.describe, inputs=model.last, outputs=model.status)  # the page's status is built once
         training.on_load(demo)
+        training.live.wire(training.notice, tabs)
         # Model and adapter changes made by other users, the LoRA panel or the API's --lora show up in every tab.
         timer = gr.Timer(3.0)
         timer.tick(chat.describe_model, outputs=chat.status)

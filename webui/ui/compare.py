@@ -21,6 +21,24 @@ def _cards(results: dict[str, str | None]) -> str:
     return f'<div class="compare-grid" style="display:flex;gap:12px;flex-wrap:wrap">{"".join(cards)}</div>'
 
 
+def answer_cards(engine: Engine, text: str, params, stacks: dict[str, dict]):
+    """Answer one prompt with several stacks at once (Engine.fan_out: queued together, so they share a batch where
+    the loader can) and yield the cards as each answer comes in; a failed one shows its error in its card."""
+    handles = dict(zip(stacks, engine.fan_out(text, params, list(stacks.values()))))
+    results: dict[str, str | None] = {name: None for name in handles}
+    yield _cards(results)
+    try:
+        for name, handle in handles.items():
+            try:
+                results[name] = handle.text()
+            except Exception as e:  # shown in its card; the others still answer
+                results[name] = f"⚠️ {e}"
+            yield _cards(results)
+    finally:  # a page closed mid-way must not leave answers generating for nobody
+        for handle in handles.values():
+            handle.close()
+
+
 class CompareBox:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -29,8 +47,8 @@ class CompareBox:
                 self.prompt = gr.Textbox(label="prompt", scale=4, elem_id="compare-prompt")
                 self.go = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-go")
             with gr.Row():
-                self.adapters = gr.CheckboxGroup(choices=engine.list_adapters(), label="adapters to compare with the base",
-                                                 elem_id="compare-adapters", scale=4)
+                self.adapters = gr.CheckboxGroup(choices=engine.adapter_choices(), elem_id="compare-adapters",
+                                                 label="adapters to compare with the base", scale=4)
                 self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="compare-refresh")
             self.result = gr.HTML(elem_id="compare-result")
 
@@ -48,22 +66,9 @@ class CompareBox:
             except LoraDeckError as e:
                 yield f"<p>{html.escape(ui_message(e))}</p>"
                 return
-            names = ["base", *(chosen or [])]
-            handles = dict(zip(names, self.engine.fan_out(text, params, [{}] + [{n: 1.0} for n in chosen or []])))
-            results: dict[str, str | None] = {name: None for name in handles}
-            yield _cards(results)
-            try:
-                for name, handle in handles.items():
-                    try:
-                        results[name] = handle.text()
-                    except Exception as e:  # shown in its card; the others still answer
-                        results[name] = f"⚠️ {e}"
-                    yield _cards(results)
-            finally:  # a page closed mid-way must not leave answers generating for nobody
-                for handle in handles.values():
-                    handle.close()
+            yield from answer_cards(self.engine, text, params, {"base": {}, **{n: {n: 1.0} for n in chosen or []}})
 
         self.go.click(compare, inputs=[self.prompt, self.adapters, system, *params_tab.inputs], outputs=self.result)
         self.prompt.submit(compare, inputs=[self.prompt, self.adapters, system, *params_tab.inputs],
                            outputs=self.result)
-        self.refresh.click(lambda: gr.update(choices=self.engine.list_adapters()), outputs=self.adapters)
+        self.refresh.click(lambda: gr.update(choices=self.engine.adapter_choices()), outputs=self.adapters)

@@ -74,7 +74,7 @@ class EvaluateTab:
                     "data: loss and perplexity over the tokens training would learn (lower is better), the "
                     "difference to the base with a 95% interval, and answers to your prompts side by side.")
         with gr.Row():
-            self.adapters = gr.CheckboxGroup(engine.list_adapters(), label="adapters (each on its own, weight 1)",
+            self.adapters = gr.CheckboxGroup(engine.adapter_choices(), label="adapters (each on its own, weight 1)",
                                              elem_id="eval-adapters", scale=4)
             self.refresh = gr.Button("↻", scale=0, min_width=40, elem_id="eval-refresh")
         with gr.Row():
@@ -154,6 +154,6 @@ class EvaluateTab:
                   *self.options.values()]
         self.run.click(run, inputs=inputs, outputs=[self.status, self.result, self.files])
         self.stop.click(stop, outputs=self.status)
-        self.refresh.click(lambda: gr.update(choices=self.engine.list_adapters()), outputs=self.adapters)
+        self.refresh.click(lambda: gr.update(choices=self.engine.adapter_choices()), outputs=self.adapters)
         self.dataset_upload.upload(keep_upload, inputs=self.dataset_upload, outputs=self.dataset)
         self.prompts_upload.upload(keep_upload, inputs=self.prompts_upload, outputs=self.prompts)

@@ -75,7 +75,7 @@ def serve(cfg: ServerConfig) -> int:
     elif not is_loopback(cfg.listen_host) and not cfg.api_key:
         log.warning("listening on %s: --auth protects the web UI only; /v1 is open without --api-key",
                     cfg.listen_host)
-    engine = Engine(cfg.models_dir, cfg.loras_dir)
+    engine = Engine(cfg.models_dir, cfg.loras_dir, cfg.runs_dir)
     try:
         result = engine.load(cfg.spec, progress=lambda f, msg: log.info("%s", msg))
     except LoraDeckError as e:

@@ -29,6 +29,7 @@ from webui.training.trainer import resolve_base
 from webui.ui import forms
 from webui.ui.training.charts import LOSS, eta_text, live_curves
 from webui.ui.training.history import EMPTY_TITLE, RunHistory, then_restyle
+from webui.ui.training.live import LiveTry
 
 EMBEDDED = "(embedded) SmolLM2-135M-Instruct"
 
@@ -112,6 +113,7 @@ class TrainingTab:
             self.apply = gr.Button("Apply the trained adapter in the chat", elem_id="train-apply")
         self.notice = gr.Markdown(elem_id="train-notice")  # answers to clicks
         self.status = gr.Markdown(elem_id="train-status")  # live progress
+        self.live = LiveTry(engine, self.run_name)
         with gr.Row():  # for both charts: this run's and the history's
             self.smoothing = gr.Slider(0.0, 0.99, value=0.0, step=0.01, label="smoothing",
                                        info="Exponential moving average, as TensorBoard's slider (0 = raw).",
