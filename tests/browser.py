@@ -72,6 +72,10 @@ def bot_text(page, index: int):
     return read
 
 
-def screenshot(page, name: str) -> None:
+def screenshot(page, name: str, selector: str | None = None) -> None:
+    """The whole page (or the element `selector` picks) into test-artifacts/NAME.png, where docs' pictures come from."""
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    if selector:
+        page.locator(selector).screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    else:
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)

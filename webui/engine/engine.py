@@ -146,6 +146,9 @@ class Engine:
             self._backend, self._spec = backend, replace(spec, loader=loader)
             self._adapter_paths = {}
         self.last_load_seconds = time.perf_counter() - start
+        # one line per load, whoever asked (start-up, the Model tab): the log shows every base (re)load
+        log.info("loaded %s on %s (%s, %s) in %.1f s", info.name, info.loader, info.device, info.dtype,
+                 self.last_load_seconds)
         return LoadResult(info, self.last_load_seconds)
 
     def _check_memory(self, cls, path: Path, spec: ModelSpec) -> None:

@@ -95,7 +95,8 @@ class LoraList:
     # -- the list ---------------------------------------------------------------------------------------
     def _render(self, search, base, status, sort, limit) -> None:
         entries = library.scan(self.engine.loras_dir)
-        if not entries:
+        live = self._live()
+        if not entries and not live:
             gr.Markdown(f"No adapters in `{self.engine.loras_dir}` yet: put PEFT adapter folders there, "
                         "or get one below.", elem_id="lora-list-empty")
             return
@@ -110,30 +111,38 @@ class LoraList:
         names = [e.name for e in shown]
         boxes, sliders, badges = [], [], []
         for e in shown:
-            with gr.Row(equal_height=True, elem_classes="lora-row"):
-                boxes.append(gr.Checkbox(value=e.name in active, label=e.name, elem_id=f"lora-on-{slug(e.name)}",
-                                         key=f"on-{e.name}", scale=2, min_width=120, interactive=True))
-                sliders.append(gr.Slider(-2.0, 2.0, value=active.get(e.name, 1.0), step=0.05, label="weight",
-                                         elem_id=f"lora-weight-{slug(e.name)}", key=f"w-{e.name}", scale=3,
-                                         interactive=True))
+            row, (box, slider) = self._row(e.name, active)
+            with row:
                 badges.append(gr.HTML(badge(e, records[e.name]), elem_id=f"lora-badge-{slug(e.name)}", scale=5,
                                       padding=False))
+            boxes.append(box)
+            sliders.append(slider)
         if len(shown) < len(rows):
             more = gr.Button(f"Show {min(PAGE, len(rows) - len(shown))} more", size="sm", elem_id="lora-more")
             more.click(lambda n: n + PAGE, self.limit, self.limit)
+        if live:  # the checkpoints of running training runs (webui.training.live): usable like any adapter
+            gr.Markdown("**Live checkpoints** of running training runs: `RUN@latest` follows each new save (each "
+                        "`RUN@step-N` is in the API and compare mode)", elem_id="lora-live")
+            for name in live:
+                row, (box, slider) = self._row(name, active)
+                with row:
+                    gr.HTML(self._live_badge(name), elem_id=f"lora-badge-{slug(name)}", scale=5, padding=False)
+                boxes.append(box)
+                sliders.append(slider)
+        every = names + live
 
         def apply(*values):
-            n = len(names)
+            n = len(every)
             # rows filtered out of view keep their state: only the shown rows are read from the page
-            wanted = {k: v for k, v in self.engine.active_adapters.items() if k not in names}
-            wanted.update({nm: float(w) for nm, on, w in zip(names, values[:n], values[n:]) if on})
+            wanted = {k: v for k, v in self.engine.active_adapters.items() if k not in every}
+            wanted.update({nm: float(w) for nm, on, w in zip(every, values[:n], values[n:]) if on})
             try:
                 now = self.engine.set_adapters(wanted)
                 msg = "Active: " + (", ".join(f"**{k}** × {v:g}" for k, v in now.items()) or "none (plain base)")
             except LoraDeckError as err:
                 now = self.engine.active_adapters
                 msg = ui_message(err)
-            return [msg, *[gr.update(value=nm in now) for nm in names]]
+            return [msg, *[gr.update(value=nm in now) for nm in every]]
 
         io = {"inputs": [*boxes, *sliders], "outputs": [self.message, *boxes]}
         for box in boxes:
@@ -159,9 +168,36 @@ class LoraList:
 
             timer.tick(arrived, inputs=filled, outputs=[timer, filled, count, *badges], show_progress="hidden")
 
+    def _row(self, name: str, active: dict):
+        """An adapter's row, its tick box and weight slider: (the row, to add the badge in; (box, slider))."""
+        row = gr.Row(equal_height=True, elem_classes="lora-row")
+        with row:
+            box = gr.Checkbox(value=name in active, label=name, elem_id=f"lora-on-{slug(name)}", key=f"on-{name}",
+                              scale=2, min_width=120, interactive=True)
+            slider = gr.Slider(-2.0, 2.0, value=active.get(name, 1.0), step=0.05, label="weight", interactive=True,
+                               elem_id=f"lora-weight-{slug(name)}", key=f"w-{name}", scale=3)
+        return row, (box, slider)
+
+    def _live(self) -> list[str]:
+        """`RUN@latest` of each running run: one row per run, which does not move while the run saves (a row per
+        step would redraw the panel at every save, under the user's pointer)."""
+        return [n for n in self.engine.live_adapters() if n.endswith("@latest")]
+
+    def _live_badge(self, name: str) -> str:
+        """A live checkpoint's line: its compatibility with the loaded base (the reason when it does not fit)."""
+        try:
+            path = self.engine.adapter_path(name)
+            report = self.engine.adapter_report(name, path)
+        except LoraDeckError as e:
+            return f"{BADGES['incompatible']} — {html.escape(ui_message(e))}"
+        why = report.reasons[:1] if report.verdict == "incompatible" else report.warnings[:1]
+        return BADGES[report.verdict] + "".join(f" — {html.escape(w)}" for w in why) + f" · {html.escape(str(path))}"
+
     def signature(self) -> str:
-        """Changes when the list would look different (adapters, their files, notes, tags): the panel's watch."""
-        return "|".join(f"{e.name}:{e.signature}:{e.notes}:{e.tags}" for e in library.scan(self.engine.loras_dir))
+        """Changes when the list would look different (adapters, their files, notes, tags, the live checkpoints of
+        running runs): the panel's watch."""
+        return "|".join([*(f"{e.name}:{e.signature}:{e.notes}:{e.tags}" for e in library.scan(self.engine.loras_dir)),
+                         *self._live()])
 
     def bases(self) -> list[str]:
         return [ANY, *sorted({e.base for e in library.scan(self.engine.loras_dir) if e.base})]

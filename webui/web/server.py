@@ -77,12 +77,10 @@ def serve(cfg: ServerConfig) -> int:
                     cfg.listen_host)
     engine = Engine(cfg.models_dir, cfg.loras_dir, cfg.runs_dir)
     try:
-        result = engine.load(cfg.spec, progress=lambda f, msg: log.info("%s", msg))
+        engine.load(cfg.spec, progress=lambda f, msg: log.info("%s", msg))
     except LoraDeckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    log.info("loaded %s on %s (%s, %s) in %.1f s", result.info.name, result.info.loader,
-             result.info.device, result.info.dtype, result.seconds)
     if cfg.lora:
         weights = [float(w) for w in cfg.lora_weights] or [1.0] * len(cfg.lora)
         try:
