@@ -5,6 +5,7 @@ goes on, compare mode shows the base and each adapter side by side, and a conver
 loaded again. A screenshot of each tab is kept in test-artifacts/."""
 import json
 import shutil
+import time
 
 import pytest
 
@@ -177,3 +178,40 @@ def test_big_library(browser, start_app, world, tmp_path):
     status.press("Enter")
     page.locator("#lora-on-broken").wait_for(state="visible", timeout=30_000)
     assert wait_text(lambda: str(page.locator(".lora-row").count()), "1", timeout=30) == "1"
+
+
+def test_rows_are_not_redrawn_under_the_users_clicks(browser, start_app, world, tmp_path):
+    """Issue 29, item 1: tick A, then keep editing B's weight, as fast as a user does. The panel used to redraw
+    every row a few seconds after each tick (its watch saw the active stack change), and an edit on its way to the
+    old rows failed in Gradio (a red "Error", the adapter not applied). Every edit must reach the server."""
+    root, models, loras, _ = world
+    app = start_app("--model", "SmolLM2-135M-Instruct", "--loader", "transformers", "--models-dir", str(models),
+                    "--loras-dir", str(loras), "--user-dir", str(tmp_path / "user"))
+    page = open_app(browser, app.url)
+    tab(page, "Model")
+    page.locator("#lora-on-B input[type=checkbox]").check()
+    assert wait_text(lambda: page.inner_text("#lora-message"), "Active: B × 1", timeout=60) == "Active: B × 1"
+    weight = page.locator("#lora-weight-B input[type=number]")
+    for i in range(6):  # each tick of A changes the active stack; the edits of B's weight go on meanwhile
+        page.locator("#lora-on-A input[type=checkbox]").set_checked(i % 2 == 0)
+        end = time.time() + 4  # longer than the panel's 3 s watch
+        k = 0
+        while time.time() < end:
+            k += 1
+            weight.fill(f"{0.1 + (k % 9) / 10:.1f}")
+            weight.press("Enter")
+            page.wait_for_timeout(40)
+    weight.fill("0.5")
+    weight.press("Enter")
+    want = "Active: A × 1, B × 0.5"
+    assert wait_text(lambda: page.inner_text("#lora-message"), want, timeout=60) == want
+    assert page.locator(".toast-body.error, .toast-wrap .error").count() == 0, page.inner_text("body")[:500]
+
+    # a change made elsewhere (an adapter a training run just finished, here copied in) is still drawn
+    shutil.copytree(loras / "A", loras / "arrived")
+    try:
+        box = page.locator("#lora-on-arrived")
+        assert wait_text(lambda: str(box.count()), "1", timeout=30) == "1"
+    finally:
+        shutil.rmtree(loras / "arrived")
+    page.context.close()

@@ -70,11 +70,21 @@ def count_line(shown: int, matching: int, total: int, pending: int) -> str:
 
 
 class LoraList:
-    """Filters, the list and the management area of the LoRA panel. `version` (a gr.State) is bumped by
-    whoever changed the folder or the active stack, to redraw; `message` shows results and errors."""
+    """Filters, the list and the management area of the LoRA panel. Whoever changes the folder or the active
+    stack from the page follows it with `.then(**redraw)`; `message` shows results and errors."""
 
-    def __init__(self, engine: Engine, version: gr.State, message: gr.Markdown):
-        self.engine, self.version, self.message = engine, version, message
+    def __init__(self, engine: Engine, message: gr.Markdown):
+        self.engine, self.message = engine, message
+        self.version = gr.State(0)  # bumped to redraw the list
+        # What the page was last drawn from (a callable value: taken when the page loads). The panel's watch
+        # redraws when the server's state differs: a change made elsewhere (another tab, the API, a finished run).
+        # A change made on this page records the state it leaves, so the watch does not redraw the rows after it:
+        # a redraw replaces every row's event handlers, and a click or an Enter already on its way to the old
+        # rows then fails in Gradio (KeyError on its fn_index: a red "Error", the adapter not applied).
+        self.seen = gr.State(lambda: self.state())  # (a bound method cannot be deep-copied, as State does)
+        # `.then(**redraw)` after any action that changes the list: redraw it once, and record what it shows
+        self.redraw = {"fn": lambda v: (self.state(), v + 1), "inputs": self.version,
+                       "outputs": [self.seen, self.version], "show_progress": "hidden"}
         self.reports = ReportService(engine.loras_dir, engine.adapter_report, engine.base_key)
         with gr.Row():
             self.search = gr.Textbox(label="search", placeholder="name, tag or note words", elem_id="lora-search",
@@ -142,9 +152,9 @@ class LoraList:
             except LoraDeckError as err:
                 now = self.engine.active_adapters
                 msg = ui_message(err)
-            return [msg, *[gr.update(value=nm in now) for nm in every]]
+            return [msg, self.state(), *[gr.update(value=nm in now) for nm in every]]
 
-        io = {"inputs": [*boxes, *sliders], "outputs": [self.message, *boxes]}
+        io = {"inputs": [*boxes, *sliders], "outputs": [self.message, self.seen, *boxes]}
         for box in boxes:
             box.input(apply, **io)
         for slider in sliders:
@@ -193,9 +203,18 @@ class LoraList:
         why = report.reasons[:1] if report.verdict == "incompatible" else report.warnings[:1]
         return BADGES[report.verdict] + "".join(f" — {html.escape(w)}" for w in why) + f" · {html.escape(str(path))}"
 
+    def state(self) -> str:
+        """Changes when the rows would look different: the list, the active stack, merged or not."""
+        return f"{self.signature()}|{self.engine.active_adapters}|{self.engine.merged}"
+
+    def watch(self, seen, version):
+        """Redraw the rows only when the server's state is not what this page last drew or did itself."""
+        now = self.state()
+        return (gr.update(), gr.update()) if now == seen else (now, version + 1)
+
     def signature(self) -> str:
         """Changes when the list would look different (adapters, their files, notes, tags, the live checkpoints of
-        running runs): the panel's watch."""
+        running runs)."""
         return "|".join([*(f"{e.name}:{e.signature}:{e.notes}:{e.tags}" for e in library.scan(self.engine.loras_dir)),
                          *self._live()])
 
@@ -290,11 +309,10 @@ class LoraList:
                     gr.update(choices=self._trash_choices(), value=None),
                     gr.update(choices=self.bases()))
 
-        bump = lambda v: v + 1  # noqa: E731
         for button, fn, inputs in ((self.rename, rename, [self.pick, self.new_name]),
                                    (self.duplicate, duplicate, [self.pick, self.new_name]),
                                    (self.delete, delete, [self.pick]), (self.restore, restore, [self.trash_pick]),
                                    (self.save_meta, save_meta, [self.pick, self.notes, self.tags])):
-            button.click(fn, inputs=inputs, outputs=self.message).then(bump, self.version, self.version)
+            button.click(fn, inputs=inputs, outputs=self.message).then(**self.redraw)
         self.pick.change(show_meta, self.pick, [self.notes, self.tags])
         self.version.change(choices, inputs=self.pick, outputs=[self.pick, self.trash_pick, self.base], show_progress="hidden")

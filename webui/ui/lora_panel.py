@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 class LoraPanel:
     def __init__(self, engine: Engine, models_dir: Path):
         self.engine, self.models_dir = engine, Path(models_dir)
-        self.version = gr.State(0)  # bumped to redraw the adapter list
         gr.Markdown("### LoRA adapters")
         self.message = gr.Markdown(elem_id="lora-message")
         with gr.Row():
@@ -41,7 +40,7 @@ class LoraPanel:
             self.unmerge = gr.Button("Unmerge", size="sm", elem_id="lora-unmerge")
 
         # the list (filters, rows, reports arriving in the background) and the library's management
-        self.list = LoraList(engine, self.version, self.message)
+        self.list = LoraList(engine, self.message)
         self.list.manage_area()
 
         with gr.Accordion("Export merged model, or the adapters for llama.cpp / Ollama", open=False):
@@ -91,8 +90,6 @@ class LoraPanel:
 
     # -- actions ----------------------------------------------------------------------------------------
     def _wire(self) -> None:
-        bump = lambda v: v + 1  # noqa: E731
-
         def guarded(fn):
             def run(*args, **kwargs):
                 try:
@@ -161,23 +158,14 @@ class LoraPanel:
             return f"Got **{path.name}**: it is in the list now."
 
         def act(button, fn, inputs=()):
-            button.click(fn, inputs=list(inputs), outputs=self.message).then(bump, self.version, self.version)
+            button.click(fn, inputs=list(inputs), outputs=self.message).then(**self.list.redraw)
 
         # Redraw when the adapters folder or the active stack changes elsewhere (a training run that
-        # finished, another browser tab, the API's --lora), so every page shows the current state.
-        def signature():
-            return f"{self.list.signature()}|{self.engine.active_adapters}|{self.engine.merged}"
-
-        def watch(seen, version):
-            sig = signature()
-            return (gr.update(), gr.update()) if sig == seen else (sig, version + 1)
-
-        # The state the page was drawn from, taken when the page loads (a callable State value). Not at the first
-        # tick: Gradio does not run the timer of a hidden tab, so that tick may come long after a change (an
-        # adapter a training run finished while the Training tab was shown), which would then never be drawn.
-        self.seen = gr.State(signature)
-        gr.Timer(3.0).tick(watch, inputs=[self.seen, self.version], outputs=[self.seen, self.version],
-                           show_progress="hidden")
+        # finished, another browser tab, the API's --lora), so every page shows the current state. The state the
+        # page was drawn from is taken when the page loads (LoraList.seen), not at the first tick: Gradio does
+        # not run the timer of a hidden tab, so that tick may come long after a change.
+        gr.Timer(3.0).tick(self.list.watch, inputs=[self.list.seen, self.list.version],
+                           outputs=[self.list.seen, self.list.version], show_progress="hidden")
         act(self.refresh, lambda: "")
         act(self.clear, clear)
         act(self.merge, merge)

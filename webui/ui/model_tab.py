@@ -158,12 +158,12 @@ class ModelTab:
         for control in (self.model, self.loader, *settings):
             control.change(fit, inputs=[self.model, self.loader, *settings], outputs=self.fit)
         self.unload.click(fit, inputs=[self.model, self.loader, *settings], outputs=self.fit)
-        bump = lambda v: v + 1  # noqa: E731  (redraw the LoRA list: verdicts depend on the base)
+        redraw = self.lora.list.redraw  # the LoRA list's verdicts depend on the base
         self.load.click(load, inputs=[self.model, self.loader, *settings], outputs=[self.status, self.last]) \
-            .then(describe, outputs=on_change).then(bump, self.lora.version, self.lora.version)
+            .then(describe, outputs=on_change).then(**redraw)
         self.unload.click(unload, outputs=[self.status, self.last]).then(describe, outputs=on_change) \
-            .then(bump, self.lora.version, self.lora.version)
+            .then(**redraw)
         self.list_files.click(list_files, inputs=[self.repo, self.file], outputs=self.download_status)
         self.download.click(download, inputs=[self.repo, self.file], outputs=[self.download_status, self.model]) \
-            .then(bump, self.lora.version, self.lora.version)
+            .then(**redraw)
 
