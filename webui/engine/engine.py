@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +24,7 @@ from webui.adapters.inspect import Report, inspect_adapter
 from webui.backends import machine, models
 from webui.backends.base import Backend, Capabilities, LoadedInfo, TokenScores, stack_kept
 from webui.backends.registry import backend_class, loader_options
-from webui.errors import BadInput, Incompatible, LoadFailed, NoModelLoaded, Unsupported, first_line
+from webui.errors import BadInput, Incompatible, LoadFailed, LoraDeckError, NoModelLoaded, Unsupported, first_line
 from webui.options.config import GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
 from webui.training.live import is_live, live_names, resolve_live
@@ -70,6 +70,8 @@ class ModelLock:
 class LoadResult:
     info: LoadedInfo
     seconds: float
+    kept: dict = field(default_factory=dict)  # the active stack carried over from the same model on another loader
+    dropped: str = ""                         # why the previous stack was not carried over, when it was not
 
 
 class Engine:
@@ -145,11 +147,12 @@ class Engine:
                 raise reason from e
             self._backend, self._spec = backend, replace(spec, loader=loader)
             self._adapter_paths = {}
+            kept, dropped = self._carry_stack_locked(previous, weights, {n: p for n, p in stack.items() if p})
         self.last_load_seconds = time.perf_counter() - start
         # one line per load, whoever asked (start-up, the Model tab): the log shows every base (re)load
         log.info("loaded %s on %s (%s, %s) in %.1f s", info.name, info.loader, info.device, info.dtype,
                  self.last_load_seconds)
-        return LoadResult(info, self.last_load_seconds)
+        return LoadResult(info, self.last_load_seconds, kept, dropped)
 
     def _check_memory(self, cls, path: Path, spec: ModelSpec) -> None:
         """Refuse, with both figures, a load that cannot fit in the memory free once the current model is
@@ -178,6 +181,23 @@ class Engine:
         backend = backend_class(loader)()
         backend.load(path, spec)
         self._backend, self._spec = backend, spec
+
+    def _carry_stack_locked(self, previous: ModelSpec | None, weights: dict, paths: dict) -> tuple[dict, str]:
+        """The same model loaded again (on another loader, or with other settings) keeps its active adapters where
+        the new loader can apply them, unmerged; another model starts plain (the adapters were checked against
+        the old one). Returns (kept stack, why it was not kept)."""
+        if not weights or previous is None or previous.model != self._spec.model:
+            return {}, ""
+        backend = self._require()
+        if not backend.capabilities.adapters or (len(weights) > 1 and not backend.capabilities.adapter_stack):
+            return {}, f"the {backend.name} loader cannot apply this stack"
+        try:
+            self._restore_stack_locked(weights, False, paths)
+        except LoraDeckError as e:
+            for name in list(backend.adapters_loaded):
+                backend.delete_adapter(name)
+            return {}, first_line(e)
+        return backend.active_adapters, ""
 
     def _restore_stack_locked(self, weights: dict[str, float], merged: bool, paths: dict) -> None:
         """Bring back an active stack (and its merge) on a model loaded again after a failed load."""
@@ -513,5 +533,27 @@ class Engine:
             with stack_kept(backend):
                 self._load_missing(backend, weights, paths)  # reads and checks any that are not cached yet
                 backend.set_adapters(dict(weights))
-                return backend.blend_adapters(weights, new_name, combination_type, Path(out_dir or self.loras_dir),
-                                              density, **options)
+                try:
+                    return backend.blend_adapters(weights, new_name, combination_type,
+                                                  Path(out_dir or self.loras_dir), density, **options)
+                except Unsupported as e:
+                    if combination_type != "cat":
+                        raise Unsupported(f"{first_line(e)}; `cat` (exact) works on every loader, the others need "
+                                          "the base's weights in memory (the transformers or GPTQ loader)") from None
+                    return self._file_blend(weights, new_name, Path(out_dir or self.loras_dir), paths)
+
+    def _file_blend(self, weights: dict[str, float], new_name: str, out_dir: Path, paths: dict | None) -> Path:
+        """A loader that cannot run PEFT on its base (llama.cpp, a remote engine) still gets the exact `cat` blend:
+        made from the adapters' files alone (webui.adapters.file_blend), then checked like any new adapter."""
+        from webui.adapters.file_blend import cat_blend  # torch: only this path needs it here
+
+        sources = []
+        for name, weight in weights.items():
+            path = self._adapter_path(name, paths)
+            if read_adapter(path, name).format == "gguf":
+                raise Unsupported(f"{name} is a GGUF LoRA file: blends are made from PEFT adapter folders")
+            sources.append((path, weight))
+        out = out_dir / new_name
+        if out.exists():
+            raise BadInput(f"{out} exists already: pick another name for the blend")
+        return cat_blend(sources, out)

@@ -110,6 +110,10 @@ class ModelTab:
             except LoraDeckError as e:
                 return self.describe(ui_message(e)), ui_message(e)
             message = f"✅ Loaded in {result.seconds:.1f} s."
+            if result.kept:
+                message += " Adapters kept: " + ", ".join(f"{n} × {w:g}" for n, w in result.kept.items()) + "."
+            elif result.dropped:
+                message += f" The active adapters were not kept: {result.dropped}."
             return self.describe(message), message
 
         def unload():

@@ -219,8 +219,10 @@ class LlamaCppBackend(Backend):
         llama_cpp.llama_adapter_lora_free(entry[0])
 
     def merge_adapters(self) -> None:
-        raise Unsupported("llama.cpp applies adapters at run time and cannot merge them in memory; "
-                                   "to bake them in, export: python -m webui export --format gguf")
+        raise Unsupported("llama.cpp applies adapters at run time and cannot merge them in memory. To bake the "
+                          "active adapters in, export a merged GGUF (the LoRA panel's Export with format gguf, or "
+                          "python -m webui export --format gguf), or load this model on the transformers loader "
+                          "(the active adapters are kept) and merge there")
 
     # -- text --------------------------------------------------------------------------------------
     def _formatter(self, add_generation_prompt: bool):
