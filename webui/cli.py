@@ -36,6 +36,7 @@ from webui.options.commands import (
 from webui.options.config import EvalConfig, ModelSpec, ServerConfig, TrainConfig
 from webui.options.flags import add_arguments, from_namespace
 from webui.options.lora_options import yaml_hint
+from webui.quiet import quiet_libraries
 from webui.training import launch
 
 SURGERY = (("extract", ExtractOptions, "a LoRA from a fine-tuned model and its base (truncated SVD of T − B)"),
@@ -105,6 +106,7 @@ def _options(cls, args):
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     if extra:
         print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
         return 2
