@@ -192,7 +192,7 @@ def test_rows_are_not_redrawn_under_the_users_clicks(browser, start_app, world, 
     page.locator("#lora-on-B input[type=checkbox]").check()
     assert wait_text(lambda: page.inner_text("#lora-message"), "Active: B × 1", timeout=60) == "Active: B × 1"
     weight = page.locator("#lora-weight-B input[type=number]")
-    for i in range(6):  # each tick of A changes the active stack; the edits of B's weight go on meanwhile
+    for i in range(5):  # each tick of A changes the active stack; the edits of B's weight go on meanwhile
         page.locator("#lora-on-A input[type=checkbox]").set_checked(i % 2 == 0)
         end = time.time() + 4  # longer than the panel's 3 s watch
         k = 0
@@ -214,4 +214,24 @@ def test_rows_are_not_redrawn_under_the_users_clicks(browser, start_app, world, 
         assert wait_text(lambda: str(box.count()), "1", timeout=30) == "1"
     finally:
         shutil.rmtree(loras / "arrived")
+    page.context.close()
+
+
+def test_a_row_drawn_after_a_change_elsewhere_answers_the_first_click(browser, start_app, world, tmp_path):
+    """Issue 29, item 1 (a): an adapter arrives while the Model tab is hidden (a finished run, a fetch in another
+    tab); the user opens the tab, sees the new row and ticks it at once. The tick must reach the server."""
+    root, models, loras, _ = world
+    app = start_app("--model", "SmolLM2-135M-Instruct", "--loader", "transformers", "--models-dir", str(models),
+                    "--loras-dir", str(loras), "--user-dir", str(tmp_path / "user"))
+    page = open_app(browser, app.url)
+    shutil.copytree(loras / "A", loras / "late")
+    try:
+        page.wait_for_timeout(4000)
+        tab(page, "Model")
+        assert wait_text(lambda: str(page.locator("#lora-on-late").count()), "1", timeout=30) == "1"
+        page.locator("#lora-on-late input[type=checkbox]").check()
+        got = wait_text(lambda: page.inner_text("#lora-message"), "Active: late × 1", timeout=30)
+        assert got == "Active: late × 1", (got, page.locator(".toast-body").all_inner_texts())
+    finally:
+        shutil.rmtree(loras / "late")
     page.context.close()

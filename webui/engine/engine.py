@@ -50,6 +50,10 @@ class ModelLock:
     def wanted(self) -> bool:
         return self._waiting > 0
 
+    @property
+    def held(self) -> bool:
+        return self._lock.locked()
+
     def __enter__(self):
         if self._lock.acquire(blocking=False):
             return self
@@ -371,6 +375,12 @@ class Engine:
     @property
     def merged(self) -> bool:
         return bool(self._backend and self._backend.merged)
+
+    @property
+    def in_use(self) -> bool:
+        """Is the model working now (a batch, a scoring pass, a model change)? Its active adapters may then be a
+        request's own stack for the moment, not the one the UI chose."""
+        return self._lock.held
 
     def adapter_path(self, name: str) -> Path:
         """Where an adapter name's files are: a folder of the adapters dir, or a live checkpoint's folder."""

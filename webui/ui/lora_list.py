@@ -208,7 +208,11 @@ class LoraList:
         return f"{self.signature()}|{self.engine.active_adapters}|{self.engine.merged}"
 
     def watch(self, seen, version):
-        """Redraw the rows only when the server's state is not what this page last drew or did itself."""
+        """Redraw the rows only when the server's state is not what this page last drew or did itself. Not while the
+        model works: a request's own adapters (the API, compare mode, an evaluation) are active for a moment then,
+        and redrawing for them would replace the rows under the user's next click for nothing."""
+        if self.engine.in_use:
+            return gr.update(), gr.update()
         now = self.state()
         return (gr.update(), gr.update()) if now == seen else (now, version + 1)
 

@@ -60,7 +60,7 @@ class LoraPanel:
                 self.blend_go = gr.Button("Blend", elem_id="blend-go")
         with gr.Accordion("Get an adapter (hub, local path, S3)", open=False):
             with gr.Row():
-                self.source = gr.Dropdown(["hub", "local", "s3"], value="hub", label="source")
+                self.source = gr.Dropdown(["hub", "local", "s3"], value="hub", label="source", elem_id="lora-source")
                 self.source_id = gr.Textbox(label="id", placeholder="org/name · /path/to/adapter · s3://bucket/prefix",
                                             elem_id="lora-source-id")
                 self.fetch = gr.Button("Get", elem_id="lora-fetch")

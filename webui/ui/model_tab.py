@@ -77,7 +77,8 @@ class ModelTab:
                 self.list_files = gr.Button("List files", elem_id="download-list")
                 self.download = gr.Button("Download", variant="primary", elem_id="download-go")
             self.download_status = gr.Markdown(elem_id="download-status")
-        self.lora = LoraPanel(engine, models_dir)
+        with gr.Column(elem_id="lora-panel"):
+            self.lora = LoraPanel(engine, models_dir)
 
     def _choices(self) -> list[str]:
         return [EMBEDDED, *self.engine.list_models()]
