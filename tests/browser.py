@@ -72,10 +72,17 @@ def bot_text(page, index: int):
     return read
 
 
-def screenshot(page, name: str, selector: str | None = None) -> None:
-    """The whole page (or the element `selector` picks) into test-artifacts/NAME.png, where docs' pictures come from."""
+def screenshot(page, name: str, selector: str | tuple | None = None) -> None:
+    """The whole page (or the element `selector` picks, or the area from the first to the last of a tuple of
+    selectors) into test-artifacts/NAME.png, where docs' pictures come from."""
     ARTIFACTS.mkdir(exist_ok=True)
-    if selector:
+    if isinstance(selector, tuple):
+        boxes = [page.locator(s).first.bounding_box() for s in selector]
+        top, bottom = min(b["y"] for b in boxes), max(b["y"] + b["height"] for b in boxes)
+        left, right = min(b["x"] for b in boxes), max(b["x"] + b["width"] for b in boxes)
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True,
+                        clip={"x": left, "y": top, "width": right - left, "height": bottom - top})
+    elif selector:
         page.locator(selector).screenshot(path=str(ARTIFACTS / f"{name}.png"))
     else:
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)

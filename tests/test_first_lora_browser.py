@@ -48,9 +48,8 @@ def test_first_lora_in_five_minutes(browser, start_app, embedded_folder, tmp_pat
     screenshot(page, "first-lora-1-apply", "#lora-panel")
 
     # 3. compare it with the base, side by side
-    tab(page, "Chat")
+    tab(page, "Chat")  # the adapter pickers list what is there when their tab is opened
     page.get_by_text("Compare: base vs adapters").click()
-    page.click("#compare-refresh")
     page.locator("#compare-adapters label", has_text="pirate").first.click()
     page.locator("#compare-prompt textarea").fill("Who are you?")
     page.click("#compare-go")
@@ -74,11 +73,10 @@ def test_first_lora_in_five_minutes(browser, start_app, embedded_folder, tmp_pat
                        timeout=300)
     assert status == "done", page.inner_text("#train-status")
     assert (loras / "my-first" / "adapter_model.safetensors").is_file()
-    screenshot(page, "first-lora-3-train", "#train-status")
+    screenshot(page, "first-lora-3-train", ("#train-start", "#train-chart"))
 
     # 5. evaluate both against the base on held-out data
     tab(page, "Evaluate")
-    page.click("#eval-refresh")
     for name in ("pirate", "my-first"):
         page.locator("#eval-adapters label", has_text=name).first.click()
     _fill(page, "eval-dataset", data["chat"])

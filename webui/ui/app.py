@@ -21,7 +21,7 @@ def build_ui(engine: Engine, cfg: ServerConfig, extensions: Extensions) -> gr.Bl
     with gr.Blocks(title="LoRA Deck") as demo:
         gr.Markdown("## LoRA Deck")
         with gr.Tabs() as tabs:
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_tab:
                 chat = ChatTab(engine, cfg.paths["user"], extensions)
                 extensions_area(extensions)
             with gr.Tab("Parameters", id="parameters"):
@@ -31,8 +31,8 @@ def build_ui(engine: Engine, cfg: ServerConfig, extensions: Extensions) -> gr.Bl
             with gr.Tab("Training", id="training"):
                 training = TrainingTab(engine, TrainingRunner(cfg.paths["runs"], cfg.paths["models"],
                                                               cfg.paths["loras"]), cfg.paths["user"])
-            with gr.Tab("Evaluate", id="evaluate"):
-                EvaluateTab(engine, cfg.paths["user"])
+            with gr.Tab("Evaluate", id="evaluate") as evaluate_tab:
+                evaluate = EvaluateTab(engine, cfg.paths["user"])
         chat.wire(params)
         model.wire(on_change=chat.status, describe=chat.describe_model)
         model.load.click(lambda: params.visible_for(engine), outputs=params.inputs)
@@ -41,6 +41,11 @@ def build_ui(engine: Engine, cfg: ServerConfig, extensions: Extensions) -> gr.Bl
         demo.load(model.describe, inputs=model.last, outputs=model.status)  # the page's status is built once
         training.on_load(demo)
         training.live.wire(training.notice, tabs)
+        # the adapter pickers list what is there when the page or their tab is opened (a fetched adapter, a
+        # finished or running training run), keeping what is ticked
+        for opened, picker in ((chat_tab, chat.compare.adapters), (evaluate_tab, evaluate.adapters)):
+            for event in (opened.select, demo.load):
+                event(lambda: gr.update(choices=engine.adapter_choices()), outputs=picker, show_progress="hidden")
         # Model and adapter changes made by other users, the LoRA panel or the API's --lora show up in every tab.
         timer = gr.Timer(3.0)
         timer.tick(chat.describe_model, outputs=chat.status)
