@@ -77,7 +77,9 @@ def screenshot(page, name: str, selector: str | tuple | None = None) -> None:
     selectors) into test-artifacts/NAME.png, where docs' pictures come from."""
     ARTIFACTS.mkdir(exist_ok=True)
     if isinstance(selector, tuple):
-        boxes = [page.locator(s).first.bounding_box() for s in selector]
+        boxes = [page.locator(s).first.bounding_box() for s in selector]  # relative to the viewport
+        scroll = page.evaluate("[window.scrollX, window.scrollY]")
+        boxes = [{**b, "x": b["x"] + scroll[0], "y": b["y"] + scroll[1]} for b in boxes]  # to the page's
         top, bottom = min(b["y"] for b in boxes), max(b["y"] + b["height"] for b in boxes)
         left, right = min(b["x"] for b in boxes), max(b["x"] + b["width"] for b in boxes)
         page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True,
