@@ -103,10 +103,15 @@ def _options(cls, args):
         raise _BadFlags(str(e)) from None
 
 
+# the commands that load a model or adapters into torch (and so, through PEFT, GPTQModel)
+MODEL_COMMANDS = {"serve", "train", "export", "blend", "eval", "extract", "resize", "convert"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_libraries()
+    if args.command in MODEL_COMMANDS:  # the light commands never import the noisy libraries (see webui/quiet.py)
+        quiet_libraries()
     if extra:
         print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
         return 2

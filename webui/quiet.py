@@ -1,6 +1,7 @@
-"""Library start-up noise, turned down once for every command (the app, training runs, exports), so the first
-lines a user reads are ours. Each line names what it silences and why it is noise here; anything else a library
-warns about still shows.
+"""Library start-up noise, turned down once for the commands that load models (the app, training runs, exports),
+so the first lines a user reads are ours. Each line names what it silences and why it is noise here; anything else
+a library warns about still shows. Not for the light commands (`loras list`, `download`): importing GPTQModel's
+logger prints an empty line to stdout, which their output must not start with.
 """
 from __future__ import annotations
 
