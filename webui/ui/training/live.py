@@ -10,7 +10,7 @@ import html
 import gradio as gr
 
 from webui.engine import Engine
-from webui.errors import BadInput, LoraDeckError, ui_message
+from webui.errors import BadInput, LoraDeckError, NotFound, ui_message
 from webui.options.config import GenerationParams
 from webui.ui.compare import answer_cards
 
@@ -44,6 +44,8 @@ class LiveTry:
         try:
             path = self.engine.adapter_path(latest(run))
             report = self.engine.adapter_report(latest(run), path)
+        except NotFound:  # the usual state of a run's first steps, not an error
+            return f"No checkpoint of **{run}** yet: one is saved every `save_steps` steps."
         except LoraDeckError as e:
             return ui_message(e)
         where = f"step {path.name.split('-')[-1]}" if path.name.startswith("checkpoint-") else "the finished adapter"
