@@ -73,6 +73,9 @@ def test_first_lora_in_five_minutes(browser, start_app, embedded_folder, tmp_pat
                        timeout=300)
     assert status == "done", page.inner_text("#train-status")
     assert (loras / "my-first" / "adapter_model.safetensors").is_file()
+    line = wait_text(lambda: page.inner_text("#train-live-status"), timeout=30,  # my-first@latest is the result now
+                     key=lambda t: "finished" if "the finished adapter" in t else t)
+    assert line == "finished", page.inner_text("#train-live-status")
     screenshot(page, "first-lora-3-train", ("#train-start", "#train-chart"))
 
     # 5. evaluate both against the base on held-out data
