@@ -29,45 +29,11 @@ from webui.options.config import GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
 from webui.training.live import is_live, live_names, resolve_live
 
+from .lock import ModelLock
 from .scheduler import JobHandle, Scheduler  # the Engine's private part
 from .stack import UI_STACK, Stack, check_weights, stack_of
 
 log = logging.getLogger(__name__)
-
-
-class ModelLock:
-    """The Engine's lock around the model, which also tells whether a thread waits for it: the scheduler admits
-    no new request into its running batch while one does, so a load or an adapter change gets the model as
-    soon as the requests already running end, instead of never under a steady stream of requests. A plain
-    Lock underneath, not an RLock: a streaming generator may be resumed on a different thread (Gradio runs
-    each step in a worker pool), and only a plain Lock may be released by another thread."""
-
-    def __init__(self):
-        self._lock, self._count = threading.Lock(), threading.Lock()
-        self._waiting = 0
-
-    @property
-    def wanted(self) -> bool:
-        return self._waiting > 0
-
-    @property
-    def held(self) -> bool:
-        return self._lock.locked()
-
-    def __enter__(self):
-        if self._lock.acquire(blocking=False):
-            return self
-        with self._count:
-            self._waiting += 1
-        try:
-            self._lock.acquire()
-        finally:
-            with self._count:
-                self._waiting -= 1
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._lock.release()
 
 
 @dataclass
