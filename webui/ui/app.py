@@ -8,7 +8,7 @@ from webui.engine import Engine
 from webui.extensions import Extensions
 from webui.options.config import ServerConfig
 from webui.training.runner import TrainingRunner
-from webui.ui.chat_tab import ChatTab
+from webui.ui.chat.tab import ChatTab
 from webui.ui.evaluate_tab import EvaluateTab
 from webui.ui.extensions_area import extensions_area
 from webui.ui.model_tab import ModelTab

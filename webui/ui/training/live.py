@@ -12,7 +12,7 @@ import gradio as gr
 from webui.engine import Engine
 from webui.errors import BadInput, LoraDeckError, NotFound, ui_message
 from webui.options.config import GenerationParams
-from webui.ui.compare import answer_cards
+from webui.ui.chat.compare import answer_cards
 
 # greedy and short: the point is to see how the adapter's answer moves from save to save, not to sample
 TRY_PARAMS = GenerationParams(max_new_tokens=96, temperature=0.0)

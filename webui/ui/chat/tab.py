@@ -13,7 +13,7 @@ from webui.conversations import list_conversations, load_conversation, save_conv
 from webui.engine import UI_STACK, AdapterStack, Engine, Stack
 from webui.errors import LoraDeckError, ui_message
 from webui.extensions import Extensions
-from webui.ui.compare import CompareBox
+from webui.ui.chat.compare import CompareBox
 from webui.ui.status import model_line
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The Chat tab: the chat itself (`tab.py`) and compare mode (`compare.py`)."""
