@@ -13,7 +13,7 @@ PACKAGE = ROOT / "webui"
 # The app's core: models, adapters, loaders, downloads, training, export. It must not know the front-ends.
 CORE = ("webui.engine", "webui.backends", "webui.adapters", "webui.hub", "webui.training", "webui.export",
         "webui.evaluate", "webui.options", "webui.errors", "webui.paths", "webui.progress", "webui.conversations",
-        "webui.extensions")
+        "webui.preferences", "webui.extensions")
 FRONT_ENDS = ("webui.ui", "webui.api", "webui.web", "webui.cli")
 WEB_FRAMEWORKS = ("gradio", "fastapi", "starlette", "uvicorn")
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from webui.errors import BadInput, NotFound
 from webui.paths import inside
 
-_NAME = re.compile(r"^[\w][\w .+-]{0,79}$")
+NAME = re.compile(r"^[\w][\w .+-]{0,79}$")  # a plain file name; the preference sets (webui.preferences) take the same
 
 
 def _path(folder: Path, name: str) -> Path:
     name = (name or "").strip()
-    if not _NAME.match(name):
+    if not NAME.match(name):
         raise BadInput(f"conversation name {name!r}: use letters, digits, spaces, '.', '+', '-' (at most 80)")
     path = Path(folder) / f"{name}.json"
     if not inside(folder, path):  # a symlink in the folder pointing elsewhere: neither read nor written
