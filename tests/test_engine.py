@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from webui.backends.hf.sampling import PresenceFrequencyPenalty
+from webui.backends.hf.sampling import PresenceFrequencyPenalty, RowSampler
 from webui.engine import Engine
 from webui.errors import LoadFailed, NoModelLoaded, NotFound
 from webui.options.config import GenerationParams, ModelSpec
@@ -194,6 +194,12 @@ def test_seeded_sampling_is_reproducible(engine):
     first = engine.generate(PROMPT, params)
     assert engine.generate(PROMPT, params) == first
     assert "".join(engine.stream(PROMPT, params)) == first
+
+
+def test_a_whole_number_temperature_samples():
+    """The Parameters tab sends a typed 1 as the int 1, which transformers' temperature warper refused."""
+    sampler = RowSampler(GenerationParams(temperature=1, seed=7), prompt_len=1)
+    assert not sampler.greedy and sampler.processors
 
 
 def test_presence_and_frequency_penalties_follow_openai_definition():

@@ -53,7 +53,8 @@ class RowSampler:
         if grammar is not None:
             processors.append(grammar)
         if not self.greedy:
-            processors.append(TemperatureLogitsWarper(params.temperature))
+            # float(): transformers refuses an int, and a whole number typed in the UI (1) arrives as one
+            processors.append(TemperatureLogitsWarper(float(params.temperature)))
             if params.top_k:
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1.0:
