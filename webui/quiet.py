@@ -24,3 +24,6 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     # transformers 5 deprecates the name PEFT still calls when it wraps a model (every adapter load)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # ... and the names TRL's preference trainers call around their reference pass (every step of a DPO/KTO run)
+    warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_(enable|disable)` is deprecated",
+                            category=FutureWarning)

@@ -13,6 +13,7 @@ from pathlib import Path
 from webui.engine import Engine
 from webui.errors import BadInput, NotFound
 from webui.options.config import EvalConfig
+from webui.training import preference
 from webui.training.data import IGNORE, Sample, TextCodec, load_samples
 
 RAW_CHUNK_FALLBACK = 2048  # raw chunk length with cutoff_len 0 when the model does not state its context
@@ -40,26 +41,55 @@ def _context(engine: Engine) -> int:
     return engine.loaded.context_length if engine.loaded else 0
 
 
+def _cutoff(engine: Engine, cfg: EvalConfig) -> int:
+    if cfg.cutoff_len:
+        return cfg.cutoff_len
+    # no cut: records whole, raw text in chunks as long as the context
+    return (_context(engine) or RAW_CHUNK_FALLBACK) if cfg.format == "raw" else sys.maxsize
+
+
 def load_dataset(engine: Engine, cfg: EvalConfig) -> list[Sample]:
     """The samples to score (the first `max_samples`), each fitting the model's context."""
-    path, limit = Path(cfg.dataset), _context(engine)
-    if cfg.cutoff_len:
-        cutoff = cfg.cutoff_len
-    else:  # no cut: records whole, raw text in chunks as long as the context
-        cutoff = (limit or RAW_CHUNK_FALLBACK) if cfg.format == "raw" else sys.maxsize
-    samples = load_samples(path, cfg.format, EngineCodec(engine), cutoff, cfg.overlap)
+    path = Path(cfg.dataset)
+    samples = load_samples(path, cfg.format, EngineCodec(engine), _cutoff(engine, cfg), cfg.overlap)
     # a trained token needs a token before it to be predicted from (training's causal shift drops the first)
     samples = [s for s in samples if any(label != IGNORE for label in s.labels[1:])]
     if not samples:
         raise BadInput(f"{path.name}: no sample has a token to score")
     if cfg.max_samples:
         samples = samples[:cfg.max_samples]
-    unit = "chunk" if cfg.format == "raw" else "record"
+    _check_context(engine, path, samples, "chunk" if cfg.format == "raw" else "record")
+    return samples
+
+
+def load_pairs(engine: Engine, cfg: EvalConfig) -> tuple[list[Sample], list[Sample]]:
+    """A preference dataset's pairs as two lists of samples, the chosen and the rejected replies (the loss on the
+    reply only, the prompt as context); the first `max_samples` pairs. Ratings without a pair are not used."""
+    path = Path(cfg.dataset)
+    pairs, _ = preference.read(path)
+    if not pairs:
+        raise BadInput(f"{path.name}: a preference evaluation compares chosen with rejected replies, and the file "
+                       "holds no pair (prompt, chosen, rejected)")
+    if cfg.max_samples:
+        pairs = pairs[:cfg.max_samples]
+    codec, cutoff = EngineCodec(engine), _cutoff(engine, cfg)
+    sides = [[preference.encode_reply(codec, p["prompt"], p[side], cutoff, n) for n, p in enumerate(pairs, 1)]
+             for side in ("chosen", "rejected")]
+    for side in sides:
+        for s in side:
+            if not any(label != IGNORE for label in s.labels[1:]):
+                raise BadInput(f"{path.name} record {s.record}: the reply has no token to score within cutoff_len "
+                               f"{cfg.cutoff_len}; raise it")
+        _check_context(engine, path, side, "record")
+    return sides[0], sides[1]
+
+
+def _check_context(engine: Engine, path: Path, samples: list[Sample], unit: str) -> None:
+    limit = _context(engine)
     for s in samples:
         if limit and len(s.input_ids) > limit:
             raise BadInput(f"{path.name} {unit} {s.record}: {len(s.input_ids)} tokens do not fit the context of "
                            f"{engine.loaded.name} ({limit} tokens); lower cutoff_len or use a longer context")
-    return samples
 
 
 def read_prompts(path: Path) -> list[tuple[str, str]]:

@@ -19,8 +19,16 @@ from webui.atomic import write_text_into_place
 from webui.engine import Engine
 from webui.errors import BadInput, LoraDeckError, NoModelLoaded, first_line
 from webui.evaluate import page
-from webui.evaluate.inputs import load_dataset, render_prompts
-from webui.evaluate.stats import SampleNll, mean_loss, paired_bootstrap, perplexity, sample_nll, verdict
+from webui.evaluate.inputs import load_dataset, load_pairs, render_prompts
+from webui.evaluate.stats import (
+    SampleNll,
+    mean_loss,
+    paired_bootstrap,
+    perplexity,
+    preference_margins,
+    sample_nll,
+    verdict,
+)
 from webui.options.config import EvalConfig, GenerationParams, ModelSpec
 from webui.progress import Progress, no_progress
 from webui.training.data import IGNORE, Sample
@@ -83,7 +91,8 @@ def evaluate(engine: Engine, cfg: EvalConfig, progress: Progress = no_progress,
     configs = cfg.configurations()
     points = _sweep_stacks(cfg)
     _check_adapters(engine, configs + [(t, st) for t, _, st in points])
-    samples = load_dataset(engine, cfg)
+    # a preference dataset: the loss columns are the chosen replies', and the rejected ones give the margins
+    samples, rejected = load_pairs(engine, cfg) if cfg.format == "preference" else (load_dataset(engine, cfg), [])
     general = load_dataset(engine, dataclasses.replace(cfg, dataset=str(GENERAL_TEXT), format="raw", max_samples=0,
                                                        overlap=0)) if cfg.general else []
     prompts = render_prompts(engine, cfg)
@@ -91,16 +100,18 @@ def evaluate(engine: Engine, cfg: EvalConfig, progress: Progress = no_progress,
 
     # every distinct stack is scored once: a sweep's scale 0 is the base's own row, its scale 1 the adapter's
     stacks = {_key(st): st for st in [st for _, st in configs] + [st for _, _, st in points]}
-    batches = math.ceil(len(samples) / cfg.batch_size) + math.ceil(len(general) / cfg.batch_size)
+    batches = sum(math.ceil(len(d) / cfg.batch_size) for d in (samples, general, rejected))
     steps = len(stacks) * batches + len(prompts) * len(stacks)
     done = 0
     scored: dict[tuple, list[SampleNll]] = {}
     general_scored: dict[tuple, list[SampleNll]] = {}
+    rejected_scored: dict[tuple, list[SampleNll]] = {}
     timing: dict[tuple, tuple[float, int]] = {}
+    rows_of = {_key(s) for _, s in configs}  # the general text and the margins are reported for these
     for key, stack in stacks.items():
         name = ",".join(f"{n}={w:g}" for n, w in key) or "base"
-        for target, data in ((scored, samples), (general_scored, general if key in {_key(s) for _, s in configs}
-                                                   else [])):
+        for target, data in ((scored, samples), (general_scored, general if key in rows_of else []),
+                             (rejected_scored, rejected if key in rows_of else [])):
             start, fed, nll = time.perf_counter(), 0, []
             for b in range(0, len(data), cfg.batch_size):
                 if cancel.is_set():
@@ -110,7 +121,8 @@ def evaluate(engine: Engine, cfg: EvalConfig, progress: Progress = no_progress,
                 nll += [sample_nll(s.labels, sc.logprobs) for s, sc in zip(batch, scores)]
                 fed += sum(len(s.input_ids) for s in batch)
                 done += 1
-                what = "general text" if target is general_scored else "samples"
+                what = {id(general_scored): "general text", id(rejected_scored): "rejected replies"}.get(
+                    id(target), "samples")
                 progress(done / steps, f"scoring {name}: {min(b + cfg.batch_size, len(data))}/{len(data)} {what}")
             target[key] = nll
             if target is scored:
@@ -147,6 +159,9 @@ def evaluate(engine: Engine, cfg: EvalConfig, progress: Progress = no_progress,
             result.update(general_loss=_finite(mean_loss(g)),
                           general_delta_vs_base=_finite(mean_loss(g) - mean_loss(g_base)),
                           general_ci95=[g_ci[0], g_ci[1]], general_verdict="" if name == "base" else verdict(g_ci))
+        if rejected:
+            margin, wins, ci = preference_margins(nll, rejected_scored[_key(stack)], cfg.bootstrap, cfg.seed)
+            result.update(pref_margin=margin, pref_win_rate=wins, pref_ci95=[ci[0], ci[1]])
         results.append(result)
     sweeps = [{"target": target, "adapters": stack,
                "points": [{"scale": scale, **{k: v for k, v in row({n: w * scale for n, w in stack.items()}
@@ -233,6 +248,11 @@ def summary_text(report: dict) -> str:
             ci = "" if r["name"] == "base" else f"[{r['general_ci95'][0]:+.4f}, {r['general_ci95'][1]:+.4f}]  " \
                                                  f"{r['general_verdict']}"
             lines.append(f"{r['name']:<24} {r['general_loss']:>8.4f} {r['general_delta_vs_base']:>+10.4f} {ci}")
+    if any("pref_margin" in r for r in report["results"]):
+        lines.append("\npreference pairs: margin (log-prob of chosen - rejected), win rate, 95% CI of the margin")
+        for r in report["results"]:
+            lines.append(f"{r['name']:<24} {r['pref_margin']:>+10.4f} {r['pref_win_rate']:>8.1%} "
+                         f"[{r['pref_ci95'][0]:+.4f}, {r['pref_ci95'][1]:+.4f}]")
     for sweep in report.get("sweeps") or []:
         lines.append(f"\nsweep of {sweep['target']}: scale, loss, Δ vs base, 95% CI")
         for p in sweep["points"]:

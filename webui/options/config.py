@@ -195,7 +195,11 @@ class ServerConfig:
 
 TaskType = Literal["CAUSAL_LM", "SEQ_2_SEQ_LM"]
 BiasName = Literal["none", "all", "lora_only"]
-DatasetFormat = Literal["raw", "instruction", "chat"]
+DatasetFormat = Literal["raw", "instruction", "chat", "preference"]
+MethodName = Literal["sft", "dpo", "orpo", "kto"]
+_METHOD_HELP = ("What the adapter learns from: sft = the replies in the data (supervised fine-tuning); dpo, orpo = "
+                "pairs of a better and a worse reply (dataset.format preference; DPO against the base, ORPO without "
+                "a reference); kto = replies rated good or bad one by one (pairs count as one of each).")
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 # Trainer optimizers that need nothing beyond our dependencies; the 8-bit and paged ones are bitsandbytes'
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
@@ -286,7 +290,9 @@ class DatasetConfig:
 
     path: str | list = _opt("", "A .txt file (raw), or .json/.jsonl (instruction or chat); or a list of such files "
                                  "in the same format, mixed into one run.")
-    format: DatasetFormat = _opt("raw", "raw text, instruction (instruction/input/output) or chat (messages / ShareGPT).")
+    format: DatasetFormat = _opt("raw", "raw text, instruction (instruction/input/output), chat (messages / ShareGPT) "
+                                        "or preference (TRL's prompt/chosen/rejected pairs and prompt/completion/label "
+                                        "ratings, for method dpo, orpo, kto).")
     eval_fraction: float = _opt(0.1, "Share of samples held out for evaluation (0 = none).", min=0.0, max=0.5, step=0.01)
     overlap: int = _opt(32, "Raw text: tokens shared by consecutive chunks.", min=0, max=4096, step=1)
     train_on_prompt: bool = _opt(False, "instruction/chat: train on the prompt tokens too (every token of the "
@@ -348,6 +354,9 @@ class TrainingParams:
     packing: bool = _opt(False, "Padding-free packing: the samples of a batch share one row with no padding (position "
                                 "ids restart per sample, so no sample attends to another); fewer wasted tokens when "
                                 "lengths vary. Not for models without position ids (Bloom).")
+    beta: float = _opt(0.1, "Preference methods: DPO's and KTO's beta (how far the adapter may move from the base: "
+                            "higher stays closer), ORPO's weight of the odds-ratio term (its lambda).",
+                       min=0.001, max=100.0, step=0.01)
     precision: PrecisionName = _opt("auto", "Mixed precision. auto: bf16 where the hardware computes it (GPUs from "
                                             "Ampere on, CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, fp32 on "
                                             "other CPUs. fp16 needs a GPU.")
@@ -378,25 +387,40 @@ class TrainConfig:
     lora: LoraTrainConfig = field(default_factory=LoraTrainConfig)
     training: TrainingParams = field(default_factory=TrainingParams)
     base_model: str = ""  # models-dir name, path, or downloaded hub id; empty = the embedded model
+    method: MethodName = _opt("sft", _METHOD_HELP)
+
+    def __post_init__(self):
+        _validate(self)
+        preference = self.dataset.format == "preference"
+        if self.method == "sft" and preference:
+            raise BadInput("method: preference data trains with method dpo, orpo or kto, not sft")
+        if self.method != "sft" and not preference:
+            raise BadInput(f"dataset.format: method {self.method} learns from preference data (format preference: "
+                           f"prompt/chosen/rejected pairs or prompt/completion/label ratings), not "
+                           f"{self.dataset.format}")
+        if self.method != "sft" and self.training.packing:
+            raise BadInput(f"training.packing: method {self.method} keeps each reply in a row of its own (TRL's "
+                           "trainers pad); turn packing off")
 
     @classmethod
     def from_dict(cls, data) -> "TrainConfig":
         if not isinstance(data, dict):
             raise BadInput("the training config must be a YAML mapping with output, dataset, lora, training")
-        unknown = sorted(set(data) - {"output", "dataset", "lora", "training", "base_model"})
+        unknown = sorted(set(data) - {"output", "dataset", "lora", "training", "base_model", "method"})
         if unknown:
             raise BadInput(f"unknown top-level key(s): {', '.join(unknown)}; allowed: base_model, dataset, "
-                              "lora, training, output")
+                              "lora, method, training, output")
         output = data.get("output")
         if not output or not isinstance(output, str):
             raise BadInput("output: give the adapter's name")
-        return cls(output=output, base_model=str(data.get("base_model") or ""),
+        return cls(output=output, base_model=str(data.get("base_model") or ""), method=data.get("method") or "sft",
                    dataset=_nested(DatasetConfig, "dataset", data.get("dataset")),
                    lora=_nested(LoraTrainConfig, "lora", data.get("lora")),
                    training=_nested(TrainingParams, "training", data.get("training")))
 
     def to_dict(self) -> dict:
-        return {"base_model": self.base_model, "output": self.output, "dataset": dataclasses.asdict(self.dataset),
+        return {"base_model": self.base_model, "output": self.output, "method": self.method,
+                "dataset": dataclasses.asdict(self.dataset),
                 "lora": dataclasses.asdict(self.lora), "training": dataclasses.asdict(self.training)}
 
 
@@ -432,8 +456,10 @@ class EvalConfig:
 
     dataset: str = _opt("", "The dataset: a .txt file (raw), or .json/.jsonl (instruction or chat), as for "
                             "training.", required=True)
-    format: DatasetFormat = _opt("raw", "raw text, instruction (instruction/input/output) or chat (messages / "
-                                        "ShareGPT).", required=True)
+    format: DatasetFormat = _opt("raw", "raw text, instruction (instruction/input/output), chat (messages / "
+                                        "ShareGPT), or preference (prompt/chosen/rejected pairs: each target's "
+                                        "log-probability margin of chosen over rejected and its win rate).",
+                                 required=True)
     out: str = _opt("", "The report: REPORT.json, or REPORT.html (a self-contained page; the JSON is written "
                         "beside it).", required=True)
     lora: list = _opt([], "Adapters (names in the loras dir) to evaluate, each on its own at weight 1.")

@@ -44,6 +44,12 @@ def rewrites_base(value) -> bool:
     return isinstance(value, str) and value.startswith(INIT_REWRITES_BASE)
 
 
+def starts_as_base(lora) -> bool:
+    """Does a new adapter with these settings change nothing until trained (B starts at zero: PEFT's default and
+    gaussian init), so that the model with it switched off is exactly the model with it as initialized?"""
+    return lora.init_lora_weights in (True, "gaussian") and not lora.use_dora
+
+
 def check_layers_regex(pattern) -> None:
     """A layers_pattern given without layers_to_transform must be one regular expression over module names."""
     try:

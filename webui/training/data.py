@@ -8,6 +8,7 @@ model will see them.
   token with `dataset.train_on_prompt`, as for chat).
 - chat: JSONL records with OpenAI `messages` ([{role, content}]) or ShareGPT `conversations`
   ([{from: human|gpt|system, value}]); loss on the assistant turns only.
+- preference: pairs and ratings for the preference methods, read by webui/training/preference.py.
 
 Every problem (empty file, bad JSON, a record missing a field) raises BadInput naming the file, the
 line or record, and the field — before any training starts.
@@ -213,6 +214,8 @@ def detect_format(path: Path) -> str | None:
         return None
     if "messages" in first or "conversations" in first:
         return "chat"
+    if "chosen" in first or "rejected" in first or "completion" in first and "label" in first:
+        return "preference"
     return "instruction" if "instruction" in first else None
 
 
@@ -227,6 +230,11 @@ def check_files(paths: list, fmt: str) -> int:
         if not path.is_file():
             raise NotFound(f"dataset.path: {path} not found")
         try:
+            if fmt == "preference":
+                from webui.training.preference import count_records  # it reads records with this module's reader
+
+                count += count_records([path])
+                continue
             if fmt == "raw":
                 if not path.read_text(encoding="utf-8").strip():
                     raise BadInput(f"{path.name} is empty")

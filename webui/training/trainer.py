@@ -42,7 +42,7 @@ from webui.backends.registry import backend_class, detect
 from webui.errors import BadInput, NotFound, Unsupported, first_line
 from webui.options import lora_options
 from webui.options.config import TrainConfig
-from webui.training import chunked_loss, packing, precision
+from webui.training import chunked_loss, methods, packing, precision, preference
 from webui.training.data import load_files, split, warnings_for
 from webui.training.run_folder import CONFIG, METRICS, STOP, latest_checkpoint, pid_fields, read_status, write_status
 
@@ -92,8 +92,8 @@ def prepare(cfg: TrainConfig, models_dir: Path, loras_dir: Path, runs_dir: Path)
                             "pick another name (re-running a run of ours resumes it)")
     if resuming:
         previous = TrainConfig.from_dict(yaml.safe_load((run_dir / CONFIG).read_text()))
-        if previous.lora != cfg.lora or previous.base_model != cfg.base_model:
-            raise BadInput(f"runs/{cfg.output} holds a run with other LoRA settings or base; "
+        if previous.lora != cfg.lora or previous.base_model != cfg.base_model or previous.method != cfg.method:
+            raise BadInput(f"runs/{cfg.output} holds a run with other LoRA settings, base or method; "
                                 "pick another output name or delete that run folder")
     if cfg.lora.rewrites_base and cfg.training.quantization != "none":
         raise BadInput(f"lora.init_lora_weights {cfg.lora.init_lora_weights} rewrites the base weights, which "
@@ -145,7 +145,10 @@ def _callback(run_dir: Path):
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
                 if key in logs:
                     row[key] = float(logs[key])
-            if "loss" in logs:
+            for key, name in methods.LOGGED.items():  # a preference run's reward margin and accuracy
+                if key in logs:
+                    row[name] = float(logs[key])
+            if "loss" in logs and state.num_input_tokens_seen:
                 # trained so far by all processes (the Trainer's count of non-padding input tokens, gathered)
                 tokens = state.num_input_tokens_seen
                 row["tokens"] = tokens
@@ -192,11 +195,10 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
     if cfg.training.packing:
         packing.prepare_model(model)  # position ids, no cache: the samples of a packed row stay apart
     try:
-        samples = load_files(cfg.dataset.paths, cfg.dataset.format, tok, cfg.training.cutoff_len, cfg.dataset.overlap,
-                             cfg.dataset.train_on_prompt)
+        samples, notes = _data(cfg, tok)
     except BadInput as e:
         raise BadInput(f"dataset: {e}") from None
-    for note in warnings_for(samples, cfg.training.cutoff_len):
+    for note in notes:
         log(f"warning: {note}")
     train_set, eval_set = split(samples, cfg.dataset.eval_fraction, cfg.training.seed)
     try:
@@ -223,18 +225,23 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
             + (f" in {world} processes" if world > 1 else "") + (f", resuming from {resume.name}" if resume else ""))
 
     t = cfg.training
-    args = training_arguments(t, run_dir, bool(eval_set))
-    collator = packing.collator(tok, t.packing)
+    arguments = training_kwargs(t, run_dir, bool(eval_set))
+    args = TrainingArguments(**arguments)
     progress = _callback(run_dir)
     as_dicts = lambda rows: [{"input_ids": s.input_ids, "labels": s.labels} for s in rows]  # noqa: E731
     try:
-        trainer = LossInSlices(model=peft_model, args=args, train_dataset=as_dicts(train_set),
-                               eval_dataset=as_dicts(eval_set) or None, data_collator=collator,
-                               callbacks=[progress],
-                               optimizers=(loraplus_optimizer(peft_model, args, t.loraplus_lr_ratio), None))
-        if chunked_loss.fits(peft_model, train_set[0].input_ids if train_set else []):
-            trainer.head = peft_model.get_output_embeddings()
-            trainer.vocab_size = peft_model.config.get_text_config().vocab_size
+        optimizer = loraplus_optimizer(peft_model, args, t.loraplus_lr_ratio)
+        if cfg.method != "sft":
+            trainer = methods.trainer(cfg.method, peft_model, tok, arguments, t, train_set, eval_set, [progress],
+                                      optimizer, starts_as_base=lora_options.starts_as_base(cfg.lora))
+        else:
+            trainer = LossInSlices(model=peft_model, args=args, train_dataset=as_dicts(train_set),
+                                   eval_dataset=as_dicts(eval_set) or None,
+                                   data_collator=packing.collator(tok, t.packing), callbacks=[progress],
+                                   optimizers=(optimizer, None))
+            if chunked_loss.fits(peft_model, train_set[0].input_ids if train_set else []):
+                trainer.head = peft_model.get_output_embeddings()
+                trainer.vocab_size = peft_model.config.get_text_config().vocab_size
     except (ValueError, TypeError) as e:  # e.g. a base whose quantization cannot be trained
         if main:
             write_status(run_dir, state="failed", message=first_line(e))
@@ -255,7 +262,8 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
         return None
     out = _save_adapter(peft_model, cfg, base_id, loras_dir, trainer.state.global_step,
                         initial=run_dir / INITIAL_ADAPTER if cfg.lora.rewrites_base else None)
-    write_adapter_card(out, run_dir, train_set, eval_set)  # README.md: the hub's card format (webui/adapters/model_card.py)
+    sft = cfg.method == "sft"  # the card counts tokens of tokenized samples; a preference run's come from its status
+    write_adapter_card(out, run_dir, train_set if sft else None, eval_set if sft else None)  # README.md: the hub's card format (webui/adapters/model_card.py)
     write_status(run_dir, state="done", step=trainer.state.global_step, adapter=str(out),
                  message=f"done: adapter {cfg.output} is in {loras_dir}")
     log(f"done: {out}")
@@ -285,10 +293,28 @@ class LossInSlices(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def _data(cfg: TrainConfig, tok) -> tuple[list, list[str]]:
+    """The run's samples (tokenized for sft; preference rows, checked against cutoff_len, for the other methods)
+    and warnings about them."""
+    t = cfg.training
+    if cfg.method != "sft":
+        rows, note = preference.load(cfg.dataset.paths, cfg.method)
+        preference.check_lengths(rows, tok, t.cutoff_len)
+        return rows, [note] if note else []
+    samples = load_files(cfg.dataset.paths, cfg.dataset.format, tok, t.cutoff_len, cfg.dataset.overlap,
+                         cfg.dataset.train_on_prompt)
+    return samples, warnings_for(samples, t.cutoff_len)
+
+
 def training_arguments(t, run_dir: Path, has_eval: bool) -> TrainingArguments:
     """transformers' TrainingArguments for the `training:` section `t` (TrainingParams)."""
+    return TrainingArguments(**training_kwargs(t, run_dir, has_eval))
+
+
+def training_kwargs(t, run_dir: Path, has_eval: bool) -> dict:
+    """The keyword arguments of `training_arguments` (TRL's configs take them too)."""
     cuda = torch.cuda.is_available()
-    return TrainingArguments(
+    return dict(
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation,
         learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps or -1,
@@ -338,8 +364,9 @@ def _save_adapter(peft_model, cfg: TrainConfig, base_id: str, loras_dir: Path, s
     target = loras_dir / cfg.output
     # replace: a resumed run of ours that finished again replaces its own adapter, in one step
     with write_into_place(target, replace=True) as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=(
-            str(initial) if initial else None))
+        # the trained adapter only (a preference run also holds TRL's frozen reference copy)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"],
+                                   path_initial_model_for_weight_conversion=str(initial) if initial else None)
         config_file = tmp / "adapter_config.json"
         adapter_cfg = json.loads(config_file.read_text())
         adapter_cfg["base_model_name_or_path"] = base_id

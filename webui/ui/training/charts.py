@@ -14,6 +14,9 @@ from webui.training.runner import TrainingRunner
 
 HISTORY_COLUMNS = ["name", "state", "base", "steps", "final loss", "final eval loss", "date"]
 LOSS, LOG_LOSS = "loss", "log10(loss)"
+# (metric, series): the losses, and a preference run's reward margin and accuracy (chosen over rejected) beside them
+SERIES = (("loss", "train"), ("eval_loss", "eval"), ("margin", "margin"), ("accuracy", "accuracy"),
+          ("eval_margin", "eval margin"), ("eval_accuracy", "eval accuracy"))
 # Tableau 10, the palette Vega itself uses for categories: distinct, and readable by most colour-blind users
 PALETTE = ["#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d",
            "#bab0ac"]
@@ -54,7 +57,7 @@ def curves(runs: dict[str, list[dict]], smoothing: float = 0.0, label_runs: bool
     with the data it already holds, and that data must have the new column (else Vega draws it as categories)."""
     rows = []
     for name, metrics in runs.items():
-        for key, kind in (("loss", "train"), ("eval_loss", "eval")):
+        for key, kind in SERIES:
             steps, values = _points(metrics, key)
             series = f"{name} · {kind}" if label_runs else kind
             for step, value in zip(steps, ema(values, smoothing)):

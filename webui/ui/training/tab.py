@@ -71,6 +71,7 @@ class TrainingTab:
             self.output = gr.Textbox(label="adapter name", placeholder="my-lora", elem_id="train-output")
             self.base = gr.Dropdown([EMBEDDED, *engine.list_models()], value=EMBEDDED, label="base model",
                                     allow_custom_value=True, elem_id="train-base")
+            self.method = forms.control(TrainConfig, "method", "train")
         with gr.Accordion("Quantization (QLoRA) and precision", open=True, elem_id="train-group-quantization"), \
                 gr.Row():
             self.train = {n: forms.control(TrainingParams, n, "train-opt") for n in QUANT}
@@ -132,20 +133,20 @@ class TrainingTab:
     # -- form <-> config ----------------------------------------------------------------------------
     @property
     def inputs(self) -> list:
-        return [self.output, self.base, *self.data.values(), *self.lora.values(), *self.train.values()]
+        return [self.output, self.base, self.method, *self.data.values(), *self.lora.values(), *self.train.values()]
 
     def config_from(self, values) -> TrainConfig:
-        output, base, rest = values[0], values[1], list(values[2:])
+        output, base, method, rest = values[0], values[1], values[2], list(values[3:])
         nd, nl = len(self.data), len(self.lora)
         data = forms.parse(DatasetConfig, list(self.data), rest[:nd])
         data["path"] = data["path"] or ""
         return TrainConfig.from_dict({
-            "output": (output or "").strip(), "base_model": "" if base == EMBEDDED else (base or ""),
+            "output": (output or "").strip(), "base_model": "" if base == EMBEDDED else (base or ""), "method": method,
             "dataset": data, "lora": forms.parse(LoraTrainConfig, list(self.lora), rest[nd:nd + nl]),
             "training": forms.parse(TrainingParams, list(self.train), rest[nd + nl:])})
 
     def form_from(self, cfg: TrainConfig) -> list:
-        ups = [gr.update(value=cfg.output), gr.update(value=cfg.base_model or EMBEDDED)]
+        ups = [gr.update(value=cfg.output), gr.update(value=cfg.base_model or EMBEDDED), gr.update(value=cfg.method)]
         ups += [forms.update(DatasetConfig, n, getattr(cfg.dataset, n)) for n in self.data]
         ups += [forms.update(LoraTrainConfig, n, getattr(cfg.lora, n)) for n in self.lora]
         ups += [forms.update(TrainingParams, n, getattr(cfg.training, n)) for n in self.train]
@@ -167,6 +168,9 @@ class TrainingTab:
         evals = [m for m in v.metrics if "eval_loss" in m]
         if evals:
             parts.append(f"eval loss {evals[-1]['eval_loss']:.4f}")
+        margins = [m for m in v.metrics if "margin" in m]
+        if margins:  # a preference run: how far the chosen replies lead the rejected ones
+            parts.append(f"margin {margins[-1]['margin']:+.3f} · accuracy {margins[-1].get('accuracy', 0):.0%}")
         text = " · ".join(parts) + (f"\n\n{v.message}" if v.message else "")
         return text, live_curves(v.metrics, smoothing or 0.0), v.log_tail
 
@@ -225,6 +229,12 @@ class TrainingTab:
             shutil.copy(path, target)
             return str(target), detected(str(target))
 
+        def method_for(fmt, method):
+            """Preference data goes with a preference method (DPO first), other data with sft."""
+            if fmt == "preference" and method == "sft":
+                return "dpo"
+            return "sft" if fmt != "preference" and method != "sft" else gr.update()
+
         def to_yaml(*values):
             try:
                 return yaml.safe_dump(self.config_from(values).to_dict(), sort_keys=False)
@@ -276,6 +286,8 @@ class TrainingTab:
         self.upload.upload(upload, inputs=self.upload, outputs=[self.data["path"], self.data["format"]]).then(**keep)
         for event in (self.data["path"].blur, self.data["path"].submit):
             event(detected, inputs=self.data["path"], outputs=self.data["format"], show_progress="hidden")
+        self.data["format"].change(method_for, inputs=[self.data["format"], self.method], outputs=self.method,
+                                   show_progress="hidden").then(**keep)
         self.to_yaml.click(to_yaml, inputs=self.inputs, outputs=self.yaml)
         self.from_yaml.click(from_yaml, inputs=self.yaml, outputs=[*self.inputs, self.notice]).then(**keep)
         self.apply.click(apply, inputs=self.run_name, outputs=self.notice)
