@@ -56,10 +56,20 @@ def _general_cells(r: dict) -> str:
             f'<td {cell}>[{ci[0]:+.4f}, {ci[1]:+.4f}]</td>')
 
 
+def _preference_cells(r: dict) -> str:
+    """A preference dataset: the mean margin of chosen over rejected (summed log-probabilities), its interval and
+    the win rate."""
+    return (f'<td {NUM} class="pref-margin">{_num(r.get("pref_margin"), "+.3f")}</td>'
+            f'<td {NUM}>[{r["pref_ci95"][0]:+.3f}, {r["pref_ci95"][1]:+.3f}]</td>'
+            f'<td {NUM} class="pref-win">{_num(100 * r["pref_win_rate"], ".0f")}%</td>')
+
+
 def results_table(report: dict) -> str:
     general = bool(report.get("general_text"))
+    pref = any("pref_margin" in r for r in report["results"])
     titles = ("name", "adapters", "loss", "perplexity", "tokens", "tokens/s", "Δ loss vs base", "95% interval of Δ",
-              "reading") + (("general text: loss / Δ vs base", "its 95% interval") if general else ())
+              "reading") + (("general text: loss / Δ vs base", "its 95% interval") if general else ()) + (
+              ("margin: log-prob chosen − rejected", "its 95% interval", "win rate") if pref else ())
     head = "".join(f"<th {TH}>{h}</th>" for h in titles)
     rows = []
     for r in report["results"]:
@@ -72,7 +82,7 @@ def results_table(report: dict) -> str:
             f'<td {NUM}>{_num(r.get("tokens_per_s"), ".0f")}</td>'
             f'<td {NUM}>{"" if base else _num(r["delta_loss_vs_base"], "+.4f")}</td><td {NUM}>{ci}</td>'
             f'<td {TD}><span style="color:{_color(r)};font-weight:600;white-space:nowrap">{_e(r["verdict"])}</span>'
-            f'</td>{_general_cells(r) if general else ""}</tr>')
+            f'</td>{_general_cells(r) if general else ""}{_preference_cells(r) if pref else ""}</tr>')
     return f'<table class="results" {TABLE}><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
