@@ -104,11 +104,15 @@ def rows_for(method: str, pairs: list[dict], ratings: list[dict]) -> list[dict]:
 
 def load(paths: list, method: str) -> tuple[list[dict], str]:
     """The rows of every file for `method`, and a note on what was left out (ratings, for dpo/orpo)."""
-    pairs, ratings = [], []
+    pairs, ratings, kinds = [], [], {}
     for path in paths:
         p, r = read(Path(path))
         pairs += p
         ratings += r
+        kinds.setdefault("plain text" if isinstance((p + r)[0]["prompt"], str) else "message lists", Path(path).name)
+    if len(kinds) > 1:
+        raise BadInput(f"{kinds['message lists']} holds message lists and {kinds['plain text']} plain text; TRL "
+                       "tokenizes a dataset one way, so train on files of one kind")
     rows = rows_for(method, pairs, ratings)
     note = (f"{len(ratings)} single rating(s) are for method kto and are not used by {method}"
             if method in ("dpo", "orpo") and ratings else "")
