@@ -41,6 +41,9 @@ def build_ui(engine: Engine, cfg: ServerConfig, extensions: Extensions) -> gr.Bl
         demo.load(model.describe, inputs=model.last, outputs=model.status)  # the page's status is built once
         training.on_load(demo)
         training.live.wire(training.notice, tabs)
+        # the Chat tab's preference set becomes the Training tab's dataset (a method control where the tab has one)
+        chat.ratings.send_to_training(tabs, training.data["path"], training.data["format"],
+                                      getattr(training, "method", None))
         # the adapter pickers list what is there when the page or their tab is opened (a fetched adapter, a
         # finished or running training run), keeping what is ticked
         for opened, picker in ((chat_tab, chat.compare.adapters), (evaluate_tab, evaluate.adapters)):

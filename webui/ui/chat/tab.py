@@ -1,6 +1,7 @@
 """The Chat tab: streaming replies from the loaded model with its own chat template, a system prompt,
-and send / stop / regenerate / remove last / clear. Each browser tab has its own history (the Chatbot's
-value lives in the page); the Engine makes concurrent users wait their turn instead of interleaving.
+and send / stop / regenerate / remove last / clear; 👍/👎 on replies and the better of two regenerated ones kept
+as preference data (ratings.py). Each browser tab has its own history (the Chatbot's value lives in the page);
+the Engine makes concurrent users wait their turn instead of interleaving.
 """
 from __future__ import annotations
 
@@ -14,30 +15,11 @@ from webui.engine import UI_STACK, AdapterStack, Engine, Stack
 from webui.errors import LoraDeckError, ui_message
 from webui.extensions import Extensions
 from webui.ui.chat.compare import CompareBox
+from webui.ui.chat.messages import message_text, to_messages
+from webui.ui.chat.ratings import RatingsBox
 from webui.ui.status import model_line
 
 log = logging.getLogger(__name__)
-
-
-def message_text(content) -> str:
-    """The text of a Chatbot message (Gradio may hand back a string or a list of typed parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text") or content.get("value") or "")
-    if isinstance(content, (list, tuple)):
-        return "".join(message_text(part) for part in content)
-    return "" if content is None else str(content)
-
-
-def to_messages(history: list, system: str) -> list[dict]:
-    """Chatbot history → OpenAI-style messages for the chat template."""
-    msgs = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
-    for m in history:
-        role = m["role"] if isinstance(m, dict) else m.role
-        content = m["content"] if isinstance(m, dict) else m.content
-        msgs.append({"role": role, "content": message_text(content)})
-    return msgs
 
 
 class ChatTab:
@@ -59,6 +41,7 @@ class ChatTab:
             self.continue_ = gr.Button("Continue", size="sm", elem_id="chat-continue")
             self.remove_last = gr.Button("Remove last", size="sm", elem_id="chat-remove-last")
             self.clear = gr.Button("Clear", size="sm", elem_id="chat-clear")
+        self.ratings = RatingsBox(user_dir)
         with gr.Accordion("System prompt", open=False):
             self.system = gr.Textbox(value="", lines=3, show_label=False, elem_id="chat-system",
                                      placeholder="Optional instructions given to the model before the chat")
@@ -138,7 +121,7 @@ class ChatTab:
                 yield message, history, gr.update()
                 return
             history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-            yield "", history, gr.update()
+            yield "", history, ""  # the "Last reply" line comes back with the finished reply
             for h, answered in self._reply(history, message, system, params, request):
                 yield "", h, answered
 
@@ -149,10 +132,16 @@ class ChatTab:
             if not history:
                 yield history, gr.update()
                 return
+            try:
+                params = params_tab.params_from(values)
+            except LoraDeckError as e:
+                gr.Warning(str(e))
+                yield gr.update(), gr.update()
+                return
             user_text = message_text(history[-1]["content"])
             history.append({"role": "assistant", "content": ""})
-            yield history, gr.update()
-            yield from self._reply(history, user_text, system, params_tab.params_from(values), request)
+            yield history, ""
+            yield from self._reply(history, user_text, system, params, request)
 
         def continue_(request: gr.Request, history, system, *values):
             history = list(history or [])
@@ -188,11 +177,20 @@ class ChatTab:
         self.message.submit(submit, **io)
         self.send.click(submit, **io)
         hist_io = dict(inputs=[self.chatbot, self.system, *param_inputs], outputs=[self.chatbot, self.answered])
-        self.regenerate.click(regenerate, **hist_io)
-        self.continue_.click(continue_, **hist_io)
+        # the reply a regenerate replaces is kept, and the new one offered beside it ("which is better?")
+        alternatives, pair = self.ratings.alternatives, self.ratings.pair
+        self.regenerate.click(self.ratings.remember, inputs=[self.chatbot, self.system, alternatives],
+                              outputs=[alternatives, pair]).then(regenerate, **hist_io).then(
+            self.ratings.offer, inputs=[self.chatbot, alternatives], outputs=self.ratings.offer_outputs)
+        # Continue grows the reply the box shows: hidden until the next regenerate, which keeps the grown one
+        self.continue_.click(lambda: gr.update(visible=False), outputs=pair).then(continue_, **hist_io)
         self.remove_last.click(remove_last, inputs=self.chatbot, outputs=self.chatbot)
         self.clear.click(lambda: [], outputs=self.chatbot)
         self.stop.click(stop)
+        # another prompt: the alternatives kept answered one that is gone
+        for event in (self.message.submit, self.send.click, self.remove_last.click, self.clear.click, self.load.click):
+            event(self.ratings.forget, outputs=[alternatives, pair], show_progress="hidden")
+        self.ratings.wire(self.chatbot, self.system)
 
         def save(name, history, system):
             try:
