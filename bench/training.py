@@ -8,7 +8,11 @@ plain TRL SFTTrainer + PEFT script (bench/trl_reference.py) with the same base, 
   computes in bf16 autocast; ours picks bf16 where the hardware computes it, checkpoints every 2nd layer and makes
   the loss a slice at a time. The note gives ours with TRL's settings and ours without checkpointing too;
 - train_qlora_nf4_vs_float: tokens/s of QLoRA (training.quantization nf4) / the float base; peak RSS in the note;
-- train_ddp2_vs_single: tokens/s of 2 processes (DDP, batch 2 each) / 1 process (batch 4): the same global batch.
+- train_ddp2_vs_single: tokens/s of 2 processes (DDP, batch 2 each) / 1 process (batch 4): the same global batch;
+- train_dpo_peak_rss_vs_sft: peak RSS of a DPO run (method dpo, 64 pairs) / an SFT run on the same base, LoRA
+  settings and sequences per step (the pairs' chosen replies as chat records; a DPO batch of N pairs is 2N
+  sequences, chosen and rejected): DPO's reference is the base with the adapter off, so no second model is held.
+  The note gives DPO at the same batch_size too, against SFT at the same and at twice the batch.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from bench.common import Row, child_peak_rss, side_by_side
 from webui.backends import embedded
 from webui.training import precision
 
-ROWS = ("train_vs_trl", "train_peak_rss_vs_trl", "train_qlora_nf4_vs_float", "train_ddp2_vs_single")
+ROWS = ("train_vs_trl", "train_peak_rss_vs_trl", "train_qlora_nf4_vs_float", "train_ddp2_vs_single",
+        "train_dpo_peak_rss_vs_sft")
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("The lighthouse keeper climbed the stairs every evening to light the lamp. Ships passed in the "
         "night, and the sea kept its own counsel. ") * 200
@@ -43,12 +48,23 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
         counter = iter(range(1000))
         rss: dict[str, list[float]] = {}
 
-        def ours(key: str, num_processes: int = 1, **training):
+        pairs = [{"prompt": [{"role": "user", "content": f"Tell me about thing number {i}."}],
+                  "chosen": [{"role": "assistant", "content": f"MOO! said the cow. Thing {i} is {TEXT[:200]}"}],
+                  "rejected": [{"role": "assistant", "content": f"BAA! said the sheep. Thing {i} is {TEXT[:200]}"}]}
+                 for i in range(64)]
+        (tmp / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        (tmp / "chosen.jsonl").write_text("".join(json.dumps({"messages": p["prompt"] + p["chosen"]}) + "\n"
+                                                  for p in pairs))
+        datasets = {"raw": {"path": str(tmp / "text.txt"), "format": "raw", "eval_fraction": 0, "overlap": 32},
+                    "sft": {"path": str(tmp / "chosen.jsonl"), "format": "chat", "eval_fraction": 0},
+                    "dpo": {"path": str(tmp / "pairs.jsonl"), "format": "preference", "eval_fraction": 0}}
+
+        def ours(key: str, num_processes: int = 1, data: str = "raw", **training):
             """tokens/s of one run of ours; its peak RSS (its largest process) goes to rss[key]."""
             def measure():
                 name = f"bench{next(counter)}"
-                cfg = {"base_model": str(base), "output": name,
-                       "dataset": {"path": str(tmp / "text.txt"), "format": "raw", "eval_fraction": 0, "overlap": 32},
+                cfg = {"base_model": str(base), "output": name, "dataset": datasets[data],
+                       "method": "dpo" if data == "dpo" else "sft",
                        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
                        "training": {"max_steps": steps, "batch_size": batch, "cutoff_len": cutoff,
                                     "save_steps": 10_000, "num_processes": num_processes, **training}}
@@ -59,6 +75,8 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
                 metrics = [json.loads(x) for x in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()]
                 metrics = [r for r in metrics if "tokens" in r]
                 rss.setdefault(key, []).append(peak)
+                if len(metrics) < 2:  # a run whose batches are not counted in tokens (not the rows that time)
+                    return 0.0
                 return (metrics[-1]["tokens"] - metrics[0]["tokens"]) / (metrics[-1]["time"] - metrics[0]["time"])
             return measure
 
@@ -101,4 +119,17 @@ def run(models_dir: Path, quick: bool = False, only: set | None = None) -> list[
             rows.append(Row("train_ddp2_vs_single", ddp, single, "tokens/s", True,
                             f"2 processes x batch {max(1, batch_of // 2)} (gloo, one core each) vs 1 process x "
                             f"batch {batch_of} on {os.cpu_count()} cores; " + note))
+        if "train_dpo_peak_rss_vs_sft" in wanted:
+            # a DPO batch of N pairs runs 2N sequences (chosen and rejected) through the model: the row compares the
+            # same sequences per step; the note gives the same batch_size, against SFT with twice the batch too
+            pairs_batch = max(1, batch // 2)
+            side_by_side(ours("dpo", data="dpo", batch_size=pairs_batch), ours("sft", data="sft"), reps)
+            ours("dpo_same", data="dpo")()
+            ours("sft_double", data="sft", batch_size=2 * batch)()
+            dpo_same, sft = max(rss["dpo_same"]), max(rss["sft"])
+            rows.append(Row("train_dpo_peak_rss_vs_sft", max(rss["dpo"]), sft, "MB", False,
+                            f"peak RSS of method dpo, batch {pairs_batch} pairs = {2 * pairs_batch} sequences, / sft, "
+                            f"batch {batch}; at dpo batch {batch} pairs: {dpo_same:.0f} MB = {dpo_same / sft:.2f}x sft "
+                            f"batch {batch}, {dpo_same / max(rss['sft_double']):.2f}x sft batch {2 * batch}; 64 chat "
+                            f"pairs (sft: their chosen replies), same base and LoRA; " + note))
     return rows

@@ -103,6 +103,8 @@ def _training_rows(training: dict) -> list[tuple[str, object]]:
     t = training.get("training") or {}
     rows = [("steps", training.get("steps")),
             ("epochs" if not t.get("max_steps") else "max steps", t.get("max_steps") or t.get("epochs"))]
+    if training.get("method", "sft") != "sft":  # preference tuning: which trainer, and its beta
+        rows += [("method", training["method"]), ("beta", t.get("beta"))]
     for key in ("learning_rate", "lr_scheduler", "warmup_steps", "batch_size", "gradient_accumulation",
                 "cutoff_len", "optim", "weight_decay", "max_grad_norm", "seed"):
         rows.append((key.replace("_", " "), t.get(key)))
