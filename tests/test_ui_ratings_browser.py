@@ -77,7 +77,8 @@ def test_rate_regenerate_choose_and_train(browser, start_app, embedded_folder, t
     page.locator("#chatbot button[aria-label='Like']").last.click()
     assert "Rated good" in wait_text(lambda: page.inner_text("#chat-pref-status"), timeout=20)
     assert "1 rating" in page.inner_text("#chat-pref-counts")
-    [rating] = _rows(user / "preferences" / "chat-preferences.ratings.jsonl")
+    ratings_file = user / "preferences" / "chat-preferences.ratings.jsonl"
+    [rating] = _rows(ratings_file)
     assert set(rating) == {"prompt", "completion", "label"} and rating["label"] is True
     assert [m["role"] for m in rating["prompt"]] == ["system", "user", "assistant", "user"]
     assert [m["content"] for m in rating["prompt"][:2]] == [SYSTEM, FIRST] and rating["prompt"][3]["content"] == SECOND
@@ -108,13 +109,15 @@ def test_rate_regenerate_choose_and_train(browser, start_app, embedded_folder, t
                     "rejected": [{"role": "assistant", "content": earlier}]}
     assert words(earlier) == rated  # a regenerate that gave the same reply again adds no alternative
 
-    # "Train on these": the Training tab, with the pairs as its preference dataset
+    # "Train on these": the Training tab, with the set's files as its preference dataset and DPO as its method
     page.click("#chat-pref-train")
     training = page.get_by_role("tab", name="Training")
     assert wait_text(lambda: training.get_attribute("aria-selected"), "true", timeout=20) == "true"
-    assert wait_text(lambda: page.input_value("#train-data-path textarea, #train-data-path input"),
-                     str(pairs_file.resolve()), timeout=20) == str(pairs_file.resolve())
+    files = f"{pairs_file.resolve()}, {ratings_file.resolve()}"
+    assert wait_text(lambda: page.input_value("#train-data-path textarea, #train-data-path input"), files,
+                     timeout=20) == files
     assert page.locator("#train-data-format input").first.input_value() == "preference"
+    assert page.locator("#train-method input").first.input_value() == "dpo"
 
     # Clear forgets the alternatives: the box goes until the next regenerate
     tab(page, "Chat")

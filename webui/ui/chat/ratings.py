@@ -143,27 +143,29 @@ class RatingsBox:
                 self.pair_status]
 
     def send_to_training(self, tabs: gr.Tabs, path_box, format_box, method_box=None) -> None:
-        """The "Train on these" button: open the Training tab with the set as its dataset, format `preference`,
-        and the method its rows are for (pairs: dpo; only ratings: kto) where the tab has a method control."""
+        """The "Train on these" button: open the Training tab with the set's files as its dataset, format
+        `preference`, and (where the tab has a method control) dpo when there are pairs, else kto. Both files go
+        in: dpo and orpo learn from the pairs (the Training tab says the ratings are left out), kto from both."""
         outputs = [self.status, tabs, path_box, format_box] + ([method_box] if method_box is not None else [])
 
         def go(name):
-            unchanged = [gr.update()] * len(outputs)
+            unchanged = [gr.update()] * (len(outputs) - 1)
             try:
                 pairs, ratings = counts(self.folder, name)
-                path, method = (set_path(self.folder, name), "dpo") if pairs else \
-                    (ratings_path(self.folder, name), "kto")
+                files = [path for path, n in ((set_path(self.folder, name), pairs),
+                                              (ratings_path(self.folder, name), ratings)) if n]
             except LoraDeckError as e:
-                return [ui_message(e), *unchanged[1:]]
-            if not (pairs or ratings):
+                return [ui_message(e), *unchanged]
+            if not files:
                 return ["Nothing to train on yet: rate replies 👍/👎, or regenerate one and choose the better.",
-                        *unchanged[1:]]
+                        *unchanged]
             # absolute: training runs in a child process with the app's folder as its working directory
-            filled = [str(path.resolve()), gr.update(value="preference")]
-            note = f"The Training tab has `{path}` as its dataset (format preference"
+            filled = [", ".join(str(path.resolve()) for path in files), gr.update(value="preference")]
+            shown = " and ".join(f"`{path}`" for path in files)
+            note = f"The Training tab has {shown} as its dataset (format preference"
             if method_box is not None:
-                filled.append(gr.update(value=method))
-                note += f", method {method}"
+                filled.append(gr.update(value="dpo" if pairs else "kto"))
+                note += f", method {'dpo' if pairs else 'kto'}"
             return [note + "): name the adapter and start.", gr.Tabs(selected="training"), *filled]
 
         self.train.click(go, inputs=self.name, outputs=outputs)
