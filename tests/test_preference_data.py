@@ -12,7 +12,7 @@ import pytest
 from webui.errors import BadInput
 from webui.options.config import TrainConfig
 from webui.training import preference
-from webui.training.data import check_files, detect_format
+from webui.training.data import detect_format
 from webui.training.runner import TrainingRunner
 from webui.training.trainer import latest_checkpoint, train
 
@@ -82,7 +82,7 @@ def test_records_of_two_kinds_and_methods_that_need_the_other_kind(tmp_path):
         preference.load([ratings], "kto")
     assert detect_format(path) == "preference" and detect_format(ratings) == "preference"
     plain = write_jsonl(tmp_path / "p.jsonl", pairs(2))
-    assert check_files([plain, ratings], "preference") == 3
+    assert preference.check_files([plain, ratings]) == 3
     with pytest.raises(BadInput, match="m.jsonl holds message lists and p.jsonl plain text"):
         preference.load([write_jsonl(tmp_path / "m.jsonl", pairs(1, messages=True)), plain], "dpo")
     rows, note = preference.load([plain, ratings], "dpo")

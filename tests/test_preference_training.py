@@ -52,9 +52,11 @@ def plain_trl(method: str, base: Path, train_file: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if method == "dpo":
-        from trl import DPOConfig as Config, DPOTrainer as Trainer
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
     else:
-        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Trainer
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
     tok = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     s = SETTINGS

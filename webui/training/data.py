@@ -230,11 +230,6 @@ def check_files(paths: list, fmt: str) -> int:
         if not path.is_file():
             raise NotFound(f"dataset.path: {path} not found")
         try:
-            if fmt == "preference":
-                from webui.training.preference import count_records  # it reads records with this module's reader
-
-                count += count_records([path])
-                continue
             if fmt == "raw":
                 if not path.read_text(encoding="utf-8").strip():
                     raise BadInput(f"{path.name} is empty")

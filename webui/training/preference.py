@@ -154,6 +154,14 @@ def trl_rows(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "record"} for r in rows]
 
 
-def count_records(paths: list) -> int:
-    """How many pairs and ratings the files hold, every record checked (no tokenizer needed)."""
-    return sum(len(p) + len(r) for p, r in (read(Path(path)) for path in paths))
+def check_files(paths: list) -> int:
+    """How many pairs and ratings the files hold, every record checked without a tokenizer (the runner's check
+    before a run's process starts; data.check_files for the other formats). BadInput names `dataset.path`."""
+    if not paths:
+        raise BadInput("dataset.path: give the training data file")
+    try:
+        return sum(len(p) + len(r) for p, r in (read(Path(path)) for path in paths))
+    except (BadInput, NotFound) as e:
+        raise type(e)(f"dataset.path: {e}") from None
+    except UnicodeDecodeError:
+        raise BadInput("dataset.path: a preference file is not UTF-8 text") from None

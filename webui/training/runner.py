@@ -19,6 +19,7 @@ import yaml
 from webui.adapters.files import check_adapter_name
 from webui.errors import BadInput
 from webui.options.config import TrainConfig
+from webui.training import preference
 from webui.training.data import check_files
 from webui.training.run_folder import (
     CONFIG,
@@ -95,7 +96,11 @@ class TrainingRunner:
     def start(self, cfg: TrainConfig) -> Path:
         check_adapter_name(cfg.output, self.loras_dir)  # the run folder must stay inside runs/
         # bad data is refused here, not 45 s into a run (relative paths as the run's process, started in ROOT, reads them)
-        check_files([p if Path(p).is_absolute() else ROOT / p for p in cfg.dataset.paths], cfg.dataset.format)
+        paths = [p if Path(p).is_absolute() else ROOT / p for p in cfg.dataset.paths]
+        if cfg.dataset.format == "preference":
+            preference.check_files(paths)
+        else:
+            check_files(paths, cfg.dataset.format)
         run = self.runs_dir / cfg.output
         view = self.view(cfg.output)
         if view.state in ("starting", "running", "stopping"):
