@@ -55,7 +55,9 @@ def test_rate_regenerate_choose_and_train(browser, start_app, embedded_folder, t
     models, user = tmp_path / "models", tmp_path / "user"
     models.mkdir()
     (models / embedded_folder.name).symlink_to(embedded_folder, target_is_directory=True)
-    app = start_app("--models-dir", str(models), "--loader", "transformers", "--user-dir", str(user))
+    runs, loras = tmp_path / "runs", tmp_path / "loras"
+    app = start_app("--models-dir", str(models), "--loader", "transformers", "--user-dir", str(user),
+                    "--runs-dir", str(runs), "--loras-dir", str(loras))
     page = open_app(browser, app.url)
     tab(page, "Parameters")  # sampling with a random seed: a regenerated reply differs
     set_number(page, "param-temperature", 1.0)
@@ -118,6 +120,22 @@ def test_rate_regenerate_choose_and_train(browser, start_app, embedded_folder, t
                      timeout=20) == files
     assert page.locator("#train-data-format input").first.input_value() == "preference"
     assert page.locator("#train-method input").first.input_value() == "dpo"
+
+    # ... and a run from it starts, learns from the pair (the rating left to KTO) and shows the margin
+    _type_into(page, "#train-output textarea, #train-output input", "chat-dpo")
+    set_number(page, "train-opt-max_steps", 2)
+    page.click("#train-start")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        status = page.inner_text("#train-status")
+        if "· done" in status or "failed" in status:
+            break
+        time.sleep(1)
+    assert "· done" in status and "margin" in status and "accuracy" in status, status
+    metrics = _rows(runs / "chat-dpo" / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "margin" in m] == [1, 2]
+    assert (loras / "chat-dpo" / "adapter_model.safetensors").is_file()
+    assert "1 single rating(s) are for method kto" in page.input_value("#train-log textarea")
 
     # Clear forgets the alternatives: the box goes until the next regenerate
     tab(page, "Chat")
