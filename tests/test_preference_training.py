@@ -148,3 +148,7 @@ def test_preference_training_matches_plain_trl(method, data, embedded_folder, tm
         assert by_name[f"moo-{method}"]["pref_win_rate"] == pytest.approx(ours_w)
         low, high = by_name[f"moo-{method}"]["pref_ci95"]
         assert low <= ours_m <= high and low > by_name["base"]["pref_ci95"][1]
+        from webui.evaluate.page import results_table  # what the Evaluate tab and the HTML report show
+
+        table = results_table(report)
+        assert "win rate" in table and f'class="pref-margin">{by_name[f"moo-{method}"]["pref_margin"]:+.3f}<' in table
