@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datasets import Dataset
 
+from webui.training import precision
 from webui.training.preference import trl_rows
 
 # what each method's logs are called in the run's metrics.jsonl (the charts and the status line read these)
@@ -47,6 +48,9 @@ def trainer(method: str, peft_model, tokenizer, arguments: dict, t, train_rows: 
                           train_dataset=Dataset.from_list(trl_rows(train_rows)),
                           eval_dataset=Dataset.from_list(trl_rows(eval_rows)) if eval_rows else None,
                           callbacks=callbacks, optimizers=(optimizer, None))
+    # TRL casts a quantized base's trained weights to bf16 (QLoRA's paper); ours stay float32 as in SFT runs, where
+    # bf16 optimizer steps on the adapter would lose the small updates
+    precision.upcast_trainable(peft_model)
     if starts_as_base and "ref" in getattr(peft_model, "peft_config", {}):
         peft_model.delete_adapter("ref")  # the adapter switched off is the base itself
         peft_model.set_adapter("default")

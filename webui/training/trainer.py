@@ -10,6 +10,9 @@ with its training config and the base model's id. A GPTQ base trains as QLoRA th
 trainable kernel with float32 activations; `training.quantization` trains as QLoRA on a base that bitsandbytes
 quantizes while loading (the loader provides the model: Backend.training_model).
 
+`method: dpo | orpo | kto` trains the same PEFT model on preference data with TRL's trainers
+(webui/training/methods.py), through the same run folder, callbacks, stop and resume.
+
 PiSSA and OLoRA initializations rewrite the base weights the adapter trains against; the adapter PEFT built at
 the start is kept in the run folder (`initial-adapter/`) and the finished adapter is converted against it
 (PEFT's `path_initial_model_for_weight_conversion`), so that it works on the original base (at twice the rank).
@@ -262,8 +265,10 @@ def train(cfg: TrainConfig, models_dir: Path = Path("models"), loras_dir: Path =
         return None
     out = _save_adapter(peft_model, cfg, base_id, loras_dir, trainer.state.global_step,
                         initial=run_dir / INITIAL_ADAPTER if cfg.lora.rewrites_base else None)
-    sft = cfg.method == "sft"  # the card counts tokens of tokenized samples; a preference run's come from its status
-    write_adapter_card(out, run_dir, train_set if sft else None, eval_set if sft else None)  # README.md: the hub's card format (webui/adapters/model_card.py)
+    # README.md, the hub's card format (webui/adapters/model_card.py); it counts the tokens of tokenized samples, so a
+    # preference run's counts come from its status
+    sft = cfg.method == "sft"
+    write_adapter_card(out, run_dir, train_set if sft else None, eval_set if sft else None)
     write_status(run_dir, state="done", step=trainer.state.global_step, adapter=str(out),
                  message=f"done: adapter {cfg.output} is in {loras_dir}")
     log(f"done: {out}")
