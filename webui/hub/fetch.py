@@ -35,19 +35,32 @@ def download(spec: str, *, branch: str | None = None, specific_files=(), exclude
     no new fraction). Setting `cancel` (a threading.Event) stops a hub download within a chunk, keeping what
     it has. Re-running resumes; `clean=True` starts over. Raises a LoraDeckError with a one-line message.
     """
-    if spec.startswith("s3://"):
+    source = source_of(spec)
+    if source == "s3":
         return download_s3(spec, model_dir=model_dir, lora_dir=lora_dir, output=output, clean=clean,
                            require_lora=require_lora, max_retries=max_retries, progress=progress)
-    local = Path(spec).expanduser()
-    if spec.startswith(("/", "./", "../", "~")) and not local.exists():  # a path, not a hub id: say which
-        raise NotFound(f"{spec}: no such file or folder on this machine")
-    if local.exists() and (spec.startswith(("/", ".", "~")) or not REPO_ID.match(spec)):
+    if source == "local":
+        local = Path(spec).expanduser()
+        if not local.exists():  # a path, not a hub id: say which
+            raise NotFound(f"{spec}: no such file or folder on this machine")
         return copy_local(local, model_dir=model_dir, lora_dir=lora_dir, output=output, clean=clean,
                           require_lora=require_lora, progress=progress)
     return download_hub(spec, branch=branch, specific_files=specific_files, exclude_pattern=exclude_pattern,
                         threads=threads, output=output, model_dir=model_dir, lora_dir=lora_dir, clean=clean,
                         max_retries=max_retries, text_only=text_only, token=token, require_lora=require_lora,
                         progress=progress, cancel=cancel)
+
+
+def source_of(spec: str) -> str:
+    """Where a name given without its source comes from: `s3` (an s3:// URL), `local` (a path: it starts with
+    '/', './', '../' or '~', or it exists here and is not shaped like a hub id) or `hub` (ORG/NAME[:BRANCH])."""
+    if spec.startswith("s3://"):
+        return "s3"
+    if spec.startswith(("/", "./", "../", "~")):
+        return "local"
+    if Path(spec).expanduser().exists() and (spec.startswith(".") or not REPO_ID.match(spec)):
+        return "local"
+    return "hub"
 
 
 def fetch_adapter(adapter_id: str, source: str = "hub", loras_dir: Path = Path("loras"),
