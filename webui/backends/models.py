@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from webui.backends import registry
-from webui.errors import NotFound
+from webui.errors import LoadFailed, NotFound
 from webui.progress import Progress
 
 PARTIAL_SUFFIXES = (".incomplete", ".part", ".tmp")
@@ -58,3 +58,18 @@ def resolve(model: str, loader: str, models_dir: Path, progress: Progress | None
         return Path(model), address_loader
     path = resolve_model_path(model, models_dir)
     return path, registry.detect(path, loader, wanted)
+
+
+def loader_for(model: str, loader: str, models_dir: Path, wanted=frozenset()) -> str:
+    """The loader `resolve` picks for `model`, found without preparing anything (the embedded model is not
+    converted): the Model tab shows that loader's settings while `auto` is chosen. NotFound, BadInput or LoadFailed
+    as `resolve` would raise them."""
+    if not model:
+        names = registry.embedded_candidates(loader, wanted)
+        if not names:
+            raise LoadFailed("no installed loader provides the embedded model")
+        return names[0]
+    address_loader = registry.detect_address(model, loader, wanted)
+    if address_loader is not None:
+        return address_loader
+    return registry.detect(resolve_model_path(model, models_dir), loader, wanted)

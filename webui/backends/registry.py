@@ -122,16 +122,21 @@ def detect_address(model: str, requested: str = "auto", wanted=frozenset()) -> s
     return requested
 
 
+def embedded_candidates(requested: str, wanted=frozenset()) -> list[str]:
+    """The loaders that may provide the embedded model for `requested`, in the order `embedded` tries them (the
+    first one does, for every loader that ships with LoRA Deck)."""
+    if requested != "auto":
+        require(requested)
+        check_options(requested, wanted)
+        return [requested]
+    return [n for n in available() if backend_class(n).embedded_by_default and _takes(n, wanted)]
+
+
 def embedded(requested: str, models_dir: Path, progress=None, wanted=frozenset()) -> tuple[Path, str]:
     """(path, loader) of the embedded default model for `requested` (auto: the first installed loader that
     takes the `wanted` loader options and provides one). Each loader provides it in its own format (a GGUF
     file, a converted folder, ...)."""
-    if requested != "auto":
-        require(requested)
-        check_options(requested, wanted)
-    candidates = [n for n in available() if backend_class(n).embedded_by_default and _takes(n, wanted)] \
-        if requested == "auto" else [requested]
-    for name in candidates:
+    for name in embedded_candidates(requested, wanted):
         path = backend_class(name).embedded(Path(models_dir), progress)
         if path is not None:
             return path, name

@@ -1,7 +1,8 @@
 """The Model tab: pick a model from the models folder (folders and .gguf files, or the embedded SmolLM2), a
-loader and that loader's settings (each loader declares which ModelSpec fields matter to it), load or
-unload with progress and the time it took, download from the hub/S3 into the models folder, and the LoRA
-panel. A failed load shows the reason and leaves the previous model answering.
+loader and that loader's settings (each loader declares which ModelSpec fields matter to it; with `auto`, those of
+the loader auto picks for the chosen model), load or unload with progress and the time it took, download a base
+model from the hub/S3 into the models folder, and the LoRA panel (where adapters are got). A failed load shows
+the reason and leaves the previous model answering.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from webui.backends import embedded, machine, registry
+from webui.backends import embedded, machine, models, registry
 from webui.engine import Engine
 from webui.errors import LoraDeckError, ui_message
 from webui.hub.download import plan
@@ -28,10 +29,22 @@ def setting_fields() -> tuple[str, ...]:
 
 
 def settings_for(loader: str) -> set[str]:
-    """Which settings a loader uses; `auto` shows them all (the loader is picked per model)."""
-    if loader == "auto":
-        return set(setting_fields())
+    """Which settings a loader uses."""
     return set(registry.backend_class(loader).settings)
+
+
+def auto_settings(model: str, loader: str, fields: dict, models_dir: Path) -> tuple[set[str], str]:
+    """(the settings to show, a line saying which loader `auto` picks) for the chosen model: the loader the
+    registry detects, as a load would (the settings already set count: they can rule loaders out). Without a
+    model to look at, no settings and the reason."""
+    if loader != "auto":
+        return settings_for(loader), ""
+    try:
+        spec = ModelSpec(model="" if model == EMBEDDED else (model or ""), loader=loader, **fields)
+        picked = models.loader_for(spec.model, "auto", models_dir, registry.loader_options(spec))
+    except LoraDeckError as e:
+        return set(), f"auto picks the loader once the model is found ({ui_message(e)})"
+    return settings_for(picked), f"auto → **{picked}** for this model: its settings are shown"
 
 
 def remote_text(status: dict, adapters: str) -> str:
@@ -61,6 +74,10 @@ class ModelTab:
                                       info=ModelSpec.__dataclass_fields__["loader"].metadata["help"],
                                       elem_id="model-loader")
             self.settings = {name: forms.control(ModelSpec, name, "setting") for name in setting_fields()}
+        shown, note = auto_settings(self._current(), "auto", {}, self.models_dir)
+        for name, control in self.settings.items():  # the page opens with auto's choice for the current model
+            control.visible = name in shown
+        self.auto_note = gr.Markdown(note, elem_id="model-auto-loader")
         self.fit = gr.Markdown(elem_id="model-fit")  # the memory a load needs, shown before it starts
         with gr.Row():
             self.load = gr.Button("Load", variant="primary", elem_id="model-load")
@@ -68,9 +85,10 @@ class ModelTab:
         self.status = gr.Markdown(self.describe(), elem_id="model-status")
         # the last load's or unload's message in this browser tab, kept above the state when the state is redrawn
         self.last = gr.State("")
-        with gr.Accordion("Download a model or adapter (hub, S3)", open=False):
+        with gr.Accordion("Download a base model (hub, S3)", open=False, elem_id="download-model"):
             with gr.Row():
                 self.repo = gr.Textbox(label="repo", placeholder="org/name[:branch] or s3://bucket/prefix",
+                                       info="adapters: Get an adapter, in the LoRA panel below",
                                        elem_id="download-repo", scale=3)
                 self.file = gr.Textbox(label="file (optional)", placeholder="e.g. model.Q4_K_M.gguf", scale=2)
             with gr.Row():
@@ -134,9 +152,13 @@ class ModelTab:
             verdict = "it fits" if need <= free else "**it does not fit**: the load will be refused"
             return f"Memory: loading needs about **{machine.gb(need)}**, and {machine.gb(free)} is free ({verdict})."
 
-        def show_settings(loader):
-            wanted = settings_for(loader)
-            return [gr.update(visible=name in wanted) for name in self.settings]
+        def show_settings(model, loader, *values):
+            try:
+                fields = forms.parse(ModelSpec, list(self.settings), values)
+            except LoraDeckError:
+                fields = {}
+            shown, note = auto_settings(model, loader, fields, self.models_dir)
+            return [note, *[gr.update(visible=name in shown) for name in self.settings]]
 
         def list_files(repo, file):
             try:
@@ -156,10 +178,15 @@ class ModelTab:
                              progress=lambda f, msg: progress(f if f is not None else 0, desc=msg))
             except LoraDeckError as e:
                 return ui_message(e), gr.update()
+            if Path(path).parent == Path(self.engine.loras_dir):  # an adapter repository: download() put it there
+                return (f"✅ Downloaded `{path}`: it is an adapter, so it went to the loras folder and is in the "
+                        "LoRA panel's list below.", gr.update())
             return f"✅ Downloaded to `{path}`.", gr.update(choices=self._choices())
 
         self.refresh.click(lambda: gr.update(choices=self._choices()), outputs=self.model)
-        self.loader.change(show_settings, inputs=self.loader, outputs=settings)
+        for control in (self.model, self.loader):  # auto shows the settings of the loader it picks for the model
+            control.change(show_settings, inputs=[self.model, self.loader, *settings],
+                           outputs=[self.auto_note, *settings], show_progress="hidden")
         for control in (self.model, self.loader, *settings):
             control.change(fit, inputs=[self.model, self.loader, *settings], outputs=self.fit)
         self.unload.click(fit, inputs=[self.model, self.loader, *settings], outputs=self.fit)
