@@ -34,8 +34,7 @@ def test_first_lora_in_five_minutes(browser, start_app, embedded_folder, tmp_pat
 
     # 1. get an adapter (here from a folder; a hub id works the same way)
     tab(page, "Model")
-    page.get_by_text("Get an adapter (hub, local path, S3)").click()
-    _pick(page, "lora-source", "local")
+    page.get_by_text("Get an adapter: hub, a folder on this machine, S3, or upload").click()
     page.locator("#lora-source-id input, #lora-source-id textarea").first.fill(str(downloaded))
     page.click("#lora-fetch")
     assert wait_text(lambda: str(page.locator("#lora-on-pirate").count()), "1", timeout=60) == "1"
@@ -109,9 +108,9 @@ def test_first_lora_in_five_minutes(browser, start_app, embedded_folder, tmp_pat
     _pick(page, "export-format", "gguf-lora")
     page.locator("#export-name input, #export-name textarea").first.fill("my-first-gguf")
     page.click("#export-go")
-    exported = wait_text(lambda: page.inner_text("#lora-message"), timeout=120,
+    exported = wait_text(lambda: page.inner_text("#export-message"), timeout=120,
                          key=lambda t: "exported" if "Exported" in t else t)
-    assert exported == "exported", page.inner_text("#lora-message")
+    assert exported == "exported", page.inner_text("#export-message")
     assert list((loras / "my-first-gguf").glob("*.gguf")) or (loras / "my-first-gguf.gguf").is_file()
     screenshot(page, "first-lora-5-export", "#lora-panel")
     page.context.close()

@@ -21,7 +21,7 @@ def test_blend_merge_and_a_loader_switch_on_the_default_loader(browser, start_ap
     page.get_by_text("Blend active adapters into a new adapter").click()
     page.locator("#blend-name input, #blend-name textarea").first.fill("A-blend")
     page.click("#blend-go")
-    saved = wait_text(lambda: page.inner_text("#lora-message"), timeout=90,
+    saved = wait_text(lambda: page.inner_text("#blend-message"), timeout=90,
                       key=lambda t: "saved" if "A-blend" in t else t)
     assert saved == "saved" and (loras / "A-blend" / "adapter_model.safetensors").is_file()
 

@@ -159,9 +159,10 @@ def test_big_library(browser, start_app, world, tmp_path):
     tab(page, "Model")
     page.locator(".lora-row").first.wait_for(state="visible", timeout=30_000)
     first = page.evaluate("window.__counts")[0]
-    assert "30 of 30 adapters" in first and "30 being checked" in first, first  # drawn before any report
-    assert wait_text(lambda: page.inner_text("#lora-count"), "all checked", timeout=120,
-                     key=lambda t: "all checked" if "all checked" in t else t) == "all checked"
+    assert "30 of 30 adapters" in first and "checking compatibility of 30" in first, first  # drawn before any report
+    assert wait_text(lambda: page.inner_text("#lora-count"), "compatibility checked", timeout=120,
+                     key=lambda t: "compatibility checked" if "compatibility checked" in t else t) \
+        == "compatibility checked"
     assert "ok" in page.inner_text("#lora-badge-style-00")
     # reports of rows beyond the first page arrive too, and are on disk for the next start
     cached = json.loads((lib / ".cache" / "reports.json").read_text())["reports"]

@@ -23,12 +23,12 @@ def test_publish_from_the_lora_panel(browser, start_app, tiny_models, tmp_path):
         page.locator("#publish-name textarea, #publish-name input").first.fill("panel-lora")
         page.locator("#publish-to textarea, #publish-to input").first.fill("me/panel-lora")
         page.click("#publish-go")
-        assert "hf:ORG/NAME" in wait_text(lambda: page.inner_text("#lora-message"), timeout=30)
+        assert "hf:ORG/NAME" in wait_text(lambda: page.inner_text("#publish-message"), timeout=30)
         assert not [e for e in hub.log if e[0] == "POST"]  # nothing sent (Gradio itself GETs a few hub routes)
 
         page.locator("#publish-to textarea, #publish-to input").first.fill("hf:me/panel-lora")
         page.click("#publish-go")
-        message = wait_text(lambda: page.inner_text("#lora-message"), timeout=60,
+        message = wait_text(lambda: page.inner_text("#publish-message"), timeout=60,
                             key=lambda t: t if "Published" in t or "Publish failed" in t else "")
         assert "Published" in message and f"{hub.url}/me/panel-lora" in message, message
         published = hub.repos["me/panel-lora"]["main"]

@@ -39,7 +39,7 @@ def test_resize_and_convert_from_the_lora_panel(browser, start_app, tiny_models,
     _fill(page, "surgery-source", "no-such-adapter")
     _fill(page, "surgery-out", "never")
     page.click("#surgery-go")
-    message = wait_text(lambda: page.inner_text("#lora-message"), timeout=60)
+    message = wait_text(lambda: page.inner_text("#surgery-message"), timeout=60)
     assert "no-such-adapter" in message and not (loras / "never").exists(), message
 
     # resize wide (r=8) to rank 2
@@ -48,7 +48,7 @@ def test_resize_and_convert_from_the_lora_panel(browser, start_app, tiny_models,
     rank = page.locator("#surgery-rank input[type=number]").first
     rank.fill("2")
     page.click("#surgery-go")
-    message = wait_text(lambda: page.inner_text("#lora-message"), timeout=120,
+    message = wait_text(lambda: page.inner_text("#surgery-message"), timeout=120,
                         key=lambda t: t if "Saved" in t or "⚠" in t or "rror" in t else "")
     assert "Saved wide-r2" in message and "relative error" in message, message
     cfg = json.loads((loras / "wide-r2" / "adapter_config.json").read_text())
@@ -67,7 +67,7 @@ def test_resize_and_convert_from_the_lora_panel(browser, start_app, tiny_models,
     _fill(page, "surgery-out", "dora-lora")
     rank.fill("4")
     page.click("#surgery-go")
-    message = wait_text(lambda: page.inner_text("#lora-message"), timeout=120,
+    message = wait_text(lambda: page.inner_text("#surgery-message"), timeout=120,
                         key=lambda t: t if "Saved dora-lora" in t or "⚠" in t else "")
     assert "Saved dora-lora" in message, message
     converted = json.loads((loras / "dora-lora" / "adapter_config.json").read_text())

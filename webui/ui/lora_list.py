@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import html
-import logging
 import re
 
 import gradio as gr
@@ -25,8 +24,8 @@ from webui.adapters.report_cache import ReportService, status_of
 from webui.adapters.surgery.runtimes import runtime_line
 from webui.engine import Engine
 from webui.errors import BadInput, LoraDeckError, ui_message
+from webui.ui.messages import PanelMessages
 
-log = logging.getLogger(__name__)
 PAGE = 25  # rows drawn at once: a browser draws 25 rows of sliders in a fraction of a second
 ANY = "(any)"
 BADGES = {"ok": '<b style="color:#15803d">● ok</b>', "warnings": '<b style="color:#b45309">● warnings</b>',
@@ -65,16 +64,19 @@ def badge(entry: library.Entry, record: dict | None) -> str:
 
 
 def count_line(shown: int, matching: int, total: int, pending: int) -> str:
+    """'3 of 3 adapters · compatibility checked': the badges' state (the reports), never the ticks."""
     return (f"{matching} of {total} adapters" + (f" · showing {shown}" if shown < matching else "")
-            + (f" · {pending} being checked" if pending else " · all checked"))
+            + (f" · checking compatibility of {pending}" if pending else " · compatibility checked"))
 
 
 class LoraList:
     """Filters, the list and the management area of the LoRA panel. Whoever changes the folder or the active
-    stack from the page follows it with `.then(**redraw)`; `message` shows results and errors."""
+    stack from the page follows it with `.then(**redraw)`. Built in two steps so the panel's buttons and their
+    message sit between the filters and the rows: `LoraList(...)` draws the filters, `rows(message)` the rows,
+    whose ticks and weights answer in `message`."""
 
-    def __init__(self, engine: Engine, message: gr.Markdown):
-        self.engine, self.message = engine, message
+    def __init__(self, engine: Engine, messages: PanelMessages):
+        self.engine, self.messages = engine, messages
         self.version = gr.State(0)  # bumped to redraw the list
         # What the page was last drawn from (a callable value: taken when the page loads). The panel's watch
         # redraws when the server's state differs: a change made elsewhere (another tab, the API, a finished run).
@@ -96,6 +98,10 @@ class LoraList:
             self.sort = gr.Dropdown(list(library.SORTS), value="name", label="sort", elem_id="lora-sort", scale=1,
                                     info="date, rank, size: largest first")
         self.limit = gr.State(PAGE)
+
+    def rows(self, message: gr.Markdown) -> None:
+        """The count line and the rows (redrawn on a filter change or `version` bump); ticks answer in `message`."""
+        self.message = message
 
         @gr.render(inputs=[self.version, self.search, self.base, self.status, self.sort, self.limit],
                    show_progress="hidden")
@@ -124,7 +130,7 @@ class LoraList:
             row, (box, slider) = self._row(e.name, active)
             with row:
                 badges.append(gr.HTML(badge(e, records[e.name]), elem_id=f"lora-badge-{slug(e.name)}", scale=5,
-                                      padding=False))
+                                      padding=False, elem_classes="lora-badge"))
             boxes.append(box)
             sliders.append(slider)
         if len(shown) < len(rows):
@@ -136,7 +142,8 @@ class LoraList:
             for name in live:
                 row, (box, slider) = self._row(name, active)
                 with row:
-                    gr.HTML(self._live_badge(name), elem_id=f"lora-badge-{slug(name)}", scale=5, padding=False)
+                    gr.HTML(self._live_badge(name), elem_id=f"lora-badge-{slug(name)}", scale=5, padding=False,
+                            elem_classes="lora-badge")
                 boxes.append(box)
                 sliders.append(slider)
         every = names + live
@@ -152,9 +159,11 @@ class LoraList:
             except LoraDeckError as err:
                 now = self.engine.active_adapters
                 msg = ui_message(err)
-            return [msg, self.state(), *[gr.update(value=nm in now) for nm in every]]
+            # the other messages of the panel answered earlier clicks: cleared, as every action clears them
+            return [msg, self.state(), *[""] * len(others), *[gr.update(value=nm in now) for nm in every]]
 
-        io = {"inputs": [*boxes, *sliders], "outputs": [self.message, self.seen, *boxes]}
+        others = self.messages.others(self.message)
+        io = {"inputs": [*boxes, *sliders], "outputs": [self.message, self.seen, *others, *boxes]}
         for box in boxes:
             box.input(apply, **io)
         for slider in sliders:
@@ -244,6 +253,7 @@ class LoraList:
                 self.trash_pick = gr.Dropdown(self._trash_choices(), value=None, label="trash",
                                               elem_id="lora-trash-pick", scale=4)
                 self.restore = gr.Button("Restore", size="sm", elem_id="lora-restore", scale=1)
+            self.manage_message = self.messages.add("lora-manage-message")
         self._wire_manage()
 
     def _trash_choices(self) -> list[tuple[str, str]]:
@@ -253,46 +263,30 @@ class LoraList:
     def _wire_manage(self) -> None:
         d = self.engine.loras_dir
 
-        def guarded(fn):
-            def run(*args):
-                try:
-                    return fn(*args)
-                except LoraDeckError as e:
-                    return ui_message(e)
-                except Exception as e:  # unexpected: logged, still shown, the app goes on
-                    log.exception("library action failed")
-                    return ui_message(e)
-            return run
-
         def need(name):
             if not name:
                 raise BadInput("pick an adapter first")
             return name
 
-        @guarded
         def rename(name, new):
             with self.engine.adapter_released(need(name)):
                 new = library.rename(d, name, (new or "").strip())
             return f"Renamed **{name}** to **{new}**."
 
-        @guarded
         def duplicate(name, new):
             new = library.duplicate(d, need(name), (new or "").strip())
             return f"Copied **{name}** to **{new}**."
 
-        @guarded
         def delete(name):
             with self.engine.adapter_released(need(name)):
                 t = library.delete(d, name)
             return f"Moved **{name}** to the trash (`{d}/{library.TRASH}/{t.id}`): Restore brings it back."
 
-        @guarded
         def restore(item):
             if not item:
                 raise BadInput("pick an item of the trash first")
             return f"Restored **{library.restore(d, item)}**."
 
-        @guarded
         def save_meta(name, notes, tags):
             library.set_notes(d, need(name), notes)
             tags = library.set_tags(d, name, tags)
@@ -317,6 +311,6 @@ class LoraList:
                                    (self.duplicate, duplicate, [self.pick, self.new_name]),
                                    (self.delete, delete, [self.pick]), (self.restore, restore, [self.trash_pick]),
                                    (self.save_meta, save_meta, [self.pick, self.notes, self.tags])):
-            button.click(fn, inputs=inputs, outputs=self.message).then(**self.redraw)
+            self.messages.on(button, fn, inputs, self.manage_message, then=self.redraw)
         self.pick.change(show_meta, self.pick, [self.notes, self.tags])
         self.version.change(choices, inputs=self.pick, outputs=[self.pick, self.trash_pick, self.base], show_progress="hidden")

@@ -12,15 +12,17 @@ import gradio as gr
 
 from webui.adapters.surgery import ops
 from webui.errors import BadInput, LoraDeckError, ui_message
+from webui.ui.messages import PanelMessages
 
 OPERATIONS = {"resize": "resize an adapter (another rank)", "convert": "convert DoRA → plain LoRA",
               "extract": "extract from a fine-tune (tuned − base)"}
 
 
 class SurgeryArea:
-    """Built inside the LoRA panel; `run` and `cancel` are wired to the panel's message and list redraw."""
+    """Built inside the LoRA panel; `run` and `cancel` answer in `message`, under the area's buttons (the panel wires
+    them, with the list's redraw)."""
 
-    def __init__(self, loras_dir: Path, models_dir: Path):
+    def __init__(self, loras_dir: Path, models_dir: Path, messages: PanelMessages):
         self.loras_dir, self.models_dir = Path(loras_dir), Path(models_dir)
         self._cancels: dict[str, threading.Event] = {}  # per browser session: the running operation's cancel
         with gr.Accordion("Reshape an adapter: resize, DoRA → LoRA, extract from a fine-tune", open=False):
@@ -39,6 +41,7 @@ class SurgeryArea:
                 self.out = gr.Textbox(label="new adapter name (in the loras folder)", elem_id="surgery-out")
                 self.go = gr.Button("Run", elem_id="surgery-go")
                 self.stop = gr.Button("Cancel", elem_id="surgery-cancel", size="sm")
+            self.message = messages.add("surgery-message")
 
     @property
     def inputs(self) -> list:
