@@ -157,3 +157,19 @@ def test_dpo_stops_with_a_checkpoint_and_resumes(tmp_path, dirs):
     assert all("margin" in r and "accuracy" in r for r in rows if "loss" in r)
     adapter = json.loads((dirs["loras"] / "dpo-stop" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and not (dirs["loras"] / "dpo-stop" / "ref").exists()
+
+
+def test_the_preview_shows_each_reply_after_its_prompt_with_only_the_reply_trained(tmp_path, tiny_models):
+    from transformers import AutoTokenizer
+
+    from webui.training.data import IGNORE, preview
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["llama"]))
+    rows, _ = preference.load([write_jsonl(tmp_path / "p.jsonl", pairs(3))], "dpo")
+    shown = preference.preview_samples(tok, rows, 64)
+    assert len(shown) == 4  # two pairs: chosen, rejected, chosen, rejected
+    prompt_len = len(tok(rows[0]["prompt"])["input_ids"])
+    assert all(label == IGNORE for label in shown[0].labels[:prompt_len])
+    assert shown[0].labels[prompt_len:] == shown[0].input_ids[prompt_len:]
+    text = preview(tok, shown, n=4)
+    assert "MOO number 0" in text and "BAA number 0" in text and "⟦" in text

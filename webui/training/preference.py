@@ -149,6 +149,13 @@ def encode_reply(tokenizer, prompt, reply, cutoff_len: int, record: int = 0) -> 
     return Sample(full[:cutoff_len], labels[:cutoff_len], record)
 
 
+def preview_samples(tokenizer, rows: list[dict], cutoff_len: int, n: int = 2) -> list[Sample]:
+    """The first `n` rows as the model sees them, each reply (chosen, rejected, or a rated completion) after its
+    prompt, for the Training tab's preview (which marks the trained part)."""
+    return [encode_reply(tokenizer, r["prompt"], r[side], cutoff_len) for r in rows[:n]
+            for side in ("chosen", "rejected", "completion") if side in r]
+
+
 def trl_rows(rows: list[dict]) -> list[dict]:
     """The rows as TRL reads them (without our record names)."""
     return [{k: v for k, v in r.items() if k != "record"} for r in rows]

@@ -22,6 +22,7 @@ from webui.errors import BadInput, LoraDeckError, ui_message
 from webui.options.config import DatasetConfig, LoraTrainConfig, TrainConfig, TrainingParams
 from webui.options.lora_options import yaml_hint
 from webui.paths import child
+from webui.training import preference
 from webui.training.data import detect_format, load_files, warnings_for
 from webui.training.data import preview as preview_samples
 from webui.training.runner import TrainingRunner
@@ -205,6 +206,12 @@ class TrainingTab:
                 base, _ = resolve_base(cfg.base_model, self.engine.models_dir,
                                        lambda f, msg: progress(f if f is not None else 0, desc=msg))
                 tok = AutoTokenizer.from_pretrained(str(base))
+                if cfg.method != "sft":  # preference rows: each reply after its prompt, chosen then rejected
+                    rows, note = preference.load(cfg.dataset.paths, cfg.method)
+                    preference.check_lengths(rows, tok, cfg.training.cutoff_len)
+                    shown = preference.preview_samples(tok, rows, cfg.training.cutoff_len)
+                    return (f"{len(rows)} rows for {cfg.method}." + (f"\n⚠️ {note}" if note else "")
+                            + f"\n\n{preview_samples(tok, shown, n=len(shown))}")
                 samples = load_files(cfg.dataset.paths, cfg.dataset.format, tok, cfg.training.cutoff_len,
                                      cfg.dataset.overlap, cfg.dataset.train_on_prompt)
             except LoraDeckError as e:
