@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 from tests.helpers import BNB_REL_TOL, GREEDY, PROMPT, bnb_load_kwargs, hf_logits, peft_reference, rel_err
 from webui.engine import Engine
 from webui.errors import BadInput, Unsupported
-from webui.options.config import ModelSpec, ServerConfig, TrainConfig
+from webui.options.config import ModelSpec, ServerConfig
+from webui.options.training import TrainConfig
 
 pytest.importorskip("bitsandbytes")
 

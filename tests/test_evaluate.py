@@ -137,7 +137,7 @@ def test_gptq_loss_equals_plain_transformers_on_the_same_gptq_model(gptq_dirs, d
 
 
 def test_an_adapter_trained_on_a_style_scores_best_on_that_style(gguf_models, tmp_path):
-    from webui.options.config import TrainConfig
+    from webui.options.training import TrainConfig
     from webui.training.trainer import train
 
     styles = {"keeper": "The lighthouse keeper counts the ships. One, two, three ships pass by. ",
@@ -170,7 +170,7 @@ def test_an_adapter_overfit_on_narrow_data_is_worse_at_general_text(embedded_fol
     """SmolLM2 (a real pretrained base: a random tiny model gets better at English from any English text) with an
     adapter overfit on one repeated nonsense line: it learns that line, and its loss on the built-in general English
     text rises, with a 95% interval above 0; the base's own general-text difference is exactly 0."""
-    from webui.options.config import TrainConfig
+    from webui.options.training import TrainConfig
     from webui.training.trainer import train
 
     narrow = tmp_path / "narrow.txt"

@@ -127,7 +127,7 @@ def test_export_gptq_merges_then_quantizes(gptq_dirs, tmp_path):
 
 
 def test_qlora_training_on_gptq_base_lowers_loss(gptq_dirs, tmp_path):
-    from webui.options.config import TrainConfig
+    from webui.options.training import TrainConfig
     from webui.training.trainer import train
 
     models, _ = gptq_dirs

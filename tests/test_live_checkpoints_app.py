@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 
 from tests.helpers import PROMPT, write_data
-from webui.options.config import TrainConfig
+from webui.options.training import TrainConfig
 from webui.training.run_folder import checkpoints
 from webui.training.runner import TrainingRunner
 

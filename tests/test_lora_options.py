@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from tests.helpers import ROOT, write_data
 from webui.engine import Engine
 from webui.errors import BadInput, NotFound
-from webui.options.config import LoraTrainConfig, ModelSpec, TrainConfig, TrainingParams
+from webui.options.config import ModelSpec
+from webui.options.training import LoraTrainConfig, TrainConfig, TrainingParams
 from webui.training.trainer import loraplus_optimizer, train, training_arguments
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "lora_dropout": 0.0}

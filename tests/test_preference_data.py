@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from webui.errors import BadInput
-from webui.options.config import TrainConfig
+from webui.options.training import TrainConfig
 from webui.training import preference
 from webui.training.data import detect_format
 from webui.training.runner import TrainingRunner

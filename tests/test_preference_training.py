@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from webui.options.config import EvalConfig, ModelSpec, TrainConfig
+from webui.options.config import EvalConfig, ModelSpec
+from webui.options.training import TrainConfig
 from webui.training.trainer import train
 
 TOPICS = ["the weather", "breakfast", "the farm", "a good book", "the moon", "music", "the sea", "trains", "gardening",

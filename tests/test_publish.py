@@ -211,7 +211,7 @@ def test_card_parses_and_holds_the_lora_config_as_peft_reads_it(tmp_path, tiny_m
 def test_training_writes_the_card_with_the_losses(tmp_path, tiny_models):
     from huggingface_hub import ModelCard
 
-    from webui.options.config import TrainConfig
+    from webui.options.training import TrainConfig
     from webui.training.trainer import train
 
     data = write_data(tmp_path / "data")

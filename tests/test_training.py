@@ -14,7 +14,7 @@ import yaml
 
 from tests.helpers import ROOT, write_data
 from webui.errors import BadInput
-from webui.options.config import LoraTrainConfig, TrainConfig
+from webui.options.training import LoraTrainConfig, TrainConfig
 from webui.training.runner import TrainingRunner
 from webui.training.trainer import latest_checkpoint, train
 

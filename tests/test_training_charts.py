@@ -7,7 +7,7 @@ import math
 import pytest
 
 from tests.helpers import write_run
-from webui.options.config import DatasetConfig, LoraTrainConfig, TrainingParams
+from webui.options.training import DatasetConfig, LoraTrainConfig, TrainingParams
 from webui.training.runner import TrainingRunner
 from webui.ui.training import tab as training_tab
 from webui.ui.training.charts import curves, ema, eta_text, history, history_row, live_curves

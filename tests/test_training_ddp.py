@@ -89,7 +89,7 @@ def _descendants(pid: int) -> list:
 
 
 def test_kill_9_of_a_two_process_run_then_resume(dirs):
-    from webui.options.config import TrainConfig
+    from webui.options.training import TrainConfig
 
     runner = TrainingRunner(dirs["runs"], dirs["models"], dirs["loras"])
     cfg = TrainConfig.from_dict(_config("ddp-killed", dirs["data"]["raw"], batch_size=2, num_processes=2,

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import write_data
 from webui.errors import BadInput, Unsupported
-from webui.options.config import DatasetConfig, TrainConfig, TrainingParams
+from webui.options.training import DatasetConfig, TrainConfig, TrainingParams
 from webui.training import chunked_loss, packing, precision
 from webui.training.data import IGNORE, conversations, load_files
 from webui.training.trainer import train, training_arguments

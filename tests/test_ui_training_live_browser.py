@@ -9,7 +9,7 @@ import openai
 
 from tests.browser import open_app, screenshot, tab, wait_text
 from tests.helpers import write_data
-from webui.options.config import TrainConfig
+from webui.options.training import TrainConfig
 from webui.training.run_folder import checkpoints
 from webui.training.runner import TrainingRunner
 from webui.ui.training.live import TRY_PARAMS

@@ -33,9 +33,10 @@ from webui.options.commands import (
     ResizeOptions,
     TrainOptions,
 )
-from webui.options.config import EvalConfig, ModelSpec, ServerConfig, TrainConfig
+from webui.options.config import EvalConfig, ModelSpec, ServerConfig
 from webui.options.flags import add_arguments, from_namespace
 from webui.options.lora_options import yaml_hint
+from webui.options.training import TrainConfig
 from webui.quiet import quiet_libraries
 from webui.training import launch
 

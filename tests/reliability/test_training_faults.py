@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.helpers import write_data
-from webui.options.config import TrainConfig
+from webui.options.training import TrainConfig
 from webui.training.run_folder import latest_checkpoint, read_status, write_status
 from webui.training.runner import TrainingRunner
 from webui.training.trainer import train

@@ -18,7 +18,7 @@ import yaml
 
 from webui.adapters.files import check_adapter_name
 from webui.errors import BadInput
-from webui.options.config import TrainConfig
+from webui.options.training import TrainConfig
 from webui.training import preference
 from webui.training.data import check_files
 from webui.training.run_folder import (

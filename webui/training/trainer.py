@@ -44,7 +44,7 @@ from webui.backends.models import resolve_model_path
 from webui.backends.registry import backend_class, detect
 from webui.errors import BadInput, NotFound, Unsupported, first_line
 from webui.options import lora_options
-from webui.options.config import TrainConfig
+from webui.options.training import TrainConfig
 from webui.training import chunked_loss, methods, packing, precision, preference
 from webui.training.data import load_files, split, warnings_for
 from webui.training.run_folder import CONFIG, METRICS, STOP, latest_checkpoint, pid_fields, read_status, write_status

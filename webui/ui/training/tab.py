@@ -19,8 +19,8 @@ from transformers import AutoTokenizer
 
 from webui.engine import Engine
 from webui.errors import BadInput, LoraDeckError, ui_message
-from webui.options.config import DatasetConfig, LoraTrainConfig, TrainConfig, TrainingParams
 from webui.options.lora_options import yaml_hint
+from webui.options.training import DatasetConfig, LoraTrainConfig, TrainConfig, TrainingParams
 from webui.paths import child
 from webui.training import preference
 from webui.training.data import detect_format, load_files, warnings_for
