@@ -28,6 +28,9 @@ LOADERS: dict[str, str] = {
     "gptq": "webui.backends.hf.gptq:GptqBackend",
     "transformers": "webui.backends.hf.transformers:TransformersBackend",
     "remote": "webui.backends.remote.loader:RemoteBackend",  # an engine's URL (claims_address), never a path
+    # engines LoRA Deck runs itself on a model path; never picked by auto (they claim nothing)
+    "vllm": "webui.backends.remote.managed:VllmBackend",
+    "llama-server": "webui.backends.remote.managed:LlamaServerBackend",
 }
 FALLBACK = "transformers"  # needs only the core dependencies, and reads every format the others claim
 if set(LOADERS) != set(typing.get_args(LoaderName)) - {"auto"}:  # a loader added in one place only

@@ -18,7 +18,7 @@ from webui.errors import BadInput
 # The loaders by key, as the options name them; webui/backends/registry.py maps each key to its Backend class
 # (and checks, when it is imported, that the two lists agree). Options never import the registry: the loaders
 # depend on the options, not the reverse.
-LoaderName = Literal["auto", "llamacpp", "gptq", "transformers", "remote"]
+LoaderName = Literal["auto", "llamacpp", "gptq", "transformers", "remote", "vllm", "llama-server"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 QuantizationName = Literal["none", "nf4", "fp4", "int8"]
@@ -150,6 +150,18 @@ class ModelSpec:
                                         "Empty = the same paths as here.", loader_option=True)
     remote_timeout: float = _opt(120.0, "Seconds to wait for the remote engine to answer (and between streamed "
                                         "tokens) before giving up with an error.", min=1.0, max=3600.0, step=1,
+                                 loader_option=True)
+    # the managed engines (--loader vllm / llama-server): LoRA Deck runs the engine itself on the model
+    engine_command: str = _opt("", "The engine program the vllm / llama-server loader runs: a Python that has vLLM "
+                                   "installed (its venv's bin/python), or the llama-server binary. Empty = the one "
+                                   "scripts/install-vllm.sh or scripts/build-llama-server.sh cached, else PATH.",
+                               loader_option=True)
+    engine_args: str = _opt("", "Extra command-line arguments for the managed engine (e.g. "
+                                "--gpu-memory-utilization 0.8); they come last, so they override LoRA Deck's.",
+                            loader_option=True)
+    engine_max_loras: int = _opt(4, "Adapters the managed vLLM holds at once (it starts with --max-loras one above, "
+                                    "a slot kept empty: see docs/remote.md); the least recently used one is unloaded "
+                                    "beyond that and loaded again when asked for.", min=1, max=64, step=1,
                                  loader_option=True)
 
     def __post_init__(self):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from webui.adapters.surgery.runtimes import VLLM_MAX_LORA_RANKS, check_runtime
 from webui.backends.base import Backend, Capabilities, LoadedInfo, RowDelta, RowDone, TokenScores, incremental_texts
+from webui.backends.remote import guard
 from webui.backends.remote.engines import ENGINES, Dialect, Http, detect
 from webui.errors import BadInput, EngineUnavailable, Incompatible, LoadFailed, Unsupported
 from webui.options.config import GenerationParams, ModelSpec
@@ -45,6 +46,7 @@ class RemoteBackend(Backend):
         self._active: dict[str, float] = {}
         self._lock = threading.Lock()         # re-reading the engine's adapter state after a failure
         self._stale = False
+        self._reference = None                # the base's probe (the silent no-op guard), None: not checked
 
     @classmethod
     def claims_address(cls, model: str) -> bool:
@@ -53,7 +55,7 @@ class RemoteBackend(Backend):
     # -- lifecycle -----------------------------------------------------------------------------------------
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
         url = spec.model.strip()
-        if not self.claims_address(url):
+        if not RemoteBackend.claims_address(url):  # (the managed loaders claim no address themselves)
             raise LoadFailed(f"the remote loader needs the engine's URL (http://HOST:PORT), not {url!r}")
         progress(0.1, f"connecting to {url}")
         self.http = Http(url, spec.remote_api_key, spec.remote_timeout)
@@ -64,6 +66,7 @@ class RemoteBackend(Backend):
         except Exception as e:
             self.http.close()
             raise LoadFailed(f"cannot use the engine at {url}: {e}") from None
+        self._reference = guard.reference(self.dialect)
         self.info = LoadedInfo(name=self.dialect.base, path=url, loader=self.name, device=f"{cls.name} at {url}",
                                architecture=cls.name, context_length=self.dialect.context_length)
         progress(1.0, f"{cls.name} at {url} serves {self.dialect.base}")
@@ -88,7 +91,8 @@ class RemoteBackend(Backend):
         LoRAX), so `served` lists those it holds now and the others are loaded when picked."""
         d = self.dialect
         status = {"engine": d.name, "url": self.http.url, "base": d.base, "context_length": d.context_length,
-                  "loads_on_request": d.loads_on_request, "served": [], "error": ""}
+                  "loads_on_request": d.loads_on_request, "served": [], "error": "",
+                  "guarded": self._reference is not None}
         try:
             status["served"] = d.serving(ours or {})
         except Exception as e:  # a status line must not fail: say why the list is missing
@@ -171,6 +175,10 @@ class RemoteBackend(Backend):
         if missing:
             raise BadInput(f"adapter(s) {', '.join(missing)} are not loaded")
         stack = self._served(stack, prompt)
+        if not all(self.dialect.ready(n) for n in stack):  # unloaded to make room (a managed vLLM's slots)
+            with self._lock:
+                for n in stack:
+                    self.dialect.prepare(n, self.dialect.folders[n])
         for attempt in (0, 1):
             if self._stale or attempt:
                 self._refresh(stack)
@@ -206,9 +214,22 @@ class RemoteBackend(Backend):
                 folder = sources[0][0].parent / f".{name}"  # hidden: not one of the user's adapters
                 if not folder.is_dir():
                     cat_blend(sources, folder)
-                d.prepare(name, folder)
-                d.folders[name] = folder
+                self._register(name, folder)
         return {name: 1.0}
+
+    def _register(self, name: str, folder: Path) -> None:
+        """Register `name` with the engine and check that the engine applies it, and only it (guard.check); a
+        failed check takes it off the engine again. Called under the lock."""
+        d = self.dialect
+        d.forget(name)  # changed files: register again
+        d.prepare(name, folder)
+        d.folders[name] = folder
+        try:
+            guard.check(d, name, self._reference, [n for n in d.folders if n != name and d.ready(n)])
+        except Exception:
+            d.unregister(name)
+            d.folders.pop(name, None)
+            raise
 
     def _refresh(self, stack: dict) -> None:
         """Read the engine's adapter state again (after a failure: it may have restarted) and re-register the
@@ -237,12 +258,13 @@ class RemoteBackend(Backend):
 
     def load_adapter(self, name: str, files, state: dict, report) -> None:
         self._check_runs_there(files, state)
-        folder = Path(files.path)
         with self._lock:
-            self.dialect.forget(name)  # changed files: register again
-            self.dialect.prepare(name, folder)
-            self.dialect.folders[name] = folder
+            self._before_register(name, Path(files.path))
+            self._register(name, Path(files.path))
         self._loaded[name] = files.signature()
+
+    def _before_register(self, name: str, folder: Path) -> None:
+        """What the engine needs before it can take `name` (a managed llama-server: a restart with it)."""
 
     def _check_runs_there(self, files, state: dict) -> None:
         """Refuse, before the engine sees it, an adapter the engine would reject or silently run without part of
@@ -269,8 +291,9 @@ class RemoteBackend(Backend):
     def delete_adapter(self, name: str) -> None:
         self._loaded.pop(name, None)
         self._active.pop(name, None)
-        self.dialect.forget(name)
-        self.dialect.folders.pop(name, None)
+        with self._lock:
+            self.dialect.unregister(name)  # frees its slot on engines that load at run time
+            self.dialect.folders.pop(name, None)
 
     def merge_adapters(self) -> None:
         raise Unsupported("cannot merge adapters into a remote engine's base: its weights live on the engine; "

@@ -33,6 +33,9 @@ def _response_format(params: GenerationParams) -> dict | None:
     return {"type": "json_schema", "json_schema": {"name": "reply", "schema": json.loads(params.response_format)}}
 
 
+PROBE_CHAT = [{"role": "user", "content": "Say one word."}]
+
+
 class Dialect:
     """An OpenAI-compatible engine; subclasses add what their engine has beyond that."""
 
@@ -94,6 +97,14 @@ class Dialect:
     def forget(self, name: str) -> None:
         """`name` is no longer cached here (its files changed or it was deleted)."""
 
+    def ready(self, name: str) -> bool:
+        """Is `name` usable on the engine now (False: `prepare` it again before a request names it)?"""
+        return True
+
+    def unregister(self, name: str) -> None:
+        """Take `name` off the engine where it can be (vLLM, SGLang); else only forget it here."""
+        self.forget(name)
+
     def engine_path(self, folder: Path) -> str:
         """Our adapter folder as the engine sees it (--remote-adapter-root maps loras/NAME to ROOT/NAME)."""
         return str(Path(self.adapter_root) / folder.name) if self.adapter_root else str(Path(folder).resolve())
@@ -133,6 +144,17 @@ class Dialect:
         if isinstance(prompt, ChatPrompt):
             return "/v1/chat/completions", {**body, "messages": prompt.messages}
         return "/v1/completions", {**body, "prompt": str(prompt)}
+
+    def probe(self, stack: dict) -> list[tuple[str, float]] | None:
+        """The top-5 log-probabilities of the first reply token to a fixed chat under `stack`, greedy (the silent
+        no-op guard, webui/backends/remote/guard.py); None when the engine gives none."""
+        body = {**self.select(stack), "messages": PROBE_CHAT, "max_tokens": 1, "temperature": 0.0,
+                "logprobs": True, "top_logprobs": 5}
+        answer = self.http.post("/v1/chat/completions", body)
+        choice = (answer.get("choices") or [{}])[0] if isinstance(answer, dict) else {}
+        content = (choice.get("logprobs") or {}).get("content") or []
+        top = content[0].get("top_logprobs") if content else None
+        return [(t["token"], float(t["logprob"])) for t in top] if top else None
 
     def parse(self, event: dict) -> tuple[str, str | None, int | None]:
         """(text, finish reason or None, completion tokens or None) of one streamed event."""

@@ -10,6 +10,7 @@ class SGLang(VLLM):
 
     name = "sglang"
     load_route = "/load_lora_adapter"
+    unload_route = "/unload_lora_adapter"
 
     def select(self, stack: dict) -> dict:
         chosen = Dialect.select(self, stack)
