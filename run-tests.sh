@@ -6,6 +6,8 @@ cd "$(dirname "$0")"
 bash scripts/setup-env.sh
 # llama.cpp's llama-server for the remote-loader tests: built once (~10 min on 2 cores), cached under ~/.cache/loradeck
 bash scripts/build-llama-server.sh >/dev/null || echo "[setup] llama-server could not be built: its tests will skip"
+# vLLM's CPU build for the tests against real vLLM: a venv of its own (~2-4 min, 3.5 GB), cached under ~/.cache/loradeck
+bash scripts/install-vllm.sh >/dev/null || echo "[setup] vLLM's CPU build could not be installed: its tests will skip"
 if [ ! -x /usr/bin/chromium ]; then
   echo "[setup] installing Debian's chromium for the browser tests"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

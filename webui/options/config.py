@@ -159,10 +159,10 @@ class ModelSpec:
     engine_args: str = _opt("", "Extra command-line arguments for the managed engine (e.g. "
                                 "--gpu-memory-utilization 0.8); they come last, so they override LoRA Deck's.",
                             loader_option=True)
-    engine_max_loras: int = _opt(4, "Adapters the managed vLLM holds at once (it starts with --max-loras one above, "
-                                    "a slot kept empty: see docs/remote.md); the least recently used one is unloaded "
-                                    "beyond that and loaded again when asked for.", min=1, max=64, step=1,
-                                 loader_option=True)
+    engine_max_loras: int = _opt(8, "Adapter registrations the managed vLLM has room for per start (blended stacks "
+                                    "count; it starts with --max-loras one above, the last slot kept empty: see "
+                                    "docs/remote-engines.md). Loading the model again frees them all.",
+                                 min=1, max=64, step=1, loader_option=True)
 
     def __post_init__(self):
         _validate(self)

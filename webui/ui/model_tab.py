@@ -49,14 +49,18 @@ def auto_settings(model: str, loader: str, fields: dict, models_dir: Path) -> tu
 
 def remote_text(status: dict, adapters: str) -> str:
     """The status line of a remote engine (Backend.engine_status): its base, context, and which of our adapters
-    it can serve."""
+    it can serve. An engine LoRA Deck runs itself (the vllm and llama-server loaders) adds its process line
+    (running with its pid, being restarted, or stopped with the end of its log): the line is redrawn every few
+    seconds, so a dead engine shows there, not only in the error of the next chat."""
     served = ", ".join(status["served"]) or "none"
     if status["error"]:
         served = f"unknown ({status['error']})"
     elif status["loads_on_request"]:
         served += " (the others in the adapters folder are loaded on the engine when picked)"
     context = f"{status['context_length']} tokens" if status["context_length"] else "not reported"
-    return (f"Loaded **{status['base']}** on the remote **{status['engine']}** engine at {status['url']} · "
+    where = "managed" if "process" in status else "remote"
+    process = f" · {status['process']}" if status.get("process") else ""
+    return (f"Loaded **{status['base']}** on the {where} **{status['engine']}** engine at {status['url']}{process} · "
             f"context {context} · our adapters it serves: {served} · {adapters}")
 
 

@@ -11,19 +11,22 @@ The probe is the top-5 log-probabilities of the first reply token to a fixed cha
 base is probed alone when the engine is connected (the reference). After a registration the base (twice) and
 every registered adapter are probed at once, so the engine batches them as it batches users' requests, and:
 - the new adapter's probe equal to the reference: it changes nothing → refused;
-- a base probe away from the reference: the engine applied an adapter to a base request → refused, and the
-  adapter is unregistered again so the engine serves the base right.
+- a base probe away from the reference: the engine applied an adapter to a base request → refused and taken off
+  the engine's list. On vLLM that does not free the slot (only a restart does), so the error says to restart it.
 Engines without log-probabilities (some OpenAI-compatible servers) are not checked; the status says so.
 """
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from webui.errors import Incompatible
 
 NOOP = 1e-3      # an adapter whose probe is this close to the base's changed nothing (float32 batching noise: ~1e-5)
 CHANGED = 2e-2   # a base probe this far from the base alone came back with an adapter applied
+ADAPTER_TOKENS = 16             # the adapters' probes run this long (only their first token is compared)
+BASE_DELAYS = (0.0, 0.03, 0.1)  # seconds after the adapters' probes that the base is probed
 
 
 def distance(a: list[tuple[str, float]], b: list[tuple[str, float]]) -> float:
@@ -48,18 +51,27 @@ def check(dialect, name: str, base_probe: list | None, others: list[str]) -> Non
     naming the engine and the adapter when the adapter changes nothing or the base came back changed."""
     if base_probe is None:
         return
-    stacks = [{}, {name: 1.0}, *({o: 1.0} for o in others if o != name), {}]
-    with ThreadPoolExecutor(len(stacks), thread_name_prefix="probe") as pool:
-        probes = list(pool.map(dialect.probe, stacks))
+    adapters = [name, *(o for o in others if o != name)]
+    with ThreadPoolExecutor(len(adapters) + len(BASE_DELAYS), thread_name_prefix="probe") as pool:
+        # the adapters' rows decode a few tokens, so the base rows sent just after them join a running batch (an
+        # engine batches what is waiting at each step; one-token requests sent together may miss each other)
+        tried = [pool.submit(dialect.probe, {a: 1.0}, ADAPTER_TOKENS) for a in adapters]
+        bases = [pool.submit(_later, delay, dialect.probe, {}) for delay in BASE_DELAYS]
+        probes, base_probes = [f.result() for f in tried], [f.result() for f in bases]
     engine = f"the {dialect.name} engine at {dialect.http.url}"
-    if any(p is not None and distance(p, base_probe) > CHANGED for p in (probes[0], probes[-1])):
+    if any(p is not None and distance(p, base_probe) > CHANGED for p in base_probes):
         raise Incompatible(
             f"{engine} answered a request for the plain base with an adapter applied once {name!r} was registered, "
-            "so it was unregistered again. vLLM's CPU build does this when every --max-loras slot holds an adapter "
-            "(base rows take the last slot): start it with --max-loras above the number of adapters in use",
-            code="engine_applies_adapter_to_base")
-    if probes[1] is not None and distance(probes[1], base_probe) < NOOP:
+            "so it is not served. vLLM's CPU build does this once every --max-loras slot holds an adapter (base rows "
+            "take the last slot) and keeps doing it until it restarts: restart it with --max-loras above the number "
+            "of adapters in use", code="engine_applies_adapter_to_base")
+    if probes[0] is not None and distance(probes[0], base_probe) < NOOP:
         raise Incompatible(
             f"{engine} answers adapter {name!r} exactly as the plain base: the adapter changes nothing there (the "
             "engine may not patch the modules it targets, or its path led to other files; an untrained adapter "
             "with B = 0 also does this), so it is not served", code="adapter_changes_nothing")
+
+
+def _later(delay: float, fn, *args):
+    time.sleep(delay)
+    return fn(*args)

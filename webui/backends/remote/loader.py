@@ -175,10 +175,11 @@ class RemoteBackend(Backend):
         if missing:
             raise BadInput(f"adapter(s) {', '.join(missing)} are not loaded")
         stack = self._served(stack, prompt)
-        if not all(self.dialect.ready(n) for n in stack):  # unloaded to make room (a managed vLLM's slots)
+        if not all(self.dialect.ready(n) for n in stack):  # unloaded to make room, or the engine restarted
             with self._lock:
                 for n in stack:
-                    self.dialect.prepare(n, self.dialect.folders[n])
+                    if not self.dialect.ready(n):
+                        self._register(n, self.dialect.folders[n])
         for attempt in (0, 1):
             if self._stale or attempt:
                 self._refresh(stack)
@@ -229,6 +230,8 @@ class RemoteBackend(Backend):
         except Exception:
             d.unregister(name)
             d.folders.pop(name, None)
+            self._loaded.pop(name, None)  # asked for again, it is loaded and checked again
+            self._active.pop(name, None)
             raise
 
     def _refresh(self, stack: dict) -> None:
@@ -238,9 +241,10 @@ class RemoteBackend(Backend):
             d = self.dialect
             if hasattr(d, "table"):
                 d.table = None
-            for name in stack:
+            for name in list(d.folders):  # a restarted engine forgot every registration, not only these
                 d.forget(name)
-                d.prepare(name, d.folders[name])
+            for name in stack:
+                self._register(name, d.folders[name])
             self._stale = False
 
     # -- adapters --------------------------------------------------------------------------------------------

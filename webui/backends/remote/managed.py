@@ -6,8 +6,9 @@ for, started again when it dies, and stopped with the model or the app.
 
 - vllm: vLLM's OpenAI server on a transformers folder, LoRA enabled, adapters registered at run time. On a GPU
   it is the fast path; here it is vLLM's CPU build from scripts/install-vllm.sh. It starts with `--max-loras` one
-  above `engine_max_loras` and LoRA Deck keeps at most `engine_max_loras` adapters registered: vLLM's CPU build
-  applies the last slot's adapter to base rows once every slot is full (webui/backends/remote/guard.py).
+  above `engine_max_loras` and LoRA Deck registers at most `engine_max_loras` adapters with it per start: vLLM
+  frees a slot only by restarting, and its CPU build applies the last slot's adapter to base rows once every slot
+  is full (webui/backends/remote/guard.py). Loading the model again restarts it with every slot free.
 - llama-server: llama.cpp's server on a GGUF file. It cannot load adapters at run time, so an adapter it was not
   started with is converted to a GGUF LoRA (cached beside the adapter) and the server is started again with it
   (a second or two on small models; requests in flight then fail and are retried by their clients).
@@ -109,6 +110,8 @@ class ManagedBackend(RemoteBackend):
                 self.dialect.forget(name)
             if hasattr(self.dialect, "table"):
                 self.dialect.table = None
+            if hasattr(self.dialect, "registrations"):
+                self.dialect.registrations = 0  # a new vLLM has every slot free
             self._stale = True
 
 
@@ -175,7 +178,7 @@ class VllmBackend(ManagedBackend):
 
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
         info = super().load(path, spec, progress)
-        self.dialect.capacity = spec.engine_max_loras  # the last --max-loras slot stays empty
+        self.dialect.capacity = spec.engine_max_loras  # the last of --max-loras slots stays empty
         return info
 
 

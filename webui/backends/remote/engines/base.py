@@ -145,10 +145,10 @@ class Dialect:
             return "/v1/chat/completions", {**body, "messages": prompt.messages}
         return "/v1/completions", {**body, "prompt": str(prompt)}
 
-    def probe(self, stack: dict) -> list[tuple[str, float]] | None:
+    def probe(self, stack: dict, max_tokens: int = 1) -> list[tuple[str, float]] | None:
         """The top-5 log-probabilities of the first reply token to a fixed chat under `stack`, greedy (the silent
         no-op guard, webui/backends/remote/guard.py); None when the engine gives none."""
-        body = {**self.select(stack), "messages": PROBE_CHAT, "max_tokens": 1, "temperature": 0.0,
+        body = {**self.select(stack), "messages": PROBE_CHAT, "max_tokens": max_tokens, "temperature": 0.0,
                 "logprobs": True, "top_logprobs": 5}
         answer = self.http.post("/v1/chat/completions", body)
         choice = (answer.get("choices") or [{}])[0] if isinstance(answer, dict) else {}

@@ -1,4 +1,10 @@
-"""vLLM: adapters registered at run time (/v1/load_lora_adapter) under our names, one per request."""
+"""vLLM: adapters registered at run time (/v1/load_lora_adapter) under our names, one per request.
+
+vLLM gives every registration an adapter slot (`--max-loras` of them) that it keeps until another registration
+needs it: /v1/unload_lora_adapter only forgets the name. Once every slot holds an adapter, vLLM's CPU build
+(0.32.0) applies the last slot's adapter to base rows batched with adapter rows (webui/backends/remote/guard.py
+catches it). Where the slot count is known (the managed vllm loader) `capacity` keeps the last slot empty.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +12,7 @@ from pathlib import Path
 from webui.backends.remote.engines.base import Dialect
 from webui.backends.remote.engines.loradeck import LoraDeck
 from webui.backends.remote.http import Http
-from webui.errors import BadInput
+from webui.errors import BadInput, Unsupported
 
 
 class VLLM(LoraDeck):
@@ -21,11 +27,11 @@ class VLLM(LoraDeck):
 
     def __init__(self, http: Http, adapter_root: str = ""):
         super().__init__(http, adapter_root)
-        self.registered: dict[str, str] = {}  # our name -> the path the engine loaded it from, oldest first
-        # the most adapters kept registered at once (the managed vLLM: one below its --max-loras, see
-        # webui/backends/remote/guard.py); beyond it the least recently registered one is unloaded, and
-        # registered again when a request needs it. None: no limit known (an engine started by someone else)
+        self.registered: dict[str, str] = {}  # our name -> the path the engine loaded it from
+        # registrations the engine has room for before its last slot fills (the managed vLLM: --max-loras - 1);
+        # None: not known (an engine started by someone else: the guard watches it instead)
         self.capacity: int | None = None
+        self.registrations = 0  # since the engine started: each one holds a slot
 
     def describe(self) -> None:
         Dialect.describe(self)
@@ -43,7 +49,11 @@ class VLLM(LoraDeck):
             # started with it (--lora-modules / --lora-paths) or in its own adapters folder: used as it is
             self.registered[name] = path
             return
-        self._make_room(keep=name)
+        if self.capacity is not None and self.registrations >= self.capacity:
+            raise Unsupported(f"the managed {self.name} engine has used the {self.capacity} adapter slots it was "
+                              f"started with, and vLLM frees a slot only when it restarts (with every slot full, its "
+                              f"CPU build answers base requests with an adapter): load the model again to restart "
+                              f"it, with a larger engine_max_loras to hold more adapters", code="engine_slots_full")
         try:
             self.http.post(self.load_route, {"lora_name": name, "lora_path": path})
         except BadInput as e:
@@ -51,20 +61,14 @@ class VLLM(LoraDeck):
                 raise BadInput(f"the {self.name} engine could not load adapter {name!r} from {path}: {e} "
                                "(--remote-adapter-root tells LoRA Deck where the engine sees our adapters folder)",
                                code="adapter_unreachable") from None
+        self.registrations += 1
         self.registered[name] = path
-
-    def _make_room(self, keep: str) -> None:
-        while self.capacity is not None and len(self.registered) >= self.capacity:
-            oldest = next((n for n in self.registered if n != keep), None)
-            if oldest is None:
-                return
-            self.unregister(oldest)
 
     def ready(self, name: str) -> bool:
         return name in self.registered
 
     def unregister(self, name: str) -> None:
-        """Unload `name` from the engine (it frees its slot); it is registered again on its next use."""
+        """Take `name` off the engine's list (its slot stays taken until vLLM needs it for another adapter)."""
         if self.registered.pop(name, None) is not None:
             try:
                 self.http.post(self.unload_route, {"lora_name": name})
