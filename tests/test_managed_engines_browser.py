@@ -82,6 +82,12 @@ def test_vllm_from_the_model_tab(browser, start_app, world):
                        key=lambda t: "loaded" if "Loaded in" in t or "⚠️" in t else t)
     status = page.inner_text("#model-status")
     assert "Loaded in" in status, (status, engine_log(root))
+    # the LoRA panel's verdicts follow the new base (judged on the adapters' files: vLLM's layers are not visible
+    # from here), not the 64-wide starter's, against which both adapters were incompatible
+    for name in ("A", "B"):
+        badge = wait_text(lambda: page.inner_text(f"#lora-badge-{name}"), "ok", timeout=60,
+                          key=lambda t: "ok" if "● ok" in t else t)
+        assert badge == "ok", badge
     screenshot(page, "tab-model-managed-vllm")
     # the engine LoRA Deck runs: its address and its process (the guardian's pid) on the status line
     found = re.search(r"managed vllm engine at (http://127\.0\.0\.1:(\d+)) · vllm running \(pid (\d+), port (\d+)\)",
@@ -130,7 +136,7 @@ def test_vllm_from_the_model_tab(browser, start_app, world):
     procs = [guardian, *guardian.children(recursive=True)]
     assert len(procs) >= 3, procs  # the guardian, the API server and at least vLLM's engine core
     app.proc.send_signal(signal.SIGTERM)
-    app.proc.wait(60)
+    app.proc.wait(30)  # within uvicorn's shutdown grace (webui/web/server.py), though the page is open
     _, alive = psutil.wait_procs(procs, timeout=40)
     left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert left == [], [p.cmdline() for p in left]

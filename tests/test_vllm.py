@@ -2,7 +2,8 @@
 serving a 2-layer Llama of width 256 (vLLM's CPU attention wants a head size of 64) on a loopback port, with
 LoRA at run time. A LoRA Deck (`--loader remote`) in front of it registers our adapters with vLLM itself; every
 answer through the front is compared with the same request sent straight to vLLM: base, each adapter, an
-adapter added to the folder after the front started, a weighted stack (blended by us; the reference is plain
+adapter added to the folder after the front started, an untrained adapter (refused: it changes nothing), a
+weighted stack (blended by us; the reference is plain
 PEFT's `cat` blend registered with vLLM by the test), six concurrent mixed requests, and the engine killed
 mid-stream and started again. The restarted vLLM has `--max-loras 2`, and the silent no-op guard must catch
 vLLM's last-slot bug: once both slots hold an adapter, base rows batched with adapter rows get the last one.
@@ -89,9 +90,9 @@ def setup(tmp_path_factory):
     # plain PEFT's blend of the stack, for vLLM to serve as the reference (outside our adapters folder)
     _, peft = peft_model(base, {n: (loras / n, w) for n, w in STACK.items()}, combine="cat")
     peft.save_pretrained(str(d / "reference"), selected_adapters=["mix"])
-    # A, B, our blend, the reference blend and A2 each take a slot for good (vLLM's unload only forgets the name):
-    # a sixth stays empty (the last-slot bug)
-    engine = Vllm(base, max_loras=6)
+    # A, B, our blend, the reference blend, A2 and Z each take a slot for good (vLLM's unload only forgets the
+    # name): a seventh stays empty (the last-slot bug)
+    engine = Vllm(base, max_loras=7)
     front = AppProcess("--loader", "remote", "--model", engine.url, "--loras-dir", str(loras), "--nowebui",
                        "--remote-timeout", "60").wait_ready(300)
     yield {"dir": d, "base": base, "loras": loras, "engine": engine, "front": front}
@@ -147,6 +148,23 @@ def test_an_adapter_added_after_the_start_is_registered_at_run_time(setup):
     shutil.copytree(loras / "A", loras / "A2")  # a new adapter in the folder, unknown to vLLM
     assert answer(front.url, "A2") == answer(engine.url, "A")
     assert "A2" in [m["id"] for m in httpx.get(engine.url + "/v1/models", timeout=30).json()["data"]]
+
+
+def test_an_adapter_that_changes_nothing_is_refused(setup):
+    """An untrained adapter (PEFT's default init: B = 0) loads on vLLM and changes nothing: the guard's probe
+    answers exactly as the base, and the adapter is refused, naming the engine and the adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(setup["base"]))
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        str(setup["loras"] / "Z"))
+    r = chat(setup["front"].url, "Z")
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "adapter_changes_nothing", error
+    assert "vllm" in error["message"] and "'Z'" in error["message"], error
+    assert answer(setup["front"].url, BASE) == answer(setup["engine"].url, BASE)
 
 
 def test_six_concurrent_mixed_requests(setup):

@@ -22,6 +22,7 @@ from webui.extensions import Extensions
 from webui.options.config import ServerConfig
 
 log = logging.getLogger("webui.web.server")
+SHUTDOWN_GRACE = 5  # seconds open requests get to finish once the app is told to stop (Ctrl-C, SIGTERM)
 
 
 def is_loopback(host: str) -> bool:
@@ -91,5 +92,9 @@ def serve(cfg: ServerConfig) -> int:
         log.info("adapters: %s", ", ".join(f"{n} × {w:g}" for n, w in active.items()))
     app = build_app(engine, cfg)
     print(f"LoRA Deck: http://{cfg.listen_host}:{cfg.port}/", flush=True)
-    uvicorn.run(app, host=cfg.listen_host, port=cfg.port, log_level="warning")
+    # an open page holds a Gradio stream open, and uvicorn waits for every connection to close before it exits:
+    # without a limit, Ctrl-C or SIGTERM did not stop the app while a browser tab was open (and a managed engine
+    # stayed up with it); after SHUTDOWN_GRACE seconds the requests still open are cancelled
+    uvicorn.run(app, host=cfg.listen_host, port=cfg.port, log_level="warning",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE)
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from webui.backends.remote.engines.base import ChatPrompt, Dialect
+from webui.backends.remote.engines.base import PROBE_CHAT, ChatPrompt, Dialect
 from webui.errors import Unsupported
 from webui.options.config import GenerationParams
 
@@ -50,6 +50,17 @@ class LoRAX(Dialect):
             parameters["seed"] = params.seed
         parameters.update(self._adapters(stack))
         return "/generate_stream", {"inputs": str(prompt), "parameters": parameters}
+
+    def probe(self, stack: dict, max_tokens: int = 1) -> list[tuple[str, float]] | None:
+        """The guard's probe on /generate, where a stack and log-probabilities are LoRAX's own (details with
+        return_k_alternatives); its chat route takes one adapter."""
+        parameters = {"max_new_tokens": max_tokens, "details": True, "return_k_alternatives": 5,
+                      **self._adapters(stack)}
+        answer = self.http.post("/generate", {"inputs": PROBE_CHAT[0]["content"], "parameters": parameters})
+        answer = answer[0] if isinstance(answer, list) and answer else answer
+        tokens = ((answer or {}).get("details") or {}).get("tokens") or [] if isinstance(answer, dict) else []
+        top = tokens[0].get("alternative_tokens") if tokens else None
+        return sorted(((t["text"], float(t["logprob"])) for t in top), key=lambda t: -t[1]) if top else None
 
     def _adapters(self, stack: dict) -> dict:
         if not stack:
