@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MODULES = ("bench.adapters_transformers", "bench.api_transformers", "bench.training", "bench.adapters_llamacpp", "bench.serving_llamacpp",
            "bench.download",
-           "bench.adapters_gptq", "bench.serving", "bench.lora_panel", "bench.remote", "bench.soak")
+           "bench.adapters_gptq", "bench.serving", "bench.lora_panel", "bench.remote", "bench.vllm", "bench.soak")
 # at a real size (a synthetic 1.1B model built once under ~/.cache): only with --big, or a row named with --only
 BIG_MODULES = ("bench.big", "bench.big_export")
 

@@ -12,6 +12,7 @@ per request: the median time of a one-token chat through the front minus straigh
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,8 +41,9 @@ def _start(args, env: dict | None = None, timeout: float = 300) -> tuple[subproc
     """A server process (`args(port)`: its command line) on a free loopback port, once /health answers."""
     port = _port()
     args = args(port)
+    # a session of its own: vLLM starts an engine process beside its server, and _stop ends both
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, start_new_session=True)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -56,8 +58,8 @@ def _start(args, env: dict | None = None, timeout: float = 300) -> tuple[subproc
     raise RuntimeError(f"{args[0]} did not become ready")
 
 
-def _app(*args: str) -> tuple[subprocess.Popen, str]:
-    return _start(lambda port: [sys.executable, str(ROOT / "app.py"), "--nowebui", *args, "--port", str(port)])
+def _app(*args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    return _start(lambda port: [sys.executable, str(ROOT / "app.py"), "--nowebui", *args, "--port", str(port)], env)
 
 
 def _chat(url: str, body: dict) -> int:
@@ -89,7 +91,7 @@ def _measure(name: str, front: str, engine: str, front_body, engine_body, tokens
 def _stop(*procs) -> None:
     for p in procs:
         if p is not None and p.poll() is None:
-            p.kill()
+            os.killpg(p.pid, signal.SIGKILL)
             p.wait(30)
 
 

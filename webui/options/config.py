@@ -133,7 +133,8 @@ class ModelSpec:
     """What to load and how. `model` is a name in the models dir, or a path; empty = the embedded model."""
 
     model: str = _opt("", "Model: a folder or .gguf file in the models dir, or a path (empty = embedded SmolLM2).")
-    loader: LoaderName = _opt("auto", "Loader: auto picks llamacpp for .gguf, gptq for GPTQ folders, else transformers.")
+    loader: LoaderName = _opt("auto", "Loader: auto picks llamacpp for .gguf, gptq for GPTQ folders, else transformers; "
+                                      "remote drives an engine at a URL; vllm and llama-server run that engine here.")
     dtype: DtypeName = _opt("auto", "Weights dtype on the transformers loader (auto: bfloat16/float16 on CUDA, float32 on CPU).")
     device: DeviceName = _opt("auto", "Device (auto: CUDA when present, else CPU).")
     n_ctx: int = _opt(4096, "Context length (llama.cpp).", min=128, max=1 << 20, step=128)
@@ -156,8 +157,9 @@ class ModelSpec:
                                    "installed (its venv's bin/python), or the llama-server binary. Empty = the one "
                                    "scripts/install-vllm.sh or scripts/build-llama-server.sh cached, else PATH.",
                                loader_option=True)
-    engine_args: str = _opt("", "Extra command-line arguments for the managed engine (e.g. "
-                                "--gpu-memory-utilization 0.8); they come last, so they override LoRA Deck's.",
+    engine_args: str = _opt("", "Extra command-line arguments for the managed engine, e.g. "
+                                "--engine-args='--gpu-memory-utilization 0.8' (with '=': the value starts with "
+                                "dashes); they come last, so they override LoRA Deck's.",
                             loader_option=True)
     engine_max_loras: int = _opt(8, "Adapter registrations the managed vLLM has room for per start (blended stacks "
                                     "count; it starts with --max-loras one above, the last slot kept empty: see "
