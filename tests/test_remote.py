@@ -380,3 +380,25 @@ def test_llama_server_command_line(gguf_models, loras):
     assert line.count("--lora ") == 1 and "--lora-init-without-apply" in line
     files = line.split("--lora ")[1].split()[0].split(",")
     assert [Path(f).parent.name for f in files] == ["A", "B"]
+
+
+def test_vllm_dialect_refuses_registrations_beyond_its_slots(back, loras):
+    """Where the engine's slot count is known (the managed vLLM), registrations stop one short of filling every
+    slot (vLLM keeps a slot per registration until it restarts, and a full set makes its CPU build answer base rows
+    with the last slot's adapter), with the fix named; nothing reaches the engine."""
+    from webui.backends.remote.engines import VLLM
+    from webui.backends.remote.http import Http
+    from webui.errors import Unsupported
+
+    shared = loras / "slots"
+    for name in ("S1", "S2"):
+        shutil.copytree(loras / "A", shared / name, dirs_exist_ok=True)
+    dialect = VLLM(Http(back.url))
+    dialect.describe()
+    dialect.capacity = 1
+    dialect.prepare("S1", shared / "S1")
+    with pytest.raises(Unsupported, match="engine_max_loras") as refused:
+        dialect.prepare("S2", shared / "S2")
+    assert refused.value.code == "engine_slots_full"
+    served = [m["id"] for m in httpx.get(back.url + "/v1/models", timeout=30).json()["data"]]
+    assert "S1" in served and "S2" not in served
