@@ -164,7 +164,12 @@ def test_adapters_restarts_and_unload(world, binary):
         assert answer == want["A"], (answer, errors[-3:], engine.engine_status())
         [again] = servers_under(backend.process.proc.pid)
         assert again.pid != first.pid and again.cmdline() == args
-        assert "running" in engine.engine_status()["process"]
+        # the status says so once the watcher is done (it may still be polling /health when a request gets in)
+        deadline = time.time() + 10
+        while "running" not in engine.engine_status()["process"] and time.time() < deadline:
+            time.sleep(0.2)
+        assert engine.engine_status()["process"] == f"llama-server running (pid {backend.process.proc.pid}, port " \
+            f"{backend.process.port})"
         engine.set_adapters(STACKS["B"])
         assert ask(engine) == want["B"]
         procs = engine_processes(backend.process.proc.pid)
