@@ -185,6 +185,26 @@ def test_six_concurrent_mixed_requests(setup):
     assert results == direct
 
 
+def test_token_logprobs_through_the_front_equal_plain_peft(setup):
+    """Scoring on vLLM (its prompt log-probabilities): `echo` + `logprobs` through the front under adapter A give
+    the log-probabilities plain transformers + PEFT compute for the same tokens, so evaluation and lm-eval work
+    on a vLLM engine."""
+    import torch
+
+    text = "The quick brown fox jumps over the lazy dog."
+    body = {"prompt": text, "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0, "model": "A"}
+    r = httpx.post(setup["front"].url + "/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    ours = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    tok, peft = peft_model(setup["base"], {"A": (setup["loras"] / "A", 1.0)})
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(peft(input_ids=ids).logits[0].double(), -1)
+    reference = [float(logp[i, ids[0, i + 1]]) for i in range(ids.shape[1] - 1)]
+    assert ours[0] is None and len(ours) == len(reference) + 1
+    assert max(abs(a - b) for a, b in zip(ours[1:], reference)) < 1e-3, (ours, reference)
+
+
 def test_killed_restarted_and_the_last_slot_bug_is_caught(setup):
     """vLLM killed mid-stream: a clean error and a front that keeps running; started again (it forgot every
     adapter registered at run time): the front registers them again. The new vLLM has only 2 LoRA slots: with A

@@ -19,6 +19,7 @@ import json
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from webui.adapters.surgery.runtimes import VLLM_MAX_LORA_RANKS, check_runtime
@@ -117,8 +118,15 @@ class RemoteBackend(Backend):
         return self.dialect.detokenize(ids)
 
     def score(self, sequences: list[list[int]], top_k: int = 0) -> list[TokenScores]:
-        raise Unsupported("the remote loader cannot score tokens (logprobs, echo, perplexity): the model runs on the "
-                          f"engine; ask {self.http.url} for logprobs directly")
+        """Per-token log-probabilities under the active stack, where the engine gives prompt log-probabilities
+        (vLLM); the sequences go to it at once."""
+        if not self.dialect.scores:
+            raise Unsupported(f"the {self.dialect.name} engine cannot score tokens through LoRA Deck (logprobs, echo, "
+                              f"perplexity, evaluation): ask {self.http.url} for logprobs directly")
+        stack = self._served(dict(self._active))
+        self._ensure_registered(stack)
+        with ThreadPoolExecutor(min(8, len(sequences)), thread_name_prefix="remote-score") as pool:
+            return list(pool.map(lambda ids: self.dialect.score(ids, top_k, stack), sequences))
 
     def prepare_response_format(self, response_format: str) -> None:
         if response_format and not self.dialect.response_format:
@@ -175,11 +183,7 @@ class RemoteBackend(Backend):
         if missing:
             raise BadInput(f"adapter(s) {', '.join(missing)} are not loaded")
         stack = self._served(stack, prompt)
-        if not all(self.dialect.ready(n) for n in stack):  # unloaded to make room, or the engine restarted
-            with self._lock:
-                for n in stack:
-                    if not self.dialect.ready(n):
-                        self._register(n, self.dialect.folders[n])
+        self._ensure_registered(stack)
         for attempt in (0, 1):
             if self._stale or attempt:
                 self._refresh(stack)
@@ -217,6 +221,14 @@ class RemoteBackend(Backend):
                     cat_blend(sources, folder)
                 self._register(name, folder)
         return {name: 1.0}
+
+    def _ensure_registered(self, stack: dict) -> None:
+        """Register again the adapters of `stack` the engine no longer holds (a managed engine that restarted)."""
+        if not all(self.dialect.ready(n) for n in stack):
+            with self._lock:
+                for n in stack:
+                    if not self.dialect.ready(n):
+                        self._register(n, self.dialect.folders[n])
 
     def _register(self, name: str, folder: Path) -> None:
         """Register `name` with the engine and check that the engine applies it, and only it (guard.check); a

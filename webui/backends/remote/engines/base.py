@@ -145,6 +145,11 @@ class Dialect:
             return "/v1/chat/completions", {**body, "messages": prompt.messages}
         return "/v1/completions", {**body, "prompt": str(prompt)}
 
+    scores = False  # the engine gives prompt log-probabilities (`score`): evaluation and logprobs work there
+
+    def score(self, ids: list[int], top_k: int, stack: dict):
+        raise Unsupported(f"the {self.name} engine gives no prompt log-probabilities through LoRA Deck")
+
     def probe(self, stack: dict, max_tokens: int = 1) -> list[tuple[str, float]] | None:
         """The top-5 log-probabilities of the first reply token to a fixed chat under `stack`, greedy (the silent
         no-op guard, webui/backends/remote/guard.py); None when the engine gives none."""

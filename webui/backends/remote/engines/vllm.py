@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from webui.backends.base import TokenScores
 from webui.backends.remote.engines.base import Dialect
 from webui.backends.remote.engines.loradeck import LoraDeck
 from webui.backends.remote.http import Http
-from webui.errors import BadInput, Unsupported
+from webui.errors import BadInput, EngineUnavailable, Unsupported
 
 
 class VLLM(LoraDeck):
@@ -80,3 +81,21 @@ class VLLM(LoraDeck):
 
     def select(self, stack: dict) -> dict:
         return Dialect.select(self, stack)
+
+    scores = True  # prompt log-probabilities (evaluation, logprobs/echo through our API)
+
+    def score(self, ids: list[int], top_k: int, stack: dict) -> TokenScores:
+        """One sequence's per-token log-probabilities under `stack`: vLLM's `prompt_logprobs` on a token-id prompt,
+        each position's entry holding the prompt token and the top-k (token ids as keys)."""
+        body = {**self.select(stack), "prompt": list(ids), "max_tokens": 1, "temperature": 0.0,
+                "prompt_logprobs": top_k}
+        entries = (self.http.post("/v1/completions", body).get("choices") or [{}])[0].get("prompt_logprobs") or []
+        if len(entries) != len(ids):
+            raise EngineUnavailable(f"the vllm engine gave {len(entries)} prompt log-probabilities for {len(ids)} "
+                                    "tokens", status=502)
+        picked, top = [], []
+        for token, entry in zip(ids[1:], entries[1:]):  # the first token has no context
+            picked.append(float(entry[str(token)]["logprob"]))
+            ranked = sorted(((int(t), float(v["logprob"])) for t, v in entry.items()), key=lambda tv: -tv[1])
+            top.append(ranked[:top_k])
+        return TokenScores(list(ids), picked, top if top_k else None)
