@@ -137,7 +137,7 @@ class ModelSpec:
                                       "remote drives an engine at a URL; vllm and llama-server run that engine here.")
     dtype: DtypeName = _opt("auto", "Weights dtype on the transformers loader (auto: bfloat16/float16 on CUDA, float32 on CPU).")
     device: DeviceName = _opt("auto", "Device (auto: CUDA when present, else CPU).")
-    n_ctx: int = _opt(4096, "Context length (llama.cpp).", min=128, max=1 << 20, step=128)
+    n_ctx: int = _opt(4096, "Context length (llama.cpp, llama-server; vLLM's --max-model-len, within the model's).", min=128, max=1 << 20, step=128)
     n_threads: int = _opt(0, "CPU threads (llama.cpp; 0 = all cores).", min=0, max=512, step=1)
     n_gpu_layers: int = _opt(-1, "Layers offloaded to the GPU when one exists (llama.cpp; -1 = all).", min=-1, max=1000, step=1)
     # loader_option: a loader whose `settings` lack it refuses a non-default value (and `auto` skips that loader)

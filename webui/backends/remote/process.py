@@ -2,13 +2,14 @@
 free loopback port through the guardian (webui/backends/remote/guardian.py, which ends it with the app), waited
 for until it answers, watched, started again when it dies, and stopped with the model.
 
-The engine's output goes to a log file in the run folder of the app (`<user_data>/engines/<name>.log`, or a
-temporary folder), and the last lines of it are in every error about the engine, because that is where vLLM and
-llama-server say why they would not start.
+The engine's output goes to a log file (`$LORADECK_ENGINE_LOGS`, else `$TMPDIR/loradeck-engines/`, named
+`<engine>-<app pid>.log`), and its last lines are in every error about the engine's start, because that is where
+vLLM and llama-server say why they would not start.
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,23 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children()]
+    except Exception:  # noqa: BLE001 - psutil missing or the process gone: the guardian's own stop is enough
+        return []
+
+
+def _kill_groups(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def tail(path: Path, lines: int = 12) -> str:
@@ -60,6 +78,7 @@ class ManagedProcess:
         self.restarting = threading.Event()  # set while the watcher starts it again
         self._stopping = threading.Event()
         self._restarts: list[float] = []
+        self._engines: list[int] = []  # the engine's pid (its process group) under the guardian, once ready
         self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -102,11 +121,15 @@ class ManagedProcess:
         started, deadline = time.time(), time.time() + self.start_timeout
         with httpx.Client(timeout=5.0) as client:
             while time.time() < deadline:
+                if self._stopping.is_set():  # unloaded while the watcher was starting it again
+                    self._terminate()
+                    raise LoadFailed(f"{self.name} was stopped while starting")
                 if self.proc.poll() is not None:
                     raise LoadFailed(f"{self.name} exited with status {self.proc.returncode} while starting; "
                                      f"the end of its log ({self.log_path}):\n{tail(self.log_path)}")
                 try:
                     if client.get(self.url + self.ready_path).status_code == 200:
+                        self._engines = _children(self.proc.pid)
                         return
                 except httpx.HTTPError:
                     pass
@@ -132,6 +155,7 @@ class ManagedProcess:
                     continue
                 self._restarts.append(now)
                 self.restarting.set()
+                _kill_groups(self._engines)  # the guardian itself died: its engine would keep the port
                 try:
                     self._spawn()
                     self._wait_ready(no_progress)
@@ -160,14 +184,19 @@ class ManagedProcess:
             (f": {last}" if last else "")
 
     def _terminate(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
+        if self.proc.poll() is not None:  # the guardian is gone; its engine may not be
+            _kill_groups(self._engines)
+            return
+        engines = _children(self.proc.pid) or self._engines  # each leads the process group of an engine (see the guardian)
         self.proc.terminate()  # the guardian ends the engine's whole process group
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+        _kill_groups(engines)  # a guardian that did not get to it: end the engine's group here
 
     def stop(self) -> None:
         self._stopping.set()
