@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sys
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -95,6 +96,13 @@ def serve(cfg: ServerConfig) -> int:
     # an open page holds a Gradio stream open, and uvicorn waits for every connection to close before it exits:
     # without a limit, Ctrl-C or SIGTERM did not stop the app while a browser tab was open (and a managed engine
     # stayed up with it); after SHUTDOWN_GRACE seconds the requests still open are cancelled
-    uvicorn.run(app, host=cfg.listen_host, port=cfg.port, log_level="warning",
-                timeout_graceful_shutdown=SHUTDOWN_GRACE)
+    try:
+        uvicorn.run(app, host=cfg.listen_host, port=cfg.port, log_level="warning",
+                    timeout_graceful_shutdown=SHUTDOWN_GRACE)
+    finally:
+        # a managed engine (vllm, llama-server) stopped now rather than by its guardian once we are gone; in a
+        # thread with a limit, so that a request still holding the model cannot keep the app from exiting
+        done = threading.Thread(target=engine.unload, name="unload-at-exit", daemon=True)
+        done.start()
+        done.join(30)
     return 0
