@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 from webui.options.config import GenerationParams
@@ -51,6 +52,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, what: str, timeout: float = 60, log=None) -> None:
+    """Wait until a server process answers GET /health with 200; fail (with the end of `log`, a callable giving its
+    output) when it exits or does not answer within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}" + (f":\n{log()[-3000:]}" if log else ""))
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{what} did not answer within {timeout:.0f} s" + (f":\n{log()[-3000:]}" if log else ""))
 
 
 class AppProcess:

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import AppProcess, converted_lora, free_port, write_llama
+from tests.helpers import AppProcess, converted_lora, free_port, wait_healthy, write_llama
 from webui.backends.remote.managed import cached_program
 from webui.engine import Engine
 from webui.errors import LoraDeckError
@@ -65,16 +65,7 @@ class PlainServer:
                 "--no-webui"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env={**os.environ, "LD_LIBRARY_PATH": str(Path(binary).parent)})
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"llama-server exited with {self.proc.returncode}"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("llama-server did not become ready")
+        wait_healthy(self.proc, self.url, "llama-server")
 
     def chat(self, name: str) -> str:
         """The streamed reply of its chat route, as LoRA Deck asks it (the tiny model's invalid UTF-8 is replaced

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ROOT, AppProcess, api_app
+from tests.helpers import ROOT, AppProcess, api_app, wait_healthy
 from webui.options.config import GenerationParams, ModelSpec
 from webui.testing.tiny_models import write_adapter
 
@@ -289,18 +289,7 @@ class LlamaServer:
                                                              "--parallel", "4", "--no-webui"))
         env = {**os.environ, "LD_LIBRARY_PATH": str(os.path.dirname(binary))}
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        import time
-
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"llama-server exited with {self.proc.returncode}"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("llama-server did not become ready")
+        wait_healthy(self.proc, self.url, "llama-server")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

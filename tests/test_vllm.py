@@ -16,13 +16,12 @@ import shutil
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import ROOT, AppProcess, free_port, peft_model, write_llama
+from tests.helpers import ROOT, AppProcess, free_port, peft_model, wait_healthy, write_llama
 from webui.testing.tiny_models import write_adapter
 
 MAX = 12
@@ -57,17 +56,11 @@ class Vllm:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"vLLM exited:\n{self.output()[-3000:]}"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.kill()
-        raise AssertionError(f"vLLM did not start:\n{self.output()[-3000:]}")
+        try:
+            wait_healthy(self.proc, self.url, "vLLM", timeout=600, log=self.output)
+        except AssertionError:
+            self.kill()
+            raise
 
     def output(self) -> str:
         self.log.flush()
@@ -97,8 +90,7 @@ def setup(tmp_path_factory):
                        "--remote-timeout", "60").wait_ready(300)
     yield {"dir": d, "base": base, "loras": loras, "engine": engine, "front": front}
     front.stop()
-    setup_engine = engine if engine.proc.poll() is None else None
-    for e in (setup_engine, getattr(engine, "restarted", None)):
+    for e in (engine, getattr(engine, "restarted", None)):  # the first vLLM, and the one the kill test started
         if e is not None:
             e.kill()
 
