@@ -308,7 +308,7 @@ class RemoteBackend(Backend):
         self._loaded.pop(name, None)
         self._active.pop(name, None)
         with self._lock:
-            self.dialect.unregister(name)  # frees its slot on engines that load at run time
+            self.dialect.unregister(name)  # off the engine's list (vLLM keeps its slot until it restarts)
             self.dialect.folders.pop(name, None)
 
     def merge_adapters(self) -> None:

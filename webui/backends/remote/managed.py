@@ -75,9 +75,8 @@ class ManagedBackend(RemoteBackend):
     def load(self, path: Path, spec: ModelSpec, progress: Progress = no_progress) -> LoadedInfo:
         self.model_path = Path(path)
         program = self.program(spec)
-        log_dir = Path(os.environ.get("LORADECK_ENGINE_LOGS", "")) if os.environ.get("LORADECK_ENGINE_LOGS") else None
         self.process = ManagedProcess(self.name, lambda port: self.command(spec, program, port), self.env(spec),
-                                      log_dir=log_dir)
+                                      log_dir=os.environ.get("LORADECK_ENGINE_LOGS") or None)
         try:
             url = self.process.start(progress)
             self.process.on_restart = lambda _url: self._engine_restarted()

@@ -11,6 +11,7 @@ class SGLang(VLLM):
     name = "sglang"
     load_route = "/load_lora_adapter"
     unload_route = "/unload_lora_adapter"
+    scores = False  # vLLM's prompt_logprobs is not SGLang's (it has its own fields; not run here)
 
     def select(self, stack: dict) -> dict:
         chosen = Dialect.select(self, stack)
