@@ -72,6 +72,13 @@ def bot_text(page, index: int):
     return read
 
 
+def compare_answers(page) -> dict[str, str]:
+    """Compare mode's cards as {target name: its reply's words}."""
+    cards = page.locator("#compare-result .compare-card")
+    return {cards.nth(i).get_attribute("data-name"): words(cards.nth(i).locator("pre").inner_text())
+            for i in range(cards.count())}
+
+
 def screenshot(page, name: str, selector: str | tuple | None = None) -> None:
     """The whole page (or the element `selector` picks, or the area from the first to the last of a tuple of
     selectors) into test-artifacts/NAME.png, where docs' pictures come from."""

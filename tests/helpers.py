@@ -70,6 +70,21 @@ def wait_healthy(proc: subprocess.Popen, url: str, what: str, timeout: float = 6
     raise AssertionError(f"{what} did not answer within {timeout:.0f} s" + (f":\n{log()[-3000:]}" if log else ""))
 
 
+def streamed_chat(url: str, body: dict, timeout: float = 120) -> str:
+    """The text of a chat streamed from `url`'s /v1/chat/completions (`body` without `stream`): the deltas joined,
+    as LoRA Deck joins an engine's stream. Fails on an error status or an error event."""
+    text = ""
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=timeout) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                choices = event.get("choices") or [{}]
+                text += (choices[0].get("delta") or {}).get("content") or ""
+    return text
+
+
 class AppProcess:
     """`python app.py ...` on a free loopback port; stopped when the test ends."""
 

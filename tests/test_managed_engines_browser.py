@@ -8,7 +8,6 @@ same for llama-server through the Engine, and the app killed with SIGKILL, is in
 vLLM's CPU attention needs a head size of 64 or so, hence the 256-wide model (4 heads) and not the tiny ones."""
 from __future__ import annotations
 
-import json
 import re
 import signal
 import time
@@ -17,8 +16,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.browser import bot_text, greedy, open_app, screenshot, send, tab, wait_text, words
-from tests.helpers import write_llama
+from tests.browser import bot_text, compare_answers, greedy, open_app, screenshot, send, tab, wait_text, words
+from tests.helpers import streamed_chat, write_llama
 from webui.backends.remote.managed import cached_program
 
 if not cached_program("install-vllm.sh"):
@@ -46,16 +45,8 @@ def world(tmp_path_factory):
 
 def direct(url: str, model: str) -> str:
     """The chat straight to vLLM's chat route, greedy, streamed as LoRA Deck streams it."""
-    body = {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": MAX_NEW,
-            "model": model, "stream": True}
-    text = ""
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                text += (choices[0].get("delta") or {}).get("content") or ""
-    return text
+    return streamed_chat(url, {"messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
+                               "max_tokens": MAX_NEW, "model": model}, timeout=300)
 
 
 def engine_log(root) -> str:
@@ -125,13 +116,8 @@ def test_vllm_from_the_model_tab(browser, start_app, world):
     page.fill("#compare-prompt textarea", QUESTION)
     page.click("#compare-go")
 
-    def answers():
-        cards = page.locator("#compare-result .compare-card")
-        return {cards.nth(i).get_attribute("data-name"): words(cards.nth(i).locator("pre").inner_text())
-                for i in range(cards.count())}
-
     want = {"base": words(refs["base"]), "A": words(refs["A"])}
-    assert wait_text(lambda: str(answers()), str(want), timeout=120, key=lambda s: s) == str(want)
+    assert wait_text(lambda: str(compare_answers(page)), str(want), timeout=120, key=lambda s: s) == str(want)
 
     # the app stops (the page still open): the guardian ends vLLM and every process vLLM started
     procs = [guardian, *guardian.children(recursive=True)]

@@ -5,18 +5,16 @@ compared with a plain llama-server the test starts itself on the same GGUF with 
 when llama-server is not built (bash scripts/build-llama-server.sh)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
-from tests.helpers import AppProcess, converted_lora, free_port, wait_healthy, write_llama
+from tests.helpers import AppProcess, converted_lora, free_port, streamed_chat, wait_healthy, write_llama
 from webui.backends.remote.managed import cached_program
 from webui.engine import Engine
 from webui.errors import LoraDeckError
@@ -70,16 +68,8 @@ class PlainServer:
     def chat(self, name: str) -> str:
         """The streamed reply of its chat route, as LoRA Deck asks it (the tiny model's invalid UTF-8 is replaced
         over the whole reply there)."""
-        body = {"messages": QUESTION, "temperature": 0, "max_tokens": MAX, "stream": True,
-                "lora": [{"id": i, "scale": s} for i, s in enumerate(SCALES[name])]}
-        text = ""
-        with httpx.stream("POST", self.url + "/v1/chat/completions", json=body, timeout=120) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    choices = json.loads(line[6:]).get("choices") or [{}]
-                    text += (choices[0].get("delta") or {}).get("content") or ""
-        return text
+        return streamed_chat(self.url, {"messages": QUESTION, "temperature": 0, "max_tokens": MAX,
+                                        "lora": [{"id": i, "scale": s} for i, s in enumerate(SCALES[name])]})
 
     def stop(self) -> None:
         self.proc.kill()

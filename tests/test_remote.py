@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ROOT, AppProcess, api_app, wait_healthy
+from tests.helpers import ROOT, AppProcess, api_app, streamed_chat, wait_healthy
 from webui.options.config import GenerationParams, ModelSpec
 from webui.testing.tiny_models import write_adapter
 
@@ -66,15 +66,7 @@ def answer(url: str, selection: dict, **extra) -> str:
 
 
 def streamed(url: str, selection: dict) -> str:
-    body = {"messages": QUESTION, "temperature": 0, "max_tokens": MAX, "stream": True, **selection}
-    text = ""
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                event = json.loads(line[6:])
-                assert "error" not in event, event
-                text += event["choices"][0]["delta"].get("content") or ""
-    return text
+    return streamed_chat(url, {"messages": QUESTION, "temperature": 0, "max_tokens": MAX, **selection})
 
 
 # -- another LoRA Deck as the engine ---------------------------------------------------------------------
@@ -305,16 +297,8 @@ def llama_direct(url: str, name: str, messages=QUESTION) -> str:
     emits byte tokens that are not valid UTF-8: llama-server's chat route replaces them over the whole reply,
     its completions route token by token (one "\ufffd" per byte or per sequence), so the front must send chats
     to the chat route, not the rendered template to /v1/completions, to give the engine's own answer."""
-    body = {"messages": messages, "temperature": 0, "max_tokens": MAX, "stream": True,
-            "lora": [{"id": i, "scale": s} for i, s in enumerate(LORA[name])]}
-    text = ""
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                text += (choices[0].get("delta") or {}).get("content") or ""
-    return text
+    return streamed_chat(url, {"messages": messages, "temperature": 0, "max_tokens": MAX,
+                               "lora": [{"id": i, "scale": s} for i, s in enumerate(LORA[name])]})
 
 
 @pytest.fixture(scope="module")

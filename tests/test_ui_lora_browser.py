@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.browser import bot_text, greedy, open_app, screenshot, send, tab, wait_text, words
+from tests.browser import bot_text, compare_answers, greedy, open_app, screenshot, send, tab, wait_text, words
 from tests.helpers import chat_reference, peft_reference
 from webui.testing.tiny_models import write_adapter
 
@@ -119,13 +119,8 @@ def test_lora_workflow(browser, start_app, world):
     page.fill("#compare-prompt textarea", QUESTION)
     page.click("#compare-go")
 
-    def answers():
-        cards = page.locator("#compare-result .compare-card")
-        return {cards.nth(i).get_attribute("data-name"): words(cards.nth(i).locator("pre").inner_text())
-                for i in range(cards.count())}
-
     want = {"base": words(refs["base"]), "A": words(refs["A"]), "B": words(refs["B"])}
-    got = wait_text(lambda: str(answers()), str(want), timeout=90, key=lambda s: s)
+    got = wait_text(lambda: str(compare_answers(page)), str(want), timeout=90, key=lambda s: s)
     assert got == str(want)
     screenshot(page, "tab-chat-compare")
     tab(page, "Training")
